@@ -1,0 +1,248 @@
+"""Regularization hyperparameters: penalties, transforms and the tensors that hold them.
+
+A *penalty* (``L2``/``L1``) is the user's declaration; when bound to a model it becomes one or
+more *hyperparameters*, each a raw tensor λ with a transform φ so that the model uses c = φ(λ).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+PER_CHOICES = ("network", "layer", "unit", "element")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms φ: raw λ -> natural value c
+# ---------------------------------------------------------------------------------------------
+class Transform:
+    """c = φ(λ) with its derivative and inverse. Subclasses are stateless."""
+
+    name = "?"
+
+    def value(self, raw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def derivative(self, raw: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def inverse(self, c: float) -> float:
+        raise NotImplementedError
+
+    def check_init(self, init: float, what: str) -> None:
+        if not (init > 0 and math.isfinite(init)):
+            raise ValueError(f"{what}: transform {self.name!r} needs a positive finite initial value, got {init!r}")
+
+
+class LogTransform(Transform):
+    name = "log"
+
+    def value(self, raw):
+        return torch.exp(raw)
+
+    def derivative(self, raw):
+        return torch.exp(raw)
+
+    def inverse(self, c):
+        return math.log(c) if c > 0 else -math.inf
+
+
+class LinearTransform(Transform):
+    name = "linear"
+
+    def value(self, raw):
+        return raw
+
+    def derivative(self, raw):
+        return torch.ones_like(raw)
+
+    def inverse(self, c):
+        return c
+
+    def check_init(self, init, what):
+        if not math.isfinite(init):
+            raise ValueError(f"{what}: initial value must be finite, got {init!r}")
+
+
+class SoftplusTransform(Transform):
+    name = "softplus"
+
+    def value(self, raw):
+        return torch.nn.functional.softplus(raw)
+
+    def derivative(self, raw):
+        return torch.sigmoid(raw)
+
+    def inverse(self, c):
+        if c <= 0:
+            return -math.inf
+        # log(expm1(c)) loses precision for large c; use c + log1p(-exp(-c)) there.
+        return c + math.log1p(-math.exp(-c)) if c > 20 else math.log(math.expm1(c))
+
+
+TRANSFORMS = {t.name: t for t in (LogTransform(), LinearTransform(), SoftplusTransform())}
+
+
+def get_transform(name: str) -> Transform:
+    try:
+        return TRANSFORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown transform {name!r}; expected one of {sorted(TRANSFORMS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Penalties (user declarations)
+# ---------------------------------------------------------------------------------------------
+ParamFilter = Callable[[str, torch.Tensor], bool] | str | Sequence[str] | None
+
+
+class Penalty:
+    """Base class of ``L2`` and ``L1``: Ω = Σ c·f(θ) on the selected tensors.
+
+    Args:
+        init: initial value c₀ in natural scale.
+        per: "network" (one c for every targeted tensor), "layer" (one per tensor, the paper's
+            default), "unit" (one per row, i.e. per slice along dim 0) or "element".
+        transform: "log" (c = exp λ), "linear" (c = λ, projected into ``bounds``) or "softplus".
+        params: which parameters it applies to. ``None``: every parameter with dim ≥ 2 (weights,
+            not biases or norm scales). A callable ``(name, param) -> bool``, a regular expression
+            searched in the parameter name, or a list of exact parameter names.
+        bounds: (lo, hi) in natural scale; λ is projected so that c stays inside after every hyper
+            step. Default (0, inf) for "linear", no projection for "log"/"softplus".
+    """
+
+    kind = "?"
+
+    def __init__(self, init: float, per: str = "layer", transform: str = "log", params: ParamFilter = None,
+                 bounds: tuple[float, float] | None = None, decoupled: bool = False):
+        name = type(self).__name__
+        if per not in PER_CHOICES:
+            raise ValueError(f"{name}: unknown per={per!r}; expected one of {PER_CHOICES}")
+        self.transform = get_transform(transform)
+        init = float(init)
+        self.transform.check_init(init, name)
+        if bounds is None:
+            bounds = (0.0, math.inf) if self.transform.name == "linear" else (-math.inf, math.inf)
+        lo, hi = (float(b) for b in bounds)
+        if not lo <= init <= hi:
+            raise ValueError(f"{name}: initial value {init} lies outside bounds ({lo}, {hi})")
+        self.init, self.per, self.params, self.bounds, self.decoupled = init, per, params, (lo, hi), bool(decoupled)
+
+    def selects(self, name: str, param: torch.Tensor) -> bool:
+        f = self.params
+        if f is None:
+            return param.dim() >= 2
+        if callable(f):
+            return bool(f(name, param))
+        if isinstance(f, str):
+            return re.search(f, name) is not None
+        return name in set(f)
+
+    def __repr__(self):
+        extra = ", decoupled=True" if self.decoupled else ""
+        return f"{type(self).__name__}({self.init:g}, per={self.per!r}, transform={self.transform.name!r}{extra})"
+
+
+class L2(Penalty):
+    """Ω = Σ c θ² (no ½, as in the paper). ``decoupled=True`` applies it outside the optimizer's
+    preconditioner, AdamW style: θ⁺ = θ − η·2cθ − η·dir."""
+
+    kind = "l2"
+
+    def __init__(self, init: float, per: str = "layer", transform: str = "log", decoupled: bool = False,
+                 params: ParamFilter = None, bounds: tuple[float, float] | None = None):
+        super().__init__(init, per=per, transform=transform, params=params, bounds=bounds, decoupled=decoupled)
+
+
+class L1(Penalty):
+    """Ω = Σ c |θ|; its gradient is c·sign(θ) (0 at θ = 0)."""
+
+    kind = "l1"
+
+    def __init__(self, init: float, per: str = "layer", transform: str = "log", params: ParamFilter = None,
+                 bounds: tuple[float, float] | None = None):
+        super().__init__(init, per=per, transform=transform, params=params, bounds=bounds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bound hyperparameters
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """One tensor a hyperparameter acts on: its index in the optimizer's parameter list and how
+    its elements map onto the entries of the raw tensor (``num_groups`` contiguous groups)."""
+
+    index: int
+    num_groups: int
+
+
+@dataclass
+class Hyperparameter:
+    name: str
+    kind: str                 # "l2" | "l1"
+    decoupled: bool
+    transform: Transform
+    raw: torch.Tensor         # λ; scalar for network/layer, [rows] for unit, param-shaped for element
+    bounds: tuple[float, float]
+    targets: list[Target] = field(default_factory=list)
+
+    def value(self) -> torch.Tensor:
+        return self.transform.value(self.raw)
+
+    def derivative(self) -> torch.Tensor:
+        return self.transform.derivative(self.raw)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        lo, hi = self.bounds
+        raw_lo, raw_hi = self.transform.inverse(lo), self.transform.inverse(hi) if math.isfinite(hi) else math.inf
+        if math.isfinite(raw_lo) or math.isfinite(raw_hi):
+            self.raw.clamp_(min=raw_lo if math.isfinite(raw_lo) else None,
+                            max=raw_hi if math.isfinite(raw_hi) else None)
+
+
+def broadcast_value(c: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Reshape a hyperparameter value so it broadcasts against its target tensor."""
+    if c.dim() == 0 or c.shape == param.shape:
+        return c
+    return c.reshape(c.shape[0], *([1] * (param.dim() - 1)))  # per="unit": one value per row
+
+
+def bind_penalties(penalties: Iterable[Penalty], named_params: list[tuple[str, torch.Tensor]],
+                   dtype: torch.dtype) -> list[Hyperparameter]:
+    """Turn penalty declarations into hyperparameters over ``named_params`` (the optimizer's list)."""
+    hypers: list[Hyperparameter] = []
+    seen: dict[str, Penalty] = {}
+    for pen in penalties:
+        if not isinstance(pen, Penalty):
+            raise TypeError(f"penalties must be t1t2_fast.L2/L1 instances, got {type(pen).__name__}")
+        chosen = [(i, n, p) for i, (n, p) in enumerate(named_params) if pen.selects(n, p)]
+        if not chosen:
+            available = ", ".join(f"{n}{tuple(p.shape)}" for n, p in named_params) or "none"
+            raise ValueError(f"{pen!r} matches no trainable parameter (its params filter is {pen.params!r}; "
+                             f"the default selects tensors with dim >= 2). Parameters: {available}")
+        raw0 = pen.transform.inverse(pen.init)
+
+        def make(name, shape, targets):
+            if name in seen:
+                raise ValueError(f"two penalties define the hyperparameter {name!r}: {seen[name]!r} and {pen!r}; "
+                                 f"give them disjoint `params` filters")
+            seen[name] = pen
+            raw = torch.full(shape, raw0, dtype=dtype, device=named_params[targets[0].index][1].device)
+            hypers.append(Hyperparameter(name, pen.kind, pen.decoupled, pen.transform, raw, pen.bounds, targets))
+
+        if pen.per == "network":
+            make(pen.kind, (), [Target(i, 1) for i, _, _ in chosen])
+            continue
+        for i, n, p in chosen:
+            if pen.per == "layer":
+                make(f"{pen.kind}.{n}", (), [Target(i, 1)])
+            elif pen.per == "unit":
+                rows = p.shape[0] if p.dim() > 0 else 1
+                make(f"{pen.kind}.{n}", (rows,), [Target(i, rows)])
+            else:  # element
+                make(f"{pen.kind}.{n}", tuple(p.shape), [Target(i, p.numel())])
+    return hypers

@@ -1,0 +1,320 @@
+"""The ``T1T2`` optimizer: T1 steps on the training loss, T2 steps on the hyperparameters.
+
+The math is DESIGN.md §2. The T1 update runs in PyTorch (``reference`` math); the T2 reductions go
+through the selected backend's fused ops.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import reference
+from .backend import Backend, resolve_backend
+from .hyper import Hyperparameter, Penalty, bind_penalties, broadcast_value
+
+OPTIMIZERS = ("sgd", "adam")
+HYPER_OPTIMIZERS = ("sgd", "adam")
+HYPERGRAD_MODES = ("exact", "sgd")
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(f"unknown {what}={value!r}; expected one of {choices}")
+
+
+def _scalar_loss(loss, where: str) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the {where} closure must return a scalar loss tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"the {where} closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
+                         f"reduce it (e.g. .mean()) inside the closure")
+    if not loss.requires_grad:
+        raise ValueError(f"the {where} closure returned a loss that does not require grad; is it computed from "
+                         f"the model's parameters outside torch.no_grad()?")
+    return loss.reshape(())
+
+
+class T1T2(torch.optim.Optimizer):
+    """Trains a model's parameters (T1) and tunes its regularization hyperparameters (T2).
+
+    ``step(closure)`` does one training step with the penalty gradients added to the data gradient;
+    after a step where ``hyper_due`` is true, ``hyper_step(val_closure)`` differentiates the
+    validation loss through that step and updates the hyperparameters. See DESIGN.md §2-3.
+    """
+
+    def __init__(self, model: nn.Module, penalties: Iterable[Penalty] = (), *, optimizer: str = "sgd",
+                 lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 hyper_optimizer: str = "adam", hyper_lr: float = 1e-3,
+                 hyper_betas: tuple[float, float] = (0.9, 0.999), hyper_eps: float = 1e-8,
+                 hyper_every: int = 1, hypergrad: str = "exact", backend: str = "auto", seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
+                            f"parameters; got {type(model).__name__}")
+        _check_choice("optimizer", optimizer, OPTIMIZERS)
+        _check_choice("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS)
+        _check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
+        if not (lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        if nesterov and (optimizer != "sgd" or momentum <= 0):
+            raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if int(hyper_every) != hyper_every or hyper_every < 1:
+            raise ValueError(f"hyper_every must be a positive integer, got {hyper_every!r}")
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        dtypes = {p.dtype for _, p in named}
+        devices = {p.device for _, p in named}
+        if len(devices) > 1 or len(dtypes) > 1:
+            detail = ", ".join(f"{n}: {p.dtype} on {p.device}" for n, p in named)
+            raise ValueError(f"T1T2 needs all trainable parameters on one device with one dtype, found "
+                             f"{sorted(map(str, devices))} and {sorted(map(str, dtypes))} ({detail}); "
+                             f"move the model with model.to(device, dtype)")
+        dtype = dtypes.pop()
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"unsupported parameter dtype {dtype}; expected one of {SUPPORTED_DTYPES}")
+
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, betas=tuple(betas), eps=eps)
+        super().__init__([p for _, p in named], defaults)
+        self.param_names = [n for n, _ in named]
+        self.optimizer_name, self.hypergrad_mode = optimizer, hypergrad
+        self.hyper_optimizer_name, self.hyper_lr = hyper_optimizer, hyper_lr
+        self.hyper_betas, self.hyper_eps = tuple(hyper_betas), hyper_eps
+        self.hyper_every, self.seed = int(hyper_every), int(seed)
+        self.compute_dtype = reference.accumulate_dtype(dtype)
+        self.backend: Backend = resolve_backend(backend, devices.pop())
+        self.hypers: list[Hyperparameter] = bind_penalties(list(penalties), named, self.compute_dtype)
+        self._by_param: list[list[Hyperparameter]] = [[] for _ in named]
+        for h in self.hypers:
+            for t in h.targets:
+                self._by_param[t.index].append(h)
+        self.steps = 0
+        self.hyper_steps = 0
+        self._hyper_state: dict[str, dict[str, torch.Tensor]] = {}
+        self._stash: dict | None = None
+        self.last_hypergrad: dict[str, torch.Tensor] = {}
+
+    # -- public views -----------------------------------------------------------------------
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.param_groups[0]["params"]
+
+    @property
+    def hyper_due(self) -> bool:
+        """True right after a T1 step whose stash a ``hyper_step`` can use."""
+        return self._stash is not None
+
+    def hyperparameters(self) -> dict[str, float | torch.Tensor]:
+        """{name: value c in natural scale}: a float for network/layer, a tensor for unit/element."""
+        out = {}
+        for h in self.hypers:
+            c = h.value().detach()
+            out[h.name] = c.item() if c.dim() == 0 else c.clone()
+        return out
+
+    def raw_hyperparameters(self) -> dict[str, torch.Tensor]:
+        """{name: raw λ}; the tensors themselves, so in-place writes change the hyperparameters."""
+        return {h.name: h.raw for h in self.hypers}
+
+    # -- T1 -----------------------------------------------------------------------------------
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One T1 step. With a closure: zero the grads, evaluate it, backward, update. Without: use
+        the existing ``.grad``. Returns the (detached) training loss, or None without a closure."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                self.zero_grad(set_to_none=True)
+                loss = _scalar_loss(closure(), "training")
+                loss.backward()
+            loss = loss.detach()
+        self.steps += 1
+        stash_now = self.steps % self.hyper_every == 0
+        self._stash = self._t1_update(stash_now)
+        return loss
+
+    @torch.no_grad()
+    def _t1_update(self, stash: bool) -> dict | None:
+        group = self.param_groups[0]
+        lr, mom, nesterov = group["lr"], group["momentum"], group["nesterov"]
+        beta1, beta2 = group["betas"]
+        eps = group["eps"]
+        acc = self.compute_dtype
+        values = {h.name: h.value().to(acc) for h in self.hypers}
+        saved = {"lr": lr, "theta": {}, "jac": {}}
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            theta = p.detach().to(acc)
+            ghat = p.grad.detach().to(acc)
+            decay = None
+            for h in self._by_param[i]:
+                c = broadcast_value(values[h.name], p)
+                if h.decoupled:
+                    decay = 2.0 * c * theta if decay is None else decay + 2.0 * c * theta
+                else:
+                    ghat = ghat + reference.penalty_grad(theta, c, h.kind)
+            state = self.state[p]
+            if self.optimizer_name == "sgd":
+                direction, jac = ghat, -lr
+                if mom > 0:
+                    buf = state.get("momentum_buffer")
+                    buf = ghat.clone() if buf is None else buf.mul_(mom).add_(ghat)
+                    state["momentum_buffer"] = buf
+                    direction = ghat + mom * buf if nesterov else buf
+                    jac = -lr * (1.0 + mom) if nesterov else -lr
+            else:
+                t = int(state.get("step", 0)) + 1
+                state["step"] = torch.tensor(float(t), dtype=torch.float64)
+                m = state.setdefault("exp_avg", torch.zeros_like(theta)).mul_(beta1).add_(ghat, alpha=1 - beta1)
+                s = state.setdefault("exp_avg_sq", torch.zeros_like(theta)).mul_(beta2).addcmul_(ghat, ghat, value=1 - beta2)
+                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+                m_hat = m / bc1
+                sqrt_s = (s / bc2).sqrt()
+                denom = sqrt_s + eps
+                direction = m_hat / denom
+                jac = -lr
+                if stash and self.hypergrad_mode == "exact":
+                    # ∂dir/∂ĝ; the second term's limit at ŝ = 0 is 0 (autograd would give NaN there).
+                    second = m_hat * (1 - beta2) * ghat / (bc2 * sqrt_s * denom * denom)
+                    second = torch.where(sqrt_s > 0, second, torch.zeros_like(second))
+                    jac = -lr * ((1 - beta1) / bc1 / denom - second)
+            if self.hypergrad_mode == "sgd":
+                jac = -lr
+            new = theta - lr * direction
+            if decay is not None:
+                new = new - lr * decay
+            if stash:
+                saved["theta"][i] = theta.clone() if theta.data_ptr() == p.data_ptr() else theta
+                saved["jac"][i] = jac
+            p.copy_(new)
+        return saved if stash else None
+
+    # -- T2 -----------------------------------------------------------------------------------
+    def hyper_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure, hypergradients through the last
+        T1 step, then the hyper-optimizer update. Returns the (detached) validation loss."""
+        if self._stash is None:
+            if self.steps == 0:
+                raise RuntimeError("hyper_step() called before any step(): run a T1 step first")
+            raise RuntimeError(f"hyper_step() needs the stash of the T1 step just taken, and there is none: "
+                               f"stashes are taken every hyper_every={self.hyper_every} steps and used once. "
+                               f"Call hyper_step only when opt.hyper_due is True")
+        stash, self._stash = self._stash, None
+        indices = sorted(stash["theta"])
+        with torch.enable_grad():
+            loss = _scalar_loss(closure(), "validation")
+            grads = torch.autograd.grad(loss, [self.params[i] for i in indices], allow_unused=True)
+        acc = self.compute_dtype
+        v = {i: (torch.zeros_like(stash["theta"][i]) if g is None else g.detach().to(acc))
+             for i, g in zip(indices, grads)}
+        lr = stash["lr"]
+        dot = self.backend.penalty_segment_dot
+        hypergrads = {}
+        for h in self.hypers:
+            total = torch.zeros(h.raw.numel(), dtype=acc, device=h.raw.device)
+            for t in h.targets:
+                if t.index not in v:  # no gradient in that step: θ⁺ does not depend on λ there
+                    continue
+                theta = stash["theta"][t.index]
+                if h.decoupled:  # θ⁺ = θ − η·2cθ − η·dir:  ∂θ⁺/∂c = −η·2θ
+                    total += -lr * dot(v[t.index], theta, t.num_groups, "l2")
+                else:            # ∂θ⁺/∂c = J ⊙ m(θ)
+                    u = stash["jac"][t.index] * v[t.index]
+                    total += dot(u, theta, t.num_groups, h.kind)
+            hypergrads[h.name] = (h.derivative().to(acc) * total.reshape(h.raw.shape)).to(h.raw.dtype)
+        self.last_hypergrad = hypergrads
+        self._hyper_update(hypergrads)
+        self.hyper_steps += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def _hyper_update(self, hypergrads: dict[str, torch.Tensor]) -> None:
+        t = self.hyper_steps + 1
+        for h in self.hypers:
+            g = hypergrads[h.name]
+            if self.hyper_optimizer_name == "sgd":
+                h.raw.add_(g, alpha=-self.hyper_lr)
+            else:
+                b1, b2 = self.hyper_betas
+                st = self._hyper_state.setdefault(h.name, {"exp_avg": torch.zeros_like(h.raw),
+                                                           "exp_avg_sq": torch.zeros_like(h.raw)})
+                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(self.hyper_eps)
+                h.raw.addcdiv_(st["exp_avg"], denom, value=-self.hyper_lr / (1 - b1 ** t))
+            h.project()
+
+    # -- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume bit-identically (the model's parameters are saved by the
+        model's own state_dict). Keyed by parameter and hyperparameter names."""
+        clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x
+        state = {self.param_names[i]: {k: clone(v) for k, v in self.state[p].items()}
+                 for i, p in enumerate(self.params) if p in self.state}
+        stash = None
+        if self._stash is not None:
+            stash = {"lr": self._stash["lr"],
+                     "theta": {self.param_names[i]: t.clone() for i, t in self._stash["theta"].items()},
+                     "jac": {self.param_names[i]: clone(j) for i, j in self._stash["jac"].items()}}
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {
+            "version": 1,
+            "param_group": group,
+            "state": state,
+            "steps": self.steps,
+            "hyper_steps": self.hyper_steps,
+            "raw": {h.name: h.raw.detach().clone() for h in self.hypers},
+            "hyper_state": {n: {k: v.clone() for k, v in st.items()} for n, st in self._hyper_state.items()},
+            "stash": stash,
+            "last_hypergrad": {n: g.clone() for n, g in self.last_hypergrad.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("version") != 1:
+            raise ValueError("not a T1T2 state_dict (missing version 1); was it saved by T1T2.state_dict()?")
+        names = {n: i for i, n in enumerate(self.param_names)}
+        ours = {h.name for h in self.hypers}
+        theirs = set(state_dict["raw"])
+        if ours != theirs:
+            raise ValueError(f"state_dict hyperparameters {sorted(theirs)} do not match this optimizer's "
+                             f"{sorted(ours)}; build the T1T2 with the same penalties and model")
+        unknown = set(state_dict["state"]) - set(names)
+        if unknown:
+            raise ValueError(f"state_dict has optimizer state for unknown parameters {sorted(unknown)}")
+        dev = self.params[0].device
+        move = lambda x: x.to(dev) if isinstance(x, torch.Tensor) and x.dim() > 0 else (x.clone() if isinstance(x, torch.Tensor) else x)
+        self.param_groups[0].update(state_dict["param_group"])
+        self.state.clear()
+        for n, st in state_dict["state"].items():
+            self.state[self.params[names[n]]] = {k: move(v) for k, v in st.items()}
+        self.steps, self.hyper_steps = int(state_dict["steps"]), int(state_dict["hyper_steps"])
+        with torch.no_grad():
+            for h in self.hypers:
+                h.raw.copy_(state_dict["raw"][h.name])
+        self._hyper_state = {n: {k: v.to(dev).clone() for k, v in st.items()}
+                             for n, st in state_dict["hyper_state"].items()}
+        stash = state_dict["stash"]
+        self._stash = None if stash is None else {
+            "lr": stash["lr"],
+            "theta": {names[n]: t.to(dev).clone() for n, t in stash["theta"].items()},
+            "jac": {names[n]: move(j) for n, j in stash["jac"].items()}}
+        self.last_hypergrad = {n: g.to(dev).clone() for n, g in state_dict["last_hypergrad"].items()}
+
+    # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything for deepcopy.
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __repr__(self):
+        hs = ", ".join(h.name for h in self.hypers) or "none"
+        return (f"T1T2(optimizer={self.optimizer_name!r}, lr={self.param_groups[0]['lr']}, "
+                f"hypergrad={self.hypergrad_mode!r}, hyper_every={self.hyper_every}, "
+                f"backend={self.backend.name!r}, hyperparameters=[{hs}])")
