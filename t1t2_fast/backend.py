@@ -43,4 +43,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if compiled_ok:
         from . import ops
         return Backend("cpp", ops.penalty_segment_dot)
+    if device.type == "cpu":
+        from ._extension import warn_if_missing
+        warn_if_missing()
     return Backend("reference", reference.penalty_segment_dot)
