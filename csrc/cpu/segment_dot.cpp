@@ -11,7 +11,7 @@
 namespace t1t2 {
 namespace {
 
-PenaltyKind parse_kind(const std::string& kind) {
+PenaltyKind parse_kind(c10::string_view kind) {
   if (kind == "l2") return PenaltyKind::L2;
   if (kind == "l1") return PenaltyKind::L1;
   TORCH_CHECK(false, "t1t2::penalty_segment_dot: unknown kind '", kind, "'; expected 'l2' or 'l1'");
@@ -53,7 +53,7 @@ void check_inputs(const at::Tensor& u, const at::Tensor& theta, int64_t num_grou
 }  // namespace
 
 at::Tensor penalty_segment_dot_cpu(const at::Tensor& u_in, const at::Tensor& theta_in, int64_t num_groups,
-                                   const std::string& kind_name) {
+                                   c10::string_view kind_name) {
   check_inputs(u_in, theta_in, num_groups);
   const PenaltyKind kind = parse_kind(kind_name);
   const auto out_dtype = theta_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -1,7 +1,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#include <string>
+#include <c10/util/string_view.h>
 
 namespace t1t2 {
 
@@ -11,6 +11,6 @@ constexpr int64_t kReduceBlock = 16384;
 
 // h_g = Σ_{i ∈ g} u_i m_i(θ_i) over num_groups equal contiguous groups of the flattened tensors.
 at::Tensor penalty_segment_dot_cpu(const at::Tensor& u, const at::Tensor& theta, int64_t num_groups,
-                                   const std::string& kind);
+                                   c10::string_view kind);
 
 }  // namespace t1t2
