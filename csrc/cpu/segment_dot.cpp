@@ -57,9 +57,10 @@ at::Tensor penalty_segment_dot_cpu(const at::Tensor& u_in, const at::Tensor& the
   check_inputs(u_in, theta_in, num_groups);
   const PenaltyKind kind = parse_kind(kind_name);
   const auto out_dtype = theta_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({num_groups}, theta_in.options().dtype(out_dtype));
+  const auto out_options = theta_in.options().dtype(out_dtype);
   const int64_t numel = theta_in.numel();
-  if (numel == 0) return out;
+  if (numel == 0) return at::zeros({num_groups}, out_options);  // empty groups sum to 0
+  at::Tensor out = at::empty({num_groups}, out_options);         // every entry is written below
 
   const at::Tensor u = u_in.contiguous();
   const at::Tensor theta = theta_in.contiguous();
@@ -70,28 +71,47 @@ at::Tensor penalty_segment_dot_cpu(const at::Tensor& u_in, const at::Tensor& the
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, theta.scalar_type(), "penalty_segment_dot", [&] {
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const scalar_t* tp = theta.const_data_ptr<scalar_t>();
-    // Stage 1: one partial sum per (group, block); stage 2: each group adds its blocks in order.
-    std::vector<double> partial(num_blocks);
-    const int64_t grain = std::max<int64_t>(1, kReduceBlock / std::min(inner, kReduceBlock));
-    at::parallel_for(0, num_blocks, grain, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) {
-        const int64_t g = b / blocks_per_group, k = b % blocks_per_group;
-        const int64_t begin = g * inner + k * kReduceBlock;
-        const int64_t end = g * inner + std::min(inner, (k + 1) * kReduceBlock);
-        partial[b] = kind == PenaltyKind::L2 ? block_dot<PenaltyKind::L2>(up, tp, begin, end)
-                                             : block_dot<PenaltyKind::L1>(up, tp, begin, end);
-      }
-    });
-    auto finish = [&](auto* op) {
+    auto dot = [&](int64_t begin, int64_t end) {
+      return kind == PenaltyKind::L2 ? block_dot<PenaltyKind::L2>(up, tp, begin, end)
+                                     : block_dot<PenaltyKind::L1>(up, tp, begin, end);
+    };
+    auto reduce_into = [&](auto* op) {
       using out_t = std::remove_pointer_t<decltype(op)>;
+      if (inner == 1) {
+        // per="element": no reduction, one product per element (the same value block_dot gives).
+        at::parallel_for(0, num_groups, kReduceBlock, [&](int64_t first, int64_t last) {
+          for (int64_t i = first; i < last; ++i)
+            op[i] = static_cast<out_t>(static_cast<double>(up[i]) *
+                                       (kind == PenaltyKind::L2 ? penalty_mixed(PenaltyKind::L2, static_cast<double>(tp[i]))
+                                                                : penalty_mixed(PenaltyKind::L1, static_cast<double>(tp[i]))));
+        });
+        return;
+      }
+      if (blocks_per_group == 1) {
+        // Small groups (per unit / element): each group is one block, summed straight into the output.
+        const int64_t grain = std::max<int64_t>(1, kReduceBlock / inner);
+        at::parallel_for(0, num_groups, grain, [&](int64_t first, int64_t last) {
+          for (int64_t g = first; g < last; ++g) op[g] = static_cast<out_t>(dot(g * inner, (g + 1) * inner));
+        });
+        return;
+      }
+      // Large groups: stage 1, one partial sum per (group, block) in parallel; stage 2, each group
+      // adds its blocks in order.
+      std::vector<double> partial(num_blocks);
+      at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
+        for (int64_t b = first; b < last; ++b) {
+          const int64_t g = b / blocks_per_group, k = b % blocks_per_group;
+          partial[b] = dot(g * inner + k * kReduceBlock, g * inner + std::min(inner, (k + 1) * kReduceBlock));
+        }
+      });
       for (int64_t g = 0; g < num_groups; ++g) {
-        double s = 0;
-        for (int64_t k = 0; k < blocks_per_group; ++k) s += partial[g * blocks_per_group + k];
-        op[g] = static_cast<out_t>(s);
+        double total = 0;
+        for (int64_t k = 0; k < blocks_per_group; ++k) total += partial[g * blocks_per_group + k];
+        op[g] = static_cast<out_t>(total);
       }
     };
-    if (out_dtype == at::kDouble) finish(out.mutable_data_ptr<double>());
-    else finish(out.mutable_data_ptr<float>());
+    if (out_dtype == at::kDouble) reduce_into(out.mutable_data_ptr<double>());
+    else reduce_into(out.mutable_data_ptr<float>());
   });
   return out;
 }
