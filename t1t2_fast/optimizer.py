@@ -174,8 +174,10 @@ class T1T2(torch.optim.Optimizer):
             else:
                 t = int(state.get("step", 0)) + 1
                 state["step"] = torch.tensor(float(t), dtype=torch.float64)
-                m = state.setdefault("exp_avg", torch.zeros_like(theta)).mul_(beta1).add_(ghat, alpha=1 - beta1)
-                s = state.setdefault("exp_avg_sq", torch.zeros_like(theta)).mul_(beta2).addcmul_(ghat, ghat, value=1 - beta2)
+                if "exp_avg" not in state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(theta), torch.zeros_like(theta)
+                m = state["exp_avg"].mul_(beta1).add_(ghat, alpha=1 - beta1)
+                s = state["exp_avg_sq"].mul_(beta2).addcmul_(ghat, ghat, value=1 - beta2)
                 bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
                 m_hat = m / bc1
                 sqrt_s = (s / bc2).sqrt()
