@@ -5,7 +5,7 @@ already installed (build isolation would fetch another torch).
 
 Environment:
   T1T2_NO_EXT=1     skip the extension (the package then runs on the reference path)
-  T1T2_CUDA=0|1     force the CUDA sources off/on (default: on when torch has CUDA and nvcc is found)
+  T1T2_CUDA=0|1     force the CUDA sources off/on (default: on when torch has CUDA and a CUDA toolkit)
   DEBUG=1           -O0 -g instead of -O3
   MAX_JOBS=N        parallel compile jobs (ninja)
 """
@@ -16,6 +16,10 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def torch_has_cuda(torch, cuda_home) -> bool:
+    return torch.cuda.is_available() or (cuda_home is not None and torch.version.cuda is not None)
 
 
 def extension_build():
@@ -29,21 +33,27 @@ def extension_build():
         sys.exit("t1t2_fast: building the extension needs torch installed first, then "
                  "`pip install --no-build-isolation -e .` (or set T1T2_NO_EXT=1 to skip it)")
 
-    debug = os.environ.get("DEBUG") == "1"
     cuda_env = os.environ.get("T1T2_CUDA")
+    if cuda_env not in (None, "", "0", "1"):
+        sys.exit(f"t1t2_fast: T1T2_CUDA must be 0 or 1, got {cuda_env!r}")
+    use_cuda = torch_has_cuda(torch, CUDA_HOME) if cuda_env in (None, "") else cuda_env == "1"
+    if use_cuda and torch.version.cuda is None:
+        sys.exit(f"t1t2_fast: T1T2_CUDA=1 but torch {torch.__version__} was built without CUDA; "
+                 "install a CUDA build of torch or set T1T2_CUDA=0")
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) if cuda_env is None else cuda_env == "1"
-    use_cuda = use_cuda and bool(cuda_sources)
-
     sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fdiagnostics-color=always"]
-    if torch.backends.openmp.is_available():
-        cxx += ["-fopenmp"]
+
+    # No -std flag: BuildExtension adds the C++ standard this torch's headers need (C++20 for 2.13).
+    opt = ["-O0", "-g"] if os.environ.get("DEBUG") == "1" else ["-O3"]
+    cxx = opt + ["-fdiagnostics-color=always"]
+    link = []
+    if torch.backends.openmp.is_available():  # at::parallel_for runs on OpenMP in such builds
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
-                  extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [])
-    if use_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = (["-O0", "-g"] if debug else ["-O3"]) + ["-std=c++17"]
+                  extra_compile_args={"cxx": cxx}, extra_link_args=link)
+    if use_cuda and cuda_sources:
+        kwargs["extra_compile_args"]["nvcc"] = list(opt)
         kwargs["define_macros"] = [("T1T2_WITH_CUDA", "1")]
         ext = CUDAExtension("t1t2_fast._C", sources + cuda_sources, **kwargs)
     else:
@@ -51,5 +61,6 @@ def extension_build():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+os.chdir(ROOT)  # setuptools wants paths (sources, pyproject.toml) relative to the project root
 ext_modules, cmdclass = extension_build()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
