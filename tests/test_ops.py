@@ -93,7 +93,7 @@ def test_opcheck(dtype):
     (lambda: (torch.randn(4), torch.randn(4, dtype=torch.float64), 1, "l2"),
      "u has dtype Float but theta has dtype Double"),
     (lambda: (torch.ones(4, dtype=torch.int64), torch.ones(4, dtype=torch.int64), 1, "l2"),
-     "expected floating-point tensors"),
+     r"expected floating-point u and theta \(Double, Float, BFloat16 or Half\), got Long"),
     (lambda: (torch.randn(6), torch.randn(6), 4, "l2"), "num_groups=4 does not divide numel=6"),
     (lambda: (torch.randn(6), torch.randn(6), -1, "l2"), "num_groups must be >= 0"),
     (lambda: (torch.randn(6), torch.randn(6), 1, "l3"), "unknown kind 'l3'"),

@@ -12,6 +12,7 @@ namespace t1t2 {
 
 enum class PenaltyKind : int { L2 = 0, L1 = 1 };
 
+// sign(±0) = 0 and sign(NaN) = 0, as torch.sign gives.
 template <typename T>
 T1T2_HOST_DEVICE inline T sign(T x) {
   return static_cast<T>((x > T(0)) - (x < T(0)));
