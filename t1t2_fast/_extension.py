@@ -1,7 +1,8 @@
 """Loads the compiled extension (``t1t2_fast._C``) that registers the ``torch.ops.t1t2`` ops.
 
 Without it the package still works on the reference path; the first time the compiled backend
-is looked for and missing, one warning says why and how to build it.
+is asked for and missing, one warning says why and how to build it. ``T1T2_DISABLE_EXT=1`` makes
+the extension count as missing (to test the fallback).
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ class CompiledBackendMissing(RuntimeWarning):
     """The C++ extension is not built or failed to load; the reference path is used."""
 
 
-def _load() -> tuple[bool, str | None]:
+def _import() -> tuple[bool, str | None]:
     if os.environ.get("T1T2_DISABLE_EXT") == "1":
         return False, "disabled by T1T2_DISABLE_EXT=1"
     try:
         from . import _C  # noqa: F401
-    except ImportError as exc:  # not built, or built against another torch
+    except (ImportError, OSError) as exc:  # not built, or built against another torch
         return False, f"{type(exc).__name__}: {exc}"
     return True, None
 
 
-AVAILABLE, LOAD_ERROR = _load()
+AVAILABLE, LOAD_ERROR = _import()
 _warned = False
 
 
@@ -36,7 +37,13 @@ def warn_if_missing() -> None:
         return
     _warned = True
     warnings.warn(
-        f"t1t2_fast: the compiled backend is not available ({LOAD_ERROR}); using the pure-PyTorch "
-        f"reference path, which is correct but slower. To build it (needs a C++ compiler and ninja): "
+        f"t1t2_fast: the compiled backend is missing ({LOAD_ERROR}); using the pure-PyTorch reference "
+        f"path, which is correct but slower. To build it (needs a C++ compiler and ninja): "
         f"pip install --no-build-isolation -e .",
         CompiledBackendMissing, stacklevel=3)
+
+
+def load() -> bool:
+    """Whether the compiled ops are registered (``torch.ops.t1t2.*``); warns once if they are not."""
+    warn_if_missing()
+    return AVAILABLE

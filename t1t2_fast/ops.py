@@ -5,6 +5,9 @@ import torch
 
 from . import _extension
 
+_OP = "t1t2::penalty_segment_dot"
+_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
 
 def _require_extension(name: str) -> None:
     if not _extension.AVAILABLE:
@@ -22,13 +25,24 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
 
 
 if _extension.AVAILABLE:
-    @torch.library.register_fake("t1t2::penalty_segment_dot")
+    # Shape/dtype propagation for meta tensors, FakeTensor and torch.compile; the same checks and
+    # messages as the C++ kernel.
+    @torch.library.register_fake(_OP)
     def _penalty_segment_dot_fake(u, theta, num_groups, kind):
-        torch._check(u.shape == theta.shape, lambda: f"u has shape {tuple(u.shape)}, theta {tuple(theta.shape)}")
-        torch._check(u.dtype == theta.dtype, lambda: f"u has dtype {u.dtype}, theta {theta.dtype}")
-        torch._check(u.device == theta.device, lambda: f"u is on {u.device}, theta on {theta.device}")
-        torch._check(theta.dtype.is_floating_point, lambda: f"expected floating tensors, got {theta.dtype}")
-        torch._check(kind in ("l2", "l1"), lambda: f"unknown kind {kind!r}")
-        torch._check(num_groups >= 0, lambda: f"num_groups must be >= 0, got {num_groups}")
+        torch._check(u.device == theta.device,
+                     lambda: f"{_OP}: u is on {u.device} but theta is on {theta.device}; move both to one device")
+        torch._check(u.dtype == theta.dtype,
+                     lambda: f"{_OP}: u has dtype {u.dtype} but theta has dtype {theta.dtype}; cast them to one dtype")
+        torch._check(theta.dtype in _SUPPORTED_DTYPES,
+                     lambda: f"{_OP}: expected floating-point u and theta (float64, float32, bfloat16 or "
+                             f"float16), got {theta.dtype}")
+        torch._check(u.shape == theta.shape,
+                     lambda: f"{_OP}: u has shape {list(u.shape)} but theta has shape {list(theta.shape)}")
+        torch._check(kind in ("l2", "l1"), lambda: f"{_OP}: unknown kind {kind!r}; expected 'l2' or 'l1'")
+        torch._check(num_groups >= 0, lambda: f"{_OP}: num_groups must be >= 0, got {num_groups}")
+        numel = theta.numel()
+        torch._check(numel == 0 if num_groups == 0 else numel % num_groups == 0,
+                     lambda: f"{_OP}: num_groups={num_groups} does not divide numel={numel} "
+                             f"(groups are equal contiguous slices of the flattened tensors)")
         out = torch.float64 if theta.dtype == torch.float64 else torch.float32
         return theta.new_empty((num_groups,), dtype=out)
