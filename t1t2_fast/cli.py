@@ -1,0 +1,495 @@
+"""Command-line interface: ``t1t2 train`` (or ``python -m t1t2_fast train``).
+
+``train`` fits an MLP on a built-in dataset while T1-T2 tunes its regularization hyperparameters
+on a validation split, then reports test accuracy on a split neither step has seen. It writes
+``log.csv``, ``metrics.json`` and ``trajectories.png`` into the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections import OrderedDict
+
+import numpy as np
+
+PER_CHOICES = ("network", "layer", "unit", "element")
+BACKEND_CHOICES = ("auto", "reference", "cpp", "triton")
+
+
+class UsageError(Exception):
+    """A bad combination of flags found after parsing; reported like an argparse error."""
+
+
+# ---------------------------------------------------------------------------------------------
+# argument parsing
+# ---------------------------------------------------------------------------------------------
+def _number(kind, what, lo=None, lo_open=False, hi=None, hi_open=False):
+    """An argparse ``type`` that converts with ``kind`` and checks lo </<= value </<= hi."""
+
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if lo is not None and (value <= lo if lo_open else value < lo):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        if hi is not None and (value >= hi if hi_open else value > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    convert.__name__ = what  # argparse names the type in some messages
+    return convert
+
+
+positive_int = _number(int, "a positive integer", lo=0, lo_open=True)
+nonneg_int = _number(int, "an integer >= 0", lo=0)
+positive_float = _number(float, "a positive number", lo=0, lo_open=True)
+nonneg_float = _number(float, "a number >= 0", lo=0)
+unit_interval = _number(float, "a number in [0, 1)", lo=0, hi=1, hi_open=True)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where X says something and the help text does not already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or any(action.default is x for x in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="t1t2", description="Tune regularization hyperparameters during one training run (T1-T2).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    tr = sub.add_parser(
+        "train", help="train an MLP on a built-in dataset with T1-T2 hyperparameter tuning",
+        description="Train an MLP on a built-in dataset. Every T1 step trains the weights on a training "
+                    "batch; every --hyper-every steps a T2 step updates the regularization "
+                    "hyperparameters on a validation batch. Test accuracy is measured at the end on a "
+                    "split neither step saw.",
+        formatter_class=_HelpFormatter)
+
+    g = tr.add_argument_group("data")
+    g.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits",
+                   help="digits: scikit-learn's 8x8 digits (1797 examples); mnist1d: MNIST-1D generated "
+                        "offline (needs `pip install mnist1d`)")
+    g.add_argument("--samples", type=_number(int, "an integer >= 30", lo=30), default=None,
+                   help="number of examples (mnist1d: generated, default 5000; digits: a stratified "
+                        "subsample of the 1797, default all)")
+
+    g = tr.add_argument_group("model")
+    g.add_argument("--width", type=positive_int, default=128, help="units per hidden layer")
+    g.add_argument("--depth", type=nonneg_int, default=2, help="number of hidden layers (ReLU)")
+
+    g = tr.add_argument_group("hyperparameters (tuned by T2; initial values in natural scale)")
+    g.add_argument("--l2", type=nonneg_float, default=1e-3, metavar="INIT",
+                   help="initial L2 coefficient c in c*sum(w^2) on the weight matrices (0: no L2)")
+    g.add_argument("--l1", type=nonneg_float, default=None, metavar="INIT",
+                   help="initial L1 coefficient c in c*sum(|w|) on the weight matrices (default: no L1)")
+    g.add_argument("--per", choices=PER_CHOICES, default="layer",
+                   help="granularity: one coefficient for the network, per weight matrix, per output "
+                        "unit (row) or per weight")
+    g.add_argument("--decoupled", action="store_true",
+                   help="apply L2 outside the optimizer's preconditioner (AdamW-style weight decay)")
+
+    g = tr.add_argument_group("training (T1)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the weights")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
+    g.add_argument("--momentum", type=unit_interval, default=0.9, help="sgd momentum (ignored by adam)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, default=None,
+                        help="passes over the training split (default 100 unless --steps is given)")
+    length.add_argument("--steps", type=positive_int, default=None, help="number of T1 steps")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="training batch size")
+
+    g = tr.add_argument_group("hyperparameter tuning (T2)")
+    g.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default="adam",
+                   help="optimizer of the hyperparameters")
+    g.add_argument("--hyper-lr", type=nonneg_float, default=1e-2,
+                   help="learning rate of the hyper-optimizer on the raw (log-scale) hyperparameters; "
+                        "0 keeps them fixed (an untuned baseline). With adam each T2 step moves log(c) by "
+                        "about this much at most; with sgd the step is proportional to the hypergradient, "
+                        "which is tiny here (digits needs roughly 100-1000)")
+    g.add_argument("--hyper-every", type=positive_int, default=1, help="a T2 step every this many T1 steps")
+    g.add_argument("--val-batch-size", type=positive_int, default=None,
+                   help="validation batch size for T2 (default: --batch-size)")
+    g.add_argument("--hypergrad", choices=("exact", "sgd"), default="exact",
+                   help="exact: differentiate through the optimizer's update; sgd: the paper's "
+                        "approximation (Jacobian -lr for every optimizer)")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="implementation of the fused ops")
+
+    g = tr.add_argument_group("run")
+    g.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seeds the data split, initialization and batch order")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    g.add_argument("--threads", type=positive_int, default=1,
+                   help="torch intra-op threads for this run; the default 1 suits these small MLPs and "
+                        "stays fast when other processes share the cores (2 threads were up to 7x slower "
+                        "on a busy 2-core machine)")
+    g.add_argument("--log-every", type=positive_int, default=None,
+                   help="evaluate and log every this many steps (default: about 200 rows per run)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default: runs/<name>, or runs/<dataset>-<timestamp>)")
+    g.add_argument("--name", default=None, help="run name for the default output folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final summary")
+    tr.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``t1t2`` command. Returns the exit status (0 ok, 1 run failed, 2 usage)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the message (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"t1t2 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+def make_mlp(num_features: int, num_classes: int, width: int, depth: int):
+    """An MLP with named layers (fc1..fcN, out), so hyperparameters read ``l2.fc1.weight``."""
+    from torch import nn
+
+    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    fan_in = num_features
+    for i in range(1, depth + 1):
+        layers[f"fc{i}"] = nn.Linear(fan_in, width)
+        layers[f"relu{i}"] = nn.ReLU()
+        fan_in = width
+    layers["out"] = nn.Linear(fan_in, num_classes)
+    return nn.Sequential(layers)
+
+
+def _seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _default_out(args) -> str:
+    if args.name:
+        return os.path.join("runs", args.name)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{args.dataset}-{stamp}")
+    out, k = base, 1
+    while os.path.exists(out):
+        out, k = f"{base}-{k}", k + 1
+    return out
+
+
+def _summary_value(value) -> float:
+    """A hyperparameter as one number: itself, or the mean of a tensor-valued one."""
+    return float(value) if isinstance(value, float) else float(value.mean())
+
+
+def _short(value) -> str:
+    """Compact text for the progress bar: '1.2e-03', or the geometric mean '~1.2e-03' of a tensor."""
+    if isinstance(value, float):
+        return f"{value:.1e}"
+    v = value.double().clamp_min(1e-300)
+    return f"~{float(v.log().mean().exp()):.1e}"
+
+
+def _compact_hypers(hypers: dict) -> str:
+    """'l2 1.0e-03|9.8e-04|1.1e-03 l1 ...': one group per penalty kind, one value per layer."""
+    groups: "OrderedDict[str, list[str]]" = OrderedDict()
+    for name, value in hypers.items():
+        groups.setdefault(name.split(".", 1)[0], []).append(_short(value))
+    return " ".join(f"{kind} {'|'.join(vals)}" for kind, vals in groups.items())
+
+
+def _json_value(value):
+    """A hyperparameter for metrics.json: a float, or summary statistics (and the values when small)."""
+    if isinstance(value, float):
+        return value
+    v = value.detach().double().cpu()
+    out = {"shape": list(v.shape), "mean": float(v.mean()), "geomean": float(v.clamp_min(1e-300).log().mean().exp()),
+           "min": float(v.min()), "max": float(v.max())}
+    if v.numel() <= 1024:
+        out["values"] = v.flatten().tolist()
+    return out
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _train(args)
+    finally:  # main() may be called in-process (tests, notebooks): leave torch as we found it
+        torch.set_num_threads(threads)
+
+
+def _train(args) -> int:
+    t_start = time.perf_counter()
+    if args.l1 == 0:  # --l1 0 means no L1, like --l2 0
+        args.l1 = None
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.momentum == 0 and args.nesterov:
+        raise UsageError("--nesterov needs --momentum > 0")
+    if args.nesterov and args.optimizer != "sgd":
+        raise UsageError("--nesterov applies to --optimizer sgd only")
+
+    import torch
+    import torch.nn.functional as F
+
+    import t1t2_fast as t1t2
+    from .data import load_data
+
+    try:
+        device = torch.device(args.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        raise UsageError(f"--device {args.device!r} is not usable here: {exc}") from None
+
+    try:
+        data = load_data(args.dataset, seed=args.seed, samples=args.samples)
+    except RuntimeError as exc:  # e.g. mnist1d not installed
+        print(f"t1t2 train: error: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    train_x, train_y = data.train.x.to(device), data.train.y.to(device)
+    val_x, val_y = data.val.x.to(device), data.val.y.to(device)
+    test_x, test_y = data.test.x.to(device), data.test.y.to(device)
+    n_train, n_val = len(data.train), len(data.val)
+
+    batch = min(args.batch_size, n_train)
+    val_batch = min(args.val_batch_size or args.batch_size, n_val)
+    steps_per_epoch = math.ceil(n_train / batch)
+    total_steps = args.steps if args.steps is not None else (args.epochs or 100) * steps_per_epoch
+    log_every = args.log_every or max(1, total_steps // 200)
+
+    _seed_everything(args.seed)
+    model = make_mlp(data.num_features, data.num_classes, args.width, args.depth).to(device)
+    penalties = []
+    if args.l2 > 0:
+        penalties.append(t1t2.L2(args.l2, per=args.per, decoupled=args.decoupled))
+    elif args.decoupled:
+        raise UsageError("--decoupled needs L2 (--l2 > 0)")
+    if args.l1 is not None:
+        penalties.append(t1t2.L1(args.l1, per=args.per))
+    try:
+        opt = t1t2.T1T2(model, penalties, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
+                        nesterov=args.nesterov, hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr,
+                        hyper_every=args.hyper_every, hypergrad=args.hypergrad, backend=args.backend,
+                        seed=args.seed)
+    except (ValueError, RuntimeError, NotImplementedError) as exc:
+        raise UsageError(str(exc)) from None
+    backend_name = getattr(getattr(opt, "backend", None), "name", args.backend)
+    tuning = bool(penalties)
+
+    out = args.out or _default_out(args)
+    os.makedirs(out, exist_ok=True)
+    paths = {k: os.path.join(out, f) for k, f in
+             (("log", "log.csv"), ("metrics", "metrics.json"), ("plot", "trajectories.png"))}
+
+    if not args.quiet:
+        print(f"{data.describe()}; MLP {data.num_features}-{'-'.join([str(args.width)] * args.depth)}"
+              f"{'-' if args.depth else ''}{data.num_classes}; {total_steps} steps "
+              f"({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), backend {backend_name}")
+        if not tuning:
+            print("no penalty selected (--l2 0 and no --l1): plain training, nothing to tune")
+
+    gen = torch.Generator().manual_seed(args.seed)
+    val_gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def batches(n, size, g):
+        while True:
+            perm = torch.randperm(n, generator=g).to(device)
+            for i in range(0, n, size):
+                yield perm[i:i + size]
+
+    train_batches = batches(n_train, batch, gen)
+    val_batches = batches(n_val, val_batch, val_gen)
+
+    @torch.no_grad()
+    def evaluate(x, y):
+        model.eval()
+        logits = model(x)
+        model.train()
+        return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+    hyper_names = list(opt.hyperparameters())
+    columns = ["step", "train_loss", "val_loss"] + [
+        n if isinstance(v, float) else f"{n}[mean]" for n, v in opt.hyperparameters().items()]
+    rows: list[list] = []
+    bands: dict[str, list[tuple[float, float]]] = {n: [] for n in hyper_names}
+    initial = opt.hyperparameters()
+
+    def record(step):
+        tl, _ = evaluate(train_x, train_y)
+        vl, _ = evaluate(val_x, val_y)
+        hp = opt.hyperparameters()
+        rows.append([step, tl, vl] + [_summary_value(hp[n]) for n in hyper_names])
+        for n in hyper_names:
+            v = hp[n]
+            bands[n].append((v, v) if isinstance(v, float) else (float(v.min()), float(v.max())))
+        return tl, vl, hp
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, disable=args.quiet, dynamic_ncols=True, file=sys.stderr, unit="step",
+               desc=f"train {args.dataset}", leave=True)
+    record(0)
+    model.train()
+    diverged = None
+    t_train = time.perf_counter()
+    try:
+        for step in range(1, total_steps + 1):
+            idx = next(train_batches)
+            xb, yb = train_x[idx], train_y[idx]
+            loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
+            if tuning and opt.hyper_due:
+                vidx = next(val_batches)
+                xv, yv = val_x[vidx], val_y[vidx]
+                opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+            if not math.isfinite(float(loss)):
+                diverged = step
+            if step % log_every == 0 or step == total_steps or diverged:
+                tl, vl, hp = record(step)
+                bar.set_postfix_str(f"loss {tl:.3f} val {vl:.3f} {_compact_hypers(hp)}", refresh=False)
+            bar.update(1)
+            if diverged:
+                break
+    finally:
+        bar.close()
+    train_time = time.perf_counter() - t_train
+
+    test_loss, test_acc = evaluate(test_x, test_y)
+    val_loss, val_acc = evaluate(val_x, val_y)
+    train_loss, train_acc = evaluate(train_x, train_y)
+    final = opt.hyperparameters()
+
+    with open(paths["log"], "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for r in rows:
+            w.writerow([r[0]] + [f"{x:.8g}" for x in r[1:]])  # float32 values: 8 digits is plenty
+
+    config = dict(vars(args))
+    config.pop("func", None)
+    config.update(out=out, steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size_used=batch,
+                  val_batch_size_used=val_batch, log_every=log_every, backend_used=backend_name)
+    wall = time.perf_counter() - t_start
+    metrics = {
+        "test_accuracy": test_acc, "test_loss": test_loss,
+        "val_accuracy": val_acc, "val_loss": val_loss,
+        "train_accuracy": train_acc, "train_loss": train_loss,
+        "hyperparameters": {n: _json_value(v) for n, v in final.items()},
+        "initial_hyperparameters": {n: _json_value(v) for n, v in initial.items()},
+        "steps_done": rows[-1][0], "hyper_steps": int(getattr(opt, "hyper_steps", 0)),
+        "diverged_at_step": diverged,
+        "train_time_s": train_time, "wall_time_s": wall,
+        "dataset": {"name": data.name, "train": n_train, "val": n_val, "test": len(data.test),
+                    "features": data.num_features, "classes": data.num_classes},
+        "config": config,
+        "versions": {"t1t2_fast": getattr(t1t2, "__version__", "?"), "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+    with open(paths["metrics"], "w") as f:
+        json.dump(metrics, f, indent=2)
+        f.write("\n")
+
+    _plot(paths["plot"], columns, rows, hyper_names, bands, title=(
+        f"{args.dataset}: MLP width {args.width} depth {args.depth}, {args.optimizer} lr {args.lr:g}, "
+        f"hyper {args.hyper_optimizer} lr {args.hyper_lr:g} every {args.hyper_every}; "
+        f"test acc {test_acc:.3f}"))
+
+    wall = time.perf_counter() - t_start
+    if diverged:
+        print(f"t1t2 train: error: the training loss became non-finite at step {diverged}; "
+              f"try a smaller --lr or --hyper-lr", file=sys.stderr)
+    print(f"test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  (val accuracy {val_acc:.4f}, "
+          f"train accuracy {train_acc:.4f})")
+    if final:
+        width = max(len(n) for n in final)
+        print("final hyperparameters" + (" (mean over entries)" if any(not isinstance(v, float)
+                                                                     for v in final.values()) else "") + ":")
+        for n, v in final.items():
+            init = _summary_value(initial[n])
+            print(f"  {n:<{width}}  {_summary_value(v):.4g}  (initial {init:.4g})")
+    print(f"run time {wall:.1f} s ({train_time:.1f} s training, {rows[-1][0]} steps, "
+          f"{metrics['hyper_steps']} hyper steps, backend {backend_name})")
+    print("wrote " + "\n      ".join(paths.values()))
+    return 1 if diverged else 0
+
+
+def _plot(path, columns, rows, hyper_names, bands, title):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    steps = [r[0] for r in rows]
+    fig, (ax_h, ax_l) = plt.subplots(1, 2, figsize=(12, 4.6))
+    layer_colors: dict[str, str] = {}
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, name in enumerate(hyper_names):
+        kind, _, target = name.partition(".")
+        color = layer_colors.setdefault(target, palette[len(layer_colors) % len(palette)])
+        values = [r[3 + j] for r in rows]
+        style = "-" if kind == "l2" else "--"
+        label = columns[3 + j]
+        ax_h.plot(steps, values, style, color=color, label=label, lw=1.6)
+        lo, hi = zip(*bands[name])
+        if any(a != b for a, b in zip(lo, hi)):
+            ax_h.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
+    if hyper_names:
+        ax_h.set_yscale("log")
+        ax_h.legend(fontsize=8, loc="best")
+        ax_h.set_title("hyperparameters (natural scale; band: min-max over entries)"
+                       if any(any(a != b for a, b in bands[n]) for n in hyper_names) else "hyperparameters")
+    else:
+        ax_h.text(0.5, 0.5, "no hyperparameters tuned", ha="center", va="center", transform=ax_h.transAxes)
+        ax_h.set_title("hyperparameters")
+    ax_h.set_xlabel("step")
+    ax_h.grid(True, which="both", alpha=0.3)
+
+    ax_l.plot(steps, [r[1] for r in rows], label="train (whole split)", lw=1.6)
+    ax_l.plot(steps, [r[2] for r in rows], label="validation (whole split)", lw=1.6)
+    positive = all(r[1] > 0 and r[2] > 0 for r in rows if math.isfinite(r[1]) and math.isfinite(r[2]))
+    if positive:
+        ax_l.set_yscale("log")
+    ax_l.set_xlabel("step")
+    ax_l.set_ylabel("cross-entropy (data term, no penalty)")
+    ax_l.set_title("loss")
+    ax_l.legend(fontsize=8)
+    ax_l.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
