@@ -404,6 +404,11 @@ def _train(args) -> int:
     config.pop("func", None)
     config.update(out=out, steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size_used=batch,
                   val_batch_size_used=val_batch, log_every=log_every, backend_used=backend_name)
+    _plot(paths["plot"], columns, rows, hyper_names, bands, title=(
+        f"{args.dataset}: MLP width {args.width} depth {args.depth}, {args.optimizer} lr {args.lr:g}, "
+        f"hyper {args.hyper_optimizer} lr {args.hyper_lr:g} every {args.hyper_every}; "
+        f"test acc {test_acc:.3f}"))
+
     wall = time.perf_counter() - t_start
     metrics = {
         "test_accuracy": test_acc, "test_loss": test_loss,
@@ -421,18 +426,9 @@ def _train(args) -> int:
                      "python": platform.python_version()},
     }
     with open(paths["metrics"], "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(_strict_json(metrics), f, indent=2, allow_nan=False)
         f.write("\n")
 
-    _plot(paths["plot"], columns, rows, hyper_names, bands, title=(
-        f"{args.dataset}: MLP width {args.width} depth {args.depth}, {args.optimizer} lr {args.lr:g}, "
-        f"hyper {args.hyper_optimizer} lr {args.hyper_lr:g} every {args.hyper_every}; "
-        f"test acc {test_acc:.3f}"))
-
-    wall = time.perf_counter() - t_start
-    if diverged:
-        print(f"t1t2 train: error: the training loss became non-finite at step {diverged}; "
-              f"try a smaller --lr or --hyper-lr", file=sys.stderr)
     print(f"test accuracy {test_acc:.4f}  test loss {test_loss:.4f}  (val accuracy {val_acc:.4f}, "
           f"train accuracy {train_acc:.4f})")
     if final:
@@ -445,19 +441,35 @@ def _train(args) -> int:
     print(f"run time {wall:.1f} s ({train_time:.1f} s training, {rows[-1][0]} steps, "
           f"{metrics['hyper_steps']} hyper steps, backend {backend_name})")
     print("wrote " + "\n      ".join(paths.values()))
-    return 1 if diverged else 0
+    if diverged:
+        print(f"t1t2 train: error: the training loss became non-finite at step {diverged} (training stopped "
+              f"there); try a smaller --lr or --hyper-lr", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _strict_json(obj):
+    """NaN/inf become null: metrics.json stays valid JSON for every reader, even after divergence."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
 
 
 def _plot(path, columns, rows, hyper_names, bands, title):
+    # A bare Figure renders with Agg without touching pyplot's global backend or figure list, so
+    # calling main() from a notebook or GUI session leaves the caller's matplotlib as it was.
     import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [r[0] for r in rows]
-    fig, (ax_h, ax_l) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig = Figure(figsize=(12, 4.6))
+    ax_h, ax_l = fig.subplots(1, 2)
     layer_colors: dict[str, str] = {}
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     for j, name in enumerate(hyper_names):
         kind, _, target = name.partition(".")
         color = layer_colors.setdefault(target, palette[len(layer_colors) % len(palette)])
@@ -477,6 +489,7 @@ def _plot(path, columns, rows, hyper_names, bands, title):
         ax_h.text(0.5, 0.5, "no hyperparameters tuned", ha="center", va="center", transform=ax_h.transAxes)
         ax_h.set_title("hyperparameters")
     ax_h.set_xlabel("step")
+    ax_h.set_ylabel("coefficient c (log scale)")
     ax_h.grid(True, which="both", alpha=0.3)
 
     ax_l.plot(steps, [r[1] for r in rows], label="train (whole split)", lw=1.6)
@@ -492,4 +505,3 @@ def _plot(path, columns, rows, hyper_names, bands, title):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -151,3 +151,14 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--hyper-lr" in out and "--dataset" in out
+
+
+def test_divergence_stops_with_status_1_and_strict_json(tmp_path, capsys):
+    assert run(tmp_path, "--lr", "50", "--steps", "40") == 1
+    assert "non-finite" in capsys.readouterr().err
+    def reject(token):
+        raise AssertionError(f"metrics.json holds {token}, which is not JSON")
+
+    m = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=reject)
+    assert m["diverged_at_step"] is not None and m["steps_done"] == m["diverged_at_step"] < 40
+    assert_valid_png(tmp_path / "trajectories.png")
