@@ -20,8 +20,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-PER_CHOICES = ("network", "layer", "unit", "element")
-BACKEND_CHOICES = ("auto", "reference", "cpp", "triton")
+from .backend import BACKENDS as BACKEND_CHOICES
+from .hyper import PER_CHOICES
 
 
 class UsageError(Exception):
