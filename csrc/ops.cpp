@@ -2,12 +2,25 @@
 #include <torch/library.h>
 
 #include "cpu/segment_dot.h"
+#include "cpu/t1_step.h"
 
 TORCH_LIBRARY(t1t2, m) {
   // h_g = Σ_{i∈g} u_i m_i(θ_i), m = 2θ (l2) or sign θ (l1), over num_groups contiguous equal groups.
   m.def("penalty_segment_dot(Tensor u, Tensor theta, int num_groups, str kind) -> Tensor");
+  // Fused T1 step over many tensors, in place. state1: momentum buffers (sgd, momentum > 0) or
+  // exp_avg (adam); state2: exp_avg_sq (adam). l2 / l1 / decay: per tensor, the coefficients c of
+  // coupled L2, L1 and decoupled L2, one per group of numel/len(c) contiguous elements (an empty
+  // tensor: no such penalty). stash_theta / stash_jac: empty lists, or buffers that receive the
+  // pre-step θ and adam's ∂θ⁺/∂ĝ. State, coefficients and stash are in the compute dtype (float64
+  // for float64 params, float32 otherwise).
+  m.def(
+      "t1_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor[] l2, "
+      "Tensor[] l1, Tensor[] decay, Tensor(d!)[] stash_theta, Tensor(e!)[] stash_jac, str optimizer, float lr, "
+      "float momentum, bool nesterov, float beta1, float beta2, float eps, float[] bias_correction1, "
+      "float[] bias_correction2) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(t1t2, CPU, m) {
   m.impl("penalty_segment_dot", &t1t2::penalty_segment_dot_cpu);
+  m.impl("t1_step_", &t1t2::t1_step_cpu);
 }

@@ -24,7 +24,29 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
     return torch.ops.t1t2.penalty_segment_dot(u, theta, num_groups, kind)
 
 
+def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer: str, lr: float,
+             momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
+             bias_correction1, bias_correction2) -> None:
+    """Fused T1 step over a list of tensors, in place: adds the penalty gradients (coupled L2, L1),
+    applies sgd (momentum, Nesterov) or adam with decoupled L2, and writes the stash (pre-step θ and
+    adam's ∂θ⁺/∂ĝ) when those lists are given. Argument contract: the schema in csrc/ops.cpp; twin:
+    ``reference.t1_step_``."""
+    _require_extension("t1_step_")
+    torch.ops.t1t2.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer,
+                            float(lr), float(momentum), bool(nesterov), float(beta1), float(beta2), float(eps),
+                            [float(b) for b in bias_correction1], [float(b) for b in bias_correction2])
+
+
 if _extension.AVAILABLE:
+    @torch.library.register_fake("t1t2::t1_step_")
+    def _t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr,
+                      momentum, nesterov, beta1, beta2, eps, bias_correction1, bias_correction2):
+        torch._check(len(grads) == len(params),
+                     lambda: f"t1t2::t1_step_: got {len(params)} params but {len(grads)} grads")
+        torch._check(optimizer in ("sgd", "adam"),
+                     lambda: f"t1t2::t1_step_: unknown optimizer '{optimizer}'; expected 'sgd' or 'adam'")
+        return None
+
     # Shape/dtype propagation for meta tensors, FakeTensor and torch.compile; the same checks and
     # messages as the C++ kernel.
     @torch.library.register_fake(_OP)

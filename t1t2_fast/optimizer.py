@@ -141,64 +141,70 @@ class T1T2(torch.optim.Optimizer):
         self._stash = self._t1_update(stash_now)
         return loss
 
+    def _coefficients(self, indices: list[int]) -> tuple[list, list, list]:
+        """Per tensor in ``indices``, the current coefficients of coupled L2, L1 and decoupled L2 as
+        flat per-group tensors (empty where a tensor has none; an empty list where no tensor has).
+        Two penalties of one kind on one tensor are folded into one, at the finer granularity."""
+        acc = self.compute_dtype
+        slots: dict[str, dict[int, torch.Tensor]] = {"l2": {}, "l1": {}, "decay": {}}
+        wanted = set(indices)
+        for h in self.hypers:
+            c = h.value().detach().to(acc).reshape(-1)
+            slot = slots["decay" if h.decoupled else h.kind]
+            for t in h.targets:
+                if t.index not in wanted:
+                    continue
+                have = slot.get(t.index)
+                if have is None:
+                    slot[t.index] = c
+                else:  # groupings nest (1 | rows | numel): repeat the coarser one and add
+                    fine = max(have.numel(), c.numel())
+                    slot[t.index] = (have.repeat_interleave(fine // have.numel())
+                                     + c.repeat_interleave(fine // c.numel()))
+        empty = torch.empty(0, dtype=acc, device=self.params[0].device)
+        return tuple([s.get(i, empty) for i in indices] if s else [] for s in slots.values())
+
     @torch.no_grad()
     def _t1_update(self, stash: bool) -> dict | None:
         group = self.param_groups[0]
         lr, mom, nesterov = group["lr"], group["momentum"], group["nesterov"]
         beta1, beta2 = group["betas"]
-        eps = group["eps"]
         acc = self.compute_dtype
-        values = {h.name: h.value().to(acc) for h in self.hypers}
-        saved = {"lr": lr, "theta": {}, "jac": {}}
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            theta = p.detach().to(acc)
-            ghat = p.grad.detach().to(acc)
-            decay = None
-            for h in self._by_param[i]:
-                c = broadcast_value(values[h.name], p)
-                if h.decoupled:
-                    decay = 2.0 * c * theta if decay is None else decay + 2.0 * c * theta
-                else:
-                    ghat = ghat + reference.penalty_grad(theta, c, h.kind)
+        indices = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in indices]
+        state1, state2, bc1, bc2 = [], [], [], []
+        adam = self.optimizer_name == "adam"
+        for p in params:
             state = self.state[p]
-            if self.optimizer_name == "sgd":
-                direction, jac = ghat, -lr
-                if mom > 0:
-                    buf = state.get("momentum_buffer")
-                    buf = ghat.clone() if buf is None else buf.mul_(mom).add_(ghat)
-                    state["momentum_buffer"] = buf
-                    direction = ghat + mom * buf if nesterov else buf
-                    jac = -lr * (1.0 + mom) if nesterov else -lr
-            else:
+            if adam:
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, dtype=acc)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc)
                 t = int(state.get("step", 0)) + 1
                 state["step"] = torch.tensor(float(t), dtype=torch.float64)
-                if "exp_avg" not in state:
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(theta), torch.zeros_like(theta)
-                m = state["exp_avg"].mul_(beta1).add_(ghat, alpha=1 - beta1)
-                s = state["exp_avg_sq"].mul_(beta2).addcmul_(ghat, ghat, value=1 - beta2)
-                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-                m_hat = m / bc1
-                sqrt_s = (s / bc2).sqrt()
-                denom = sqrt_s + eps
-                direction = m_hat / denom
-                jac = -lr
-                if stash and self.hypergrad_mode == "exact":
-                    # ∂dir/∂ĝ; the second term's limit at ŝ = 0 is 0 (autograd would give NaN there).
-                    second = m_hat * (1 - beta2) * ghat / (bc2 * sqrt_s * denom * denom)
-                    second = torch.where(sqrt_s > 0, second, torch.zeros_like(second))
-                    jac = -lr * ((1 - beta1) / bc1 / denom - second)
-            if self.hypergrad_mode == "sgd":
-                jac = -lr
-            new = theta - lr * direction
-            if decay is not None:
-                new = new - lr * decay
-            if stash:
-                saved["theta"][i] = theta.clone() if theta.data_ptr() == p.data_ptr() else theta
-                saved["jac"][i] = jac
-            p.copy_(new)
-        return saved if stash else None
+                state1.append(state["exp_avg"])
+                state2.append(state["exp_avg_sq"])
+                bc1.append(1 - beta1 ** t)
+                bc2.append(1 - beta2 ** t)
+            elif mom > 0:
+                # b = 0 before the first step makes b ← μb + ĝ equal PyTorch's first-step b = ĝ
+                state1.append(state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=acc)))
+        l2, l1, decay = self._coefficients(indices)
+        stash_theta = [torch.empty_like(p, dtype=acc) for p in params] if stash else []
+        adam_exact = adam and self.hypergrad_mode == "exact"
+        stash_jac = [torch.empty_like(p, dtype=acc) for p in params] if stash and adam_exact else []
+        self.backend.t1_step_(params, [p.grad for p in params], state1, state2, l2, l1, decay, stash_theta,
+                              stash_jac, self.optimizer_name, lr, mom, nesterov, beta1, beta2, group["eps"],
+                              bc1, bc2)
+        if not stash:
+            return None
+        if self.hypergrad_mode == "sgd" or adam:
+            scalar_jac = -lr
+        else:
+            scalar_jac = -lr * (1.0 + mom) if nesterov else -lr
+        return {"lr": lr,
+                "theta": dict(zip(indices, stash_theta)),
+                "jac": dict(zip(indices, stash_jac)) if adam_exact else {i: scalar_jac for i in indices}}
 
     # -- T2 -----------------------------------------------------------------------------------
     def hyper_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

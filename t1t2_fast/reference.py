@@ -49,3 +49,57 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
         return torch.zeros(0, dtype=acc, device=theta.device)
     prod = u.to(acc) * penalty_mixed(theta.to(acc), kind)
     return prod.reshape(num_groups, numel // num_groups).sum(dim=1)
+
+
+def _per_group(coef: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Expand per-group coefficients (group of element i is i // (numel / len(coef))) to θ's shape."""
+    groups = coef.numel()
+    return coef.reshape(groups, 1).expand(groups, theta.numel() // groups).reshape(theta.shape)
+
+
+def _entry(lst, i):
+    return lst[i] if lst and lst[i].numel() > 0 else None
+
+
+@torch.no_grad()
+def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer: str, lr: float,
+             momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
+             bias_correction1, bias_correction2) -> None:
+    """Reference twin of ``torch.ops.t1t2.t1_step_`` (schema and argument contract in csrc/ops.cpp):
+    one T1 step per tensor, in place, with the penalty gradients added and the stash written."""
+    if optimizer not in ("sgd", "adam"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
+    for i, p in enumerate(params):
+        acc = accumulate_dtype(p.dtype)
+        theta = p.detach().to(acc)
+        if theta.data_ptr() == p.data_ptr():
+            theta = theta.clone()  # p is overwritten below; θ must stay the pre-step value
+        ghat = grads[i].detach().to(acc)
+        c2, c1, cd = _entry(l2, i), _entry(l1, i), _entry(decay, i)
+        if c2 is not None:
+            ghat = ghat + penalty_grad(theta, _per_group(c2, theta), "l2")
+        if c1 is not None:
+            ghat = ghat + penalty_grad(theta, _per_group(c1, theta), "l1")
+        if optimizer == "sgd":
+            direction = ghat
+            if momentum != 0:
+                buf = state1[i].view_as(theta).mul_(momentum).add_(ghat)
+                direction = ghat + momentum * buf if nesterov else buf
+        else:
+            bc1, bc2 = bias_correction1[i], bias_correction2[i]
+            m = state1[i].view_as(theta).mul_(beta1).add_(ghat, alpha=1 - beta1)
+            s = state2[i].view_as(theta).mul_(beta2).addcmul_(ghat, ghat, value=1 - beta2)
+            m_hat = m / bc1
+            sqrt_s = (s / bc2).sqrt()
+            denom = sqrt_s + eps
+            direction = m_hat / denom
+            if stash_jac:
+                second = m_hat * (1 - beta2) * ghat / (bc2 * sqrt_s * denom * denom)
+                second = torch.where(sqrt_s > 0, second, torch.zeros_like(second))
+                stash_jac[i].view_as(theta).copy_(-lr * ((1 - beta1) / bc1 / denom - second))
+        updated = theta - lr * direction
+        if cd is not None:
+            updated = updated - lr * penalty_grad(theta, _per_group(cd, theta), "l2")
+        if stash_theta:
+            stash_theta[i].view_as(theta).copy_(theta)
+        p.copy_(updated)

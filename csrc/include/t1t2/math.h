@@ -2,6 +2,8 @@
 // Plain C++ with no torch headers, so nvcc can compile it on its own.
 #pragma once
 
+#include <cmath>
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define T1T2_HOST_DEVICE __host__ __device__
 #else
@@ -28,6 +30,54 @@ T1T2_HOST_DEVICE inline T penalty_grad(PenaltyKind kind, T theta, T c) {
 template <typename T>
 T1T2_HOST_DEVICE inline T penalty_mixed(PenaltyKind kind, T theta) {
   return kind == PenaltyKind::L2 ? T(2) * theta : sign(theta);
+}
+
+template <typename T>
+T1T2_HOST_DEVICE inline T square_root(T x) {
+#ifdef __CUDA_ARCH__
+  return ::sqrt(x);  // CUDA's overloads for float and double
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// ---- T1 update (DESIGN.md §2), PyTorch semantics; T is the compute type (float or double) ----
+
+// SGD direction d from the regularized gradient ĝ; updates the momentum buffer b in place.
+// b ← μb + ĝ (starting from b = 0, which equals PyTorch's first-step b = ĝ); d = ĝ + μb (Nesterov) or b.
+template <typename T>
+T1T2_HOST_DEVICE inline T sgd_direction(T ghat, T& buf, T momentum, bool nesterov) {
+  buf = momentum * buf + ghat;
+  return nesterov ? ghat + momentum * buf : buf;
+}
+
+// ∂θ⁺/∂ĝ of an SGD step: −η for plain and heavy-ball SGD, −η(1+μ) for Nesterov.
+template <typename T>
+T1T2_HOST_DEVICE inline T sgd_jacobian(T lr, T momentum, bool nesterov) {
+  return nesterov ? -lr * (T(1) + momentum) : -lr;
+}
+
+// Adam moments and direction m̂/(√ŝ+ε); bc1 = 1−β1ᵗ, bc2 = 1−β2ᵗ. The caller passes 1−β1 and 1−β2
+// computed in double: in float, 1 − float(0.999) is off by 1e-5 relative. Writes m̂, √ŝ and √ŝ+ε
+// for the Jacobian.
+template <typename T>
+T1T2_HOST_DEVICE inline T adam_direction(T ghat, T& exp_avg, T& exp_avg_sq, T beta1, T one_minus_beta1, T beta2,
+                                         T one_minus_beta2, T bc1, T bc2, T eps, T& m_hat, T& sqrt_s, T& denom) {
+  exp_avg = exp_avg * beta1 + one_minus_beta1 * ghat;
+  exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * ghat * ghat;
+  m_hat = exp_avg / bc1;
+  sqrt_s = square_root(exp_avg_sq / bc2);
+  denom = sqrt_s + eps;
+  return m_hat / denom;
+}
+
+// ∂θ⁺/∂ĝ of an Adam step: −η·D, D = a/(√ŝ+ε) − m̂(1−β2)ĝ/((1−β2ᵗ)√ŝ(√ŝ+ε)²), a = (1−β1)/(1−β1ᵗ)
+// (passed in, computed in double); the second term is taken as its limit 0 where ŝ = 0 (autograd
+// through the update gives NaN there).
+template <typename T>
+T1T2_HOST_DEVICE inline T adam_jacobian(T ghat, T m_hat, T sqrt_s, T denom, T lr, T a, T one_minus_beta2, T bc2) {
+  const T second = sqrt_s > T(0) ? m_hat * one_minus_beta2 * ghat / (bc2 * sqrt_s * denom * denom) : T(0);
+  return -lr * (a / denom - second);
 }
 
 }  // namespace t1t2
