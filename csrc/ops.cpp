@@ -1,6 +1,7 @@
 // Operator schemas of the t1t2 namespace and their CPU implementations.
 #include <torch/library.h>
 
+#include "cpu/penalty_hypergrad.h"
 #include "cpu/segment_dot.h"
 #include "cpu/t1_step.h"
 
@@ -18,9 +19,18 @@ TORCH_LIBRARY(t1t2, m) {
       "Tensor[] l1, Tensor[] decay, Tensor(d!)[] stash_theta, Tensor(e!)[] stash_jac, str optimizer, float lr, "
       "float momentum, bool nesterov, float beta1, float beta2, float eps, float[] bias_correction1, "
       "float[] bias_correction2) -> ()");
+  // T2 penalty hypergradients (before dc/dλ) of many (hyperparameter, tensor) segments in one call.
+  // v: validation gradients at θ⁺; theta: pre-step θ (the stash); jac: per tensor ∂θ⁺/∂ĝ (empty:
+  // use jac_scalar). Segment s reduces tensor segment_tensor[s] over segment_groups[s] contiguous
+  // groups with kind 0 (l2: Σ J v 2θ), 1 (l1: Σ J v sign θ) or 2 (decoupled l2: Σ v (−2 lr θ)).
+  // All in the compute dtype; returns the segments' results concatenated. Deterministic.
+  m.def(
+      "penalty_hypergrad(Tensor[] v, Tensor[] theta, Tensor[] jac, float[] jac_scalar, int[] segment_tensor, "
+      "int[] segment_kind, int[] segment_groups, float lr) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(t1t2, CPU, m) {
   m.impl("penalty_segment_dot", &t1t2::penalty_segment_dot_cpu);
   m.impl("t1_step_", &t1t2::t1_step_cpu);
+  m.impl("penalty_hypergrad", &t1t2::penalty_hypergrad_cpu);
 }

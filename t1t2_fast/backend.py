@@ -16,6 +16,7 @@ class Backend:
     name: str
     penalty_segment_dot: Callable
     t1_step_: Callable
+    penalty_hypergrad: Callable
 
 
 def _compiled_available() -> tuple[bool, str | None]:
@@ -31,7 +32,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         raise NotImplementedError("backend='triton' is not part of this version yet; "
                                   "use backend='auto', 'cpp' or 'reference'")
     if name == "reference":
-        return Backend("reference", reference.penalty_segment_dot, reference.t1_step_)
+        return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad)
     available, error = _compiled_available()
     compiled_ok = available and device.type == "cpu"
     if name == "cpp":
@@ -43,8 +44,8 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
                                f"are on {device}. Use backend='auto' or 'reference'")
     if compiled_ok:
         from . import ops
-        return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_)
+        return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_, ops.penalty_hypergrad)
     if device.type == "cpu":
         from ._extension import warn_if_missing
         warn_if_missing()
-    return Backend("reference", reference.penalty_segment_dot, reference.t1_step_)
+    return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad)

@@ -204,13 +204,6 @@ class Hyperparameter:
                             max=raw_hi if math.isfinite(raw_hi) else None)
 
 
-def broadcast_value(c: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Reshape a hyperparameter value so it broadcasts against its target tensor."""
-    if c.dim() == 0 or c.shape == param.shape:
-        return c
-    return c.reshape(c.shape[0], *([1] * (param.dim() - 1)))  # per="unit": one value per row
-
-
 def bind_penalties(penalties: Iterable[Penalty], named_params: list[tuple[str, torch.Tensor]],
                    dtype: torch.dtype) -> list[Hyperparameter]:
     """Turn penalty declarations into hyperparameters over ``named_params`` (the optimizer's list)."""

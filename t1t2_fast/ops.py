@@ -37,7 +37,24 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
                             [float(b) for b in bias_correction1], [float(b) for b in bias_correction2])
 
 
+def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
+                      lr: float) -> torch.Tensor:
+    """T2 penalty hypergradients (before dc/dλ) of many (hyperparameter, tensor) segments in one
+    deterministic pass, u = J⊙v formed on the fly. Contract: the schema in csrc/ops.cpp; twin:
+    ``reference.penalty_hypergrad``."""
+    _require_extension("penalty_hypergrad")
+    return torch.ops.t1t2.penalty_hypergrad(v, theta, jac, [float(j) for j in jac_scalar], list(segment_tensor),
+                                            list(segment_kind), list(segment_groups), float(lr))
+
+
 if _extension.AVAILABLE:
+    @torch.library.register_fake("t1t2::penalty_hypergrad")
+    def _penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr):
+        torch._check(len(v) == len(theta), lambda: f"t1t2::penalty_hypergrad: got {len(theta)} theta but {len(v)} v")
+        dtype = theta[0].dtype if theta else torch.float32
+        device = theta[0].device if theta else torch.device("cpu")
+        return torch.empty((sum(segment_groups),), dtype=dtype, device=device)
+
     @torch.library.register_fake("t1t2::t1_step_")
     def _t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr,
                       momentum, nesterov, beta1, beta2, eps, bias_correction1, bias_correction2):

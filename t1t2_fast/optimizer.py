@@ -13,7 +13,7 @@ from torch import nn
 
 from . import reference
 from .backend import Backend, resolve_backend
-from .hyper import Hyperparameter, Penalty, bind_penalties, broadcast_value
+from .hyper import Hyperparameter, Penalty, bind_penalties
 
 OPTIMIZERS = ("sgd", "adam")
 HYPER_OPTIMIZERS = ("sgd", "adam")
@@ -222,22 +222,35 @@ class T1T2(torch.optim.Optimizer):
             loss = _scalar_loss(closure(), "validation")
             grads = torch.autograd.grad(loss, [self.params[i] for i in indices], allow_unused=True)
         acc = self.compute_dtype
-        v = {i: (torch.zeros_like(stash["theta"][i]) if g is None else g.detach().to(acc))
-             for i, g in zip(indices, grads)}
-        lr = stash["lr"]
-        dot = self.backend.penalty_segment_dot
+        thetas = [stash["theta"][i] for i in indices]
+        v = [torch.zeros_like(th) if g is None else g.detach().to(acc).contiguous() for th, g in zip(thetas, grads)]
+        jacs = [stash["jac"][i] for i in indices]
+        jac = [j if isinstance(j, torch.Tensor) else thetas[0].new_empty(0) for j in jacs]
+        if not any(isinstance(j, torch.Tensor) for j in jacs):
+            jac = []
+        jac_scalar = [0.0 if isinstance(j, torch.Tensor) else float(j) for j in jacs]
+        # One segment per (hyperparameter, tensor it acts on in this step); a tensor without a
+        # gradient in that step was not updated, so θ⁺ does not depend on λ there.
+        position = {i: k for k, i in enumerate(indices)}
+        seg_tensor, seg_kind, seg_groups, owner = [], [], [], []
+        for h in self.hypers:
+            for t in h.targets:
+                if t.index in position:
+                    seg_tensor.append(position[t.index])
+                    seg_kind.append(2 if h.decoupled else reference.SEGMENT_KINDS.index(h.kind))
+                    seg_groups.append(t.num_groups)
+                    owner.append(h.name)
+        flat = self.backend.penalty_hypergrad(v, thetas, jac, jac_scalar, seg_tensor, seg_kind, seg_groups,
+                                              stash["lr"])
+        pieces: dict[str, list[torch.Tensor]] = {}
+        for name, part in zip(owner, torch.split(flat, seg_groups)):
+            pieces.setdefault(name, []).append(part)
         hypergrads = {}
         for h in self.hypers:
-            total = torch.zeros(h.raw.numel(), dtype=acc, device=h.raw.device)
-            for t in h.targets:
-                if t.index not in v:  # no gradient in that step: θ⁺ does not depend on λ there
-                    continue
-                theta = stash["theta"][t.index]
-                if h.decoupled:  # θ⁺ = θ − η·2cθ − η·dir:  ∂θ⁺/∂c = −η·2θ
-                    total += -lr * dot(v[t.index], theta, t.num_groups, "l2")
-                else:            # ∂θ⁺/∂c = J ⊙ m(θ)
-                    u = stash["jac"][t.index] * v[t.index]
-                    total += dot(u, theta, t.num_groups, h.kind)
+            parts = pieces.get(h.name)
+            total = torch.zeros(h.raw.numel(), dtype=acc, device=h.raw.device) if parts is None else parts[0]
+            for part in (parts or [])[1:]:  # per="network": its tensors' sums, added in a fixed order
+                total = total + part
             hypergrads[h.name] = (h.derivative().to(acc) * total.reshape(h.raw.shape)).to(h.raw.dtype)
         self.last_hypergrad = hypergrads
         self._hyper_update(hypergrads)

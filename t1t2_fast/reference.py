@@ -103,3 +103,23 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
         if stash_theta:
             stash_theta[i].view_as(theta).copy_(theta)
         p.copy_(updated)
+
+
+SEGMENT_KINDS = ("l2", "l1", "decoupled_l2")  # segment_kind codes 0, 1, 2 of penalty_hypergrad
+
+
+def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
+                      lr: float) -> torch.Tensor:
+    """Reference twin of ``torch.ops.t1t2.penalty_hypergrad`` (contract in csrc/ops.cpp): for each
+    segment, coupled l2/l1 give Σ_{i∈g} J_i v_i m_i(θ_i) with J = jac[t] (or jac_scalar[t] where jac
+    is empty), decoupled l2 gives Σ_{i∈g} v_i·(−2ηθ_i); the segments' results concatenated."""
+    out = []
+    for t, kind, groups in zip(segment_tensor, segment_kind, segment_groups):
+        if SEGMENT_KINDS[kind] == "decoupled_l2":
+            out.append(-lr * penalty_segment_dot(v[t], theta[t], groups, "l2"))
+            continue
+        j = jac[t] if jac and jac[t].numel() > 0 else jac_scalar[t]
+        out.append(penalty_segment_dot(j * v[t], theta[t], groups, SEGMENT_KINDS[kind]))
+    if not out:
+        return torch.zeros(0, dtype=theta[0].dtype if theta else torch.float32)
+    return torch.cat(out)

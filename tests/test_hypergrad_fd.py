@@ -3,8 +3,6 @@
 θ⁺ comes from running the real T1 step at λ ± δ, so this checks the whole chain: penalty gradient,
 the optimizer's Jacobian (including Adam's diagonal one), transforms and the fused reductions.
 """
-import itertools
-
 import pytest
 import torch
 
