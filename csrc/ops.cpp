@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "cpu/penalty_hypergrad.h"
+#include "cpu/perturb.h"
 #include "cpu/segment_dot.h"
 #include "cpu/t1_step.h"
 
@@ -27,10 +28,17 @@ TORCH_LIBRARY(t1t2, m) {
   m.def(
       "penalty_hypergrad(Tensor[] v, Tensor[] theta, Tensor[] jac, float[] jac_scalar, int[] segment_tensor, "
       "int[] segment_kind, int[] segment_groups, float lr) -> Tensor");
+  // Finite-difference probes of the noise hypergradient: θ ← base + scale·direction for every
+  // tensor (base, direction in the compute dtype), first saving the current θ into `save` (same
+  // dtype as params; an empty list skips it); restore_ copies θ back from `save` bit-exactly.
+  m.def("perturb_(Tensor(a!)[] params, Tensor(b!)[] save, Tensor[] base, Tensor[] direction, float scale) -> ()");
+  m.def("restore_(Tensor(a!)[] params, Tensor[] save) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(t1t2, CPU, m) {
   m.impl("penalty_segment_dot", &t1t2::penalty_segment_dot_cpu);
   m.impl("t1_step_", &t1t2::t1_step_cpu);
   m.impl("penalty_hypergrad", &t1t2::penalty_hypergrad_cpu);
+  m.impl("perturb_", &t1t2::perturb_cpu);
+  m.impl("restore_", &t1t2::restore_cpu);
 }

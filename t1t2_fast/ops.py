@@ -47,7 +47,33 @@ def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, s
                                             list(segment_kind), list(segment_groups), float(lr))
 
 
+def perturb_(params, save, base, direction, scale: float) -> None:
+    """θ ← base + scale·direction over many tensors in one call, first saving θ into ``save``
+    (unless empty) so that ``restore_`` can put it back bit-exactly. Twin: ``reference.perturb_``."""
+    _require_extension("perturb_")
+    torch.ops.t1t2.perturb_(params, save, base, direction, float(scale))
+
+
+def restore_(params, save) -> None:
+    """θ ← save over many tensors, bit-exactly. Twin: ``reference.restore_``."""
+    _require_extension("restore_")
+    torch.ops.t1t2.restore_(params, save)
+
+
 if _extension.AVAILABLE:
+    @torch.library.register_fake("t1t2::perturb_")
+    def _perturb_fake(params, save, base, direction, scale):
+        torch._check(len(base) == len(params) and len(direction) == len(params),
+                     lambda: f"t1t2::perturb_: got {len(params)} params, {len(base)} base and "
+                             f"{len(direction)} direction tensors")
+        return None
+
+    @torch.library.register_fake("t1t2::restore_")
+    def _restore_fake(params, save):
+        torch._check(len(save) == len(params),
+                     lambda: f"t1t2::restore_: got {len(params)} params but {len(save)} saved")
+        return None
+
     @torch.library.register_fake("t1t2::penalty_hypergrad")
     def _penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr):
         torch._check(len(v) == len(theta), lambda: f"t1t2::penalty_hypergrad: got {len(theta)} theta but {len(v)} v")

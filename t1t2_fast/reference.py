@@ -123,3 +123,20 @@ def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, s
     if not out:
         return torch.zeros(0, dtype=theta[0].dtype if theta else torch.float32)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def perturb_(params, save, base, direction, scale: float) -> None:
+    """Reference twin of ``torch.ops.t1t2.perturb_``: save θ (if ``save`` is given), then
+    θ ← base + scale·direction, computed in the compute dtype and rounded to θ's dtype."""
+    for i, p in enumerate(params):
+        if save:
+            save[i].copy_(p)
+        p.copy_(base[i] + scale * direction[i])
+
+
+@torch.no_grad()
+def restore_(params, save) -> None:
+    """Reference twin of ``torch.ops.t1t2.restore_``: θ ← save, bit-exactly."""
+    for p, s in zip(params, save):
+        p.copy_(s)
