@@ -1,0 +1,160 @@
+// Fused T1 step over many tensors in one launch (multi-tensor apply), same semantics as
+// csrc/cpu/t1_step.cpp: ĝ = g + coupled L2/L1 penalty gradients, the sgd (momentum, Nesterov) or
+// adam update, decoupled L2, and the stash of the pre-step θ and adam's Jacobian.
+#include <climits>
+#include <cstring>
+
+#include "kernels.cuh"
+#include "storage.cuh"
+
+namespace t1t2 {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kIlp = 4;  // elements per thread per round: their loads are all issued before any math
+static_assert(kT1StepChunk % (kThreads * kIlp) == 0, "a chunk is a whole number of rounds");
+
+template <typename T>
+struct Scalars {
+  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  bool nesterov;
+};
+
+// c[i / inner] without a 64-bit division in the common cases (one coefficient, one per element,
+// tensors under 2³¹ elements). The branches are uniform over a block.
+template <typename T>
+__device__ __forceinline__ T coefficient(const T* __restrict__ c, int64_t i, int64_t inner, int64_t numel) {
+  if (inner >= numel) return c[0];
+  if (inner == 1) return c[i];
+  if (numel <= INT_MAX) return c[static_cast<unsigned>(i) / static_cast<unsigned>(inner)];
+  return c[i / inner];
+}
+
+// One block updates one chunk: thread t handles elements begin + t + k·kThreads in rounds of kIlp.
+template <typename P, typename T, Optimizer kOptimizer>
+__global__ void __launch_bounds__(kThreads)
+    t1_step_kernel(const T1StepTensor* __restrict__ tensors, const T1StepChunk* __restrict__ chunks, Scalars<T> k) {
+  const T1StepChunk chunk = chunks[blockIdx.x];
+  const T1StepTensor& d = tensors[chunk.tensor];
+  P* __restrict__ param = static_cast<P*>(d.param);
+  const P* __restrict__ grad = static_cast<const P*>(d.grad);
+  T* __restrict__ state1 = static_cast<T*>(d.state1);
+  T* __restrict__ state2 = static_cast<T*>(d.state2);
+  const T* __restrict__ l2 = static_cast<const T*>(d.l2);
+  const T* __restrict__ l1 = static_cast<const T*>(d.l1);
+  const T* __restrict__ decay = static_cast<const T*>(d.decay);
+  T* __restrict__ stash_theta = static_cast<T*>(d.stash_theta);
+  T* __restrict__ stash_jac = static_cast<T*>(d.stash_jac);
+  const int64_t numel = d.numel, l2_inner = d.l2_inner, l1_inner = d.l1_inner, decay_inner = d.decay_inner;
+  const int64_t end = numel < chunk.begin + kT1StepChunk ? numel : chunk.begin + kT1StepChunk;
+  const T bc1 = static_cast<T>(d.bias_correction1), bc2 = static_cast<T>(d.bias_correction2);
+  const T adam_a = static_cast<T>(d.adam_a);
+  const T lr = k.lr;
+
+  for (int64_t base = chunk.begin + threadIdx.x; base < end; base += kIlp * kThreads) {
+    T theta[kIlp], g[kIlp], s1[kIlp], s2[kIlp];
+#pragma unroll
+    for (int r = 0; r < kIlp; ++r) {
+      const int64_t i = base + r * kThreads;
+      if (i < end) {
+        theta[r] = to_compute(param[i]);
+        g[r] = to_compute(grad[i]);
+        if (state1) s1[r] = state1[i];
+        if (kOptimizer == Optimizer::Adam) s2[r] = state2[i];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kIlp; ++r) {
+      const int64_t i = base + r * kThreads;
+      if (i >= end) continue;
+      T ghat = g[r];
+      if (l2) ghat += penalty_grad(PenaltyKind::L2, theta[r], coefficient(l2, i, l2_inner, numel));
+      if (l1) ghat += penalty_grad(PenaltyKind::L1, theta[r], coefficient(l1, i, l1_inner, numel));
+      T direction;
+      if (kOptimizer == Optimizer::Sgd) {
+        direction = state1 ? sgd_direction(ghat, s1[r], k.momentum, k.nesterov) : ghat;
+        if (state1) state1[i] = s1[r];
+      } else {
+        T m_hat, sqrt_s, denom;
+        direction = adam_direction(ghat, s1[r], s2[r], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, bc1,
+                                   bc2, k.eps, m_hat, sqrt_s, denom);
+        state1[i] = s1[r];
+        state2[i] = s2[r];
+        if (stash_jac) stash_jac[i] = adam_jacobian(ghat, m_hat, sqrt_s, denom, lr, adam_a, k.one_minus_beta2, bc2);
+      }
+      T updated = theta[r] - lr * direction;
+      if (decay)
+        updated = updated - lr * penalty_grad(PenaltyKind::L2, theta[r], coefficient(decay, i, decay_inner, numel));
+      if (stash_theta) stash_theta[i] = theta[r];
+      param[i] = from_compute<P>(updated);
+    }
+  }
+}
+
+template <typename P, typename T>
+cudaError_t launch_typed(Optimizer optimizer, const T1StepTable& table, const T1StepScalars& s, cudaStream_t stream) {
+  const Scalars<T> k{static_cast<T>(s.lr),
+                     static_cast<T>(s.momentum),
+                     static_cast<T>(s.beta1),
+                     static_cast<T>(s.one_minus_beta1),
+                     static_cast<T>(s.beta2),
+                     static_cast<T>(s.one_minus_beta2),
+                     static_cast<T>(s.eps),
+                     s.nesterov};
+  const dim3 grid(static_cast<unsigned>(table.num_chunks));
+  if (optimizer == Optimizer::Sgd)
+    t1_step_kernel<P, T, Optimizer::Sgd><<<grid, kThreads, 0, stream>>>(table.tensors, table.chunks, k);
+  else
+    t1_step_kernel<P, T, Optimizer::Adam><<<grid, kThreads, 0, stream>>>(table.tensors, table.chunks, k);
+  return cudaGetLastError();
+}
+
+constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace
+
+T1StepTableLayout t1_step_table_layout(const T1StepTensor* tensors, int64_t num_tensors) {
+  int64_t num_chunks = 0;
+  for (int64_t t = 0; t < num_tensors; ++t) num_chunks += (tensors[t].numel + kT1StepChunk - 1) / kT1StepChunk;
+  const size_t chunks_offset = round_up(static_cast<size_t>(num_tensors) * sizeof(T1StepTensor), 16);
+  const size_t bytes = chunks_offset + static_cast<size_t>(num_chunks) * sizeof(T1StepChunk);
+  return {num_tensors, num_chunks, chunks_offset, bytes};
+}
+
+void t1_step_fill_table(const T1StepTensor* tensors, const T1StepTableLayout& layout, void* host_table) {
+  auto* out = static_cast<unsigned char*>(host_table);
+  const size_t descriptor_bytes = static_cast<size_t>(layout.num_tensors) * sizeof(T1StepTensor);
+  if (descriptor_bytes) std::memcpy(out, tensors, descriptor_bytes);
+  std::memset(out + descriptor_bytes, 0, layout.chunks_offset - descriptor_bytes);
+  size_t at = layout.chunks_offset;
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    for (int64_t begin = 0; begin < tensors[t].numel; begin += kT1StepChunk) {
+      const T1StepChunk chunk{t, begin};
+      std::memcpy(out + at, &chunk, sizeof chunk);
+      at += sizeof chunk;
+    }
+  }
+}
+
+T1StepTable t1_step_table_view(const void* device_table, const T1StepTableLayout& layout) {
+  const auto* base = static_cast<const unsigned char*>(device_table);
+  return {reinterpret_cast<const T1StepTensor*>(base),
+          reinterpret_cast<const T1StepChunk*>(base + layout.chunks_offset), layout.num_tensors, layout.num_chunks};
+}
+
+cudaError_t launch_t1_step(Storage storage, Optimizer optimizer, const T1StepTable& table,
+                           const T1StepScalars& scalars, cudaStream_t stream) {
+  if (table.num_chunks == 0) return cudaSuccess;
+  if (table.num_chunks > INT_MAX || table.tensors == nullptr || table.chunks == nullptr) return cudaErrorInvalidValue;
+  switch (storage) {
+    case Storage::Float64: return launch_typed<double, double>(optimizer, table, scalars, stream);
+    case Storage::Float32: return launch_typed<float, float>(optimizer, table, scalars, stream);
+    case Storage::BFloat16: return launch_typed<__nv_bfloat16, float>(optimizer, table, scalars, stream);
+    case Storage::Float16: return launch_typed<__half, float>(optimizer, table, scalars, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace t1t2
