@@ -14,6 +14,7 @@ from torch import nn
 from . import reference
 from .backend import Backend, resolve_backend
 from .hyper import Hyperparameter, Penalty, bind_penalties
+from .steps import coefficient_lists, penalty_hypergrads
 
 OPTIMIZERS = ("sgd", "adam")
 HYPER_OPTIMIZERS = ("sgd", "adam")
@@ -141,29 +142,6 @@ class T1T2(torch.optim.Optimizer):
         self._stash = self._t1_update(stash_now)
         return loss
 
-    def _coefficients(self, indices: list[int]) -> tuple[list, list, list]:
-        """Per tensor in ``indices``, the current coefficients of coupled L2, L1 and decoupled L2 as
-        flat per-group tensors (empty where a tensor has none; an empty list where no tensor has).
-        Two penalties of one kind on one tensor are folded into one, at the finer granularity."""
-        acc = self.compute_dtype
-        slots: dict[str, dict[int, torch.Tensor]] = {"l2": {}, "l1": {}, "decay": {}}
-        wanted = set(indices)
-        for h in self.hypers:
-            c = h.value().detach().to(acc).reshape(-1)
-            slot = slots["decay" if h.decoupled else h.kind]
-            for t in h.targets:
-                if t.index not in wanted:
-                    continue
-                have = slot.get(t.index)
-                if have is None:
-                    slot[t.index] = c
-                else:  # groupings nest (1 | rows | numel): repeat the coarser one and add
-                    fine = max(have.numel(), c.numel())
-                    slot[t.index] = (have.repeat_interleave(fine // have.numel())
-                                     + c.repeat_interleave(fine // c.numel()))
-        empty = torch.empty(0, dtype=acc, device=self.params[0].device)
-        return tuple([s.get(i, empty) for i in indices] if s else [] for s in slots.values())
-
     @torch.no_grad()
     def _t1_update(self, stash: bool) -> dict | None:
         group = self.param_groups[0]
@@ -189,7 +167,7 @@ class T1T2(torch.optim.Optimizer):
             elif mom > 0:
                 # b = 0 before the first step makes b ← μb + ĝ equal PyTorch's first-step b = ĝ
                 state1.append(state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=acc)))
-        l2, l1, decay = self._coefficients(indices)
+        l2, l1, decay = coefficient_lists(self.hypers, indices, acc, self.params[0].device)
         stash_theta = [torch.empty_like(p, dtype=acc) for p in params] if stash else []
         adam_exact = adam and self.hypergrad_mode == "exact"
         stash_jac = [torch.empty_like(p, dtype=acc) for p in params] if stash and adam_exact else []
@@ -222,36 +200,9 @@ class T1T2(torch.optim.Optimizer):
             loss = _scalar_loss(closure(), "validation")
             grads = torch.autograd.grad(loss, [self.params[i] for i in indices], allow_unused=True)
         acc = self.compute_dtype
-        thetas = [stash["theta"][i] for i in indices]
-        v = [torch.zeros_like(th) if g is None else g.detach().to(acc).contiguous() for th, g in zip(thetas, grads)]
-        jacs = [stash["jac"][i] for i in indices]
-        jac = [j if isinstance(j, torch.Tensor) else thetas[0].new_empty(0) for j in jacs]
-        if not any(isinstance(j, torch.Tensor) for j in jacs):
-            jac = []
-        jac_scalar = [0.0 if isinstance(j, torch.Tensor) else float(j) for j in jacs]
-        # One segment per (hyperparameter, tensor it acts on in this step); a tensor without a
-        # gradient in that step was not updated, so θ⁺ does not depend on λ there.
-        position = {i: k for k, i in enumerate(indices)}
-        seg_tensor, seg_kind, seg_groups, owner = [], [], [], []
-        for h in self.hypers:
-            for t in h.targets:
-                if t.index in position:
-                    seg_tensor.append(position[t.index])
-                    seg_kind.append(2 if h.decoupled else reference.SEGMENT_KINDS.index(h.kind))
-                    seg_groups.append(t.num_groups)
-                    owner.append(h.name)
-        flat = self.backend.penalty_hypergrad(v, thetas, jac, jac_scalar, seg_tensor, seg_kind, seg_groups,
-                                              stash["lr"])
-        pieces: dict[str, list[torch.Tensor]] = {}
-        for name, part in zip(owner, torch.split(flat, seg_groups)):
-            pieces.setdefault(name, []).append(part)
-        hypergrads = {}
-        for h in self.hypers:
-            parts = pieces.get(h.name)
-            total = torch.zeros(h.raw.numel(), dtype=acc, device=h.raw.device) if parts is None else parts[0]
-            for part in (parts or [])[1:]:  # per="network": its tensors' sums, added in a fixed order
-                total = total + part
-            hypergrads[h.name] = (h.derivative().to(acc) * total.reshape(h.raw.shape)).to(h.raw.dtype)
+        v = [torch.zeros_like(stash["theta"][i]) if g is None else g.detach().to(acc).contiguous()
+             for i, g in zip(indices, grads)]
+        hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash)
         self.last_hypergrad = hypergrads
         self._hyper_update(hypergrads)
         self.hyper_steps += 1

@@ -1,0 +1,67 @@
+"""The glue between hyperparameters and the fused ops, shared by ``T1T2`` and ``functional``:
+per-tensor coefficient lists for the T1 step, and the segment table of the T2 reduction."""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .hyper import Hyperparameter
+
+
+def coefficient_lists(hypers: list[Hyperparameter], indices: list[int], dtype: torch.dtype,
+                      device: torch.device) -> tuple[list, list, list]:
+    """Per tensor in ``indices``, the current coefficients of coupled L2, L1 and decoupled L2 as
+    flat per-group tensors (empty where a tensor has none; an empty list where no tensor has).
+    Two penalties of one kind on one tensor are folded into one, at the finer granularity."""
+    slots: dict[str, dict[int, torch.Tensor]] = {"l2": {}, "l1": {}, "decay": {}}
+    wanted = set(indices)
+    for h in hypers:
+        c = h.value().detach().to(dtype).reshape(-1)
+        slot = slots["decay" if h.decoupled else h.kind]
+        for t in h.targets:
+            if t.index not in wanted:
+                continue
+            have = slot.get(t.index)
+            if have is None:
+                slot[t.index] = c
+            else:  # groupings nest (1 | rows | numel): repeat the coarser one and add
+                fine = max(have.numel(), c.numel())
+                slot[t.index] = have.repeat_interleave(fine // have.numel()) + c.repeat_interleave(fine // c.numel())
+    empty = torch.empty(0, dtype=dtype, device=device)
+    return tuple([s.get(i, empty) for i in indices] if s else [] for s in slots.values())
+
+
+def penalty_hypergrads(backend, hypers: list[Hyperparameter], indices: list[int], v: list[torch.Tensor],
+                       stash: dict) -> dict[str, torch.Tensor]:
+    """Hypergradients of the raw hyperparameters, h = dc/dλ · Σ_{i∈g} J_i v_i m_i (DESIGN.md §2),
+    from the validation gradients ``v`` (aligned with ``indices``) and the stash of the T1 step, in
+    one call of the backend's ``penalty_hypergrad``."""
+    thetas = [stash["theta"][i] for i in indices]
+    acc = thetas[0].dtype if thetas else torch.float32
+    jacs = [stash["jac"][i] for i in indices]
+    has_tensor = any(isinstance(j, torch.Tensor) for j in jacs)
+    jac = [j if isinstance(j, torch.Tensor) else thetas[0].new_empty(0) for j in jacs] if has_tensor else []
+    jac_scalar = [0.0 if isinstance(j, torch.Tensor) else float(j) for j in jacs]
+    # One segment per (hyperparameter, tensor it acts on in this step); a tensor without a gradient
+    # in that step was not updated, so θ⁺ does not depend on λ there.
+    position = {i: k for k, i in enumerate(indices)}
+    seg_tensor, seg_kind, seg_groups, owner = [], [], [], []
+    for h in hypers:
+        for t in h.targets:
+            if t.index in position:
+                seg_tensor.append(position[t.index])
+                seg_kind.append(2 if h.decoupled else reference.SEGMENT_KINDS.index(h.kind))
+                seg_groups.append(t.num_groups)
+                owner.append(h.name)
+    flat = backend.penalty_hypergrad(v, thetas, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, stash["lr"])
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for name, part in zip(owner, torch.split(flat, seg_groups)):
+        pieces.setdefault(name, []).append(part)
+    out = {}
+    for h in hypers:
+        parts = pieces.get(h.name) or [torch.zeros(h.raw.numel(), dtype=acc, device=h.raw.device)]
+        total = parts[0]
+        for part in parts[1:]:  # per="network": its tensors' sums, added in a fixed order
+            total = total + part
+        out[h.name] = (h.derivative().detach().to(acc) * total.reshape(h.raw.shape)).to(h.raw.dtype)
+    return out
