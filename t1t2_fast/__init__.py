@@ -1,8 +1,8 @@
 """t1t2_fast: tune continuous regularization hyperparameters inside one training run (T1-T2,
 Luketina et al., ICML 2016) with fused kernels and a pure-PyTorch reference path."""
-from . import reference
+from . import functional, reference
 from .hyper import L1, L2, Penalty
 from .optimizer import T1T2
 
 __version__ = "0.1.0"
-__all__ = ["T1T2", "L2", "L1", "Penalty", "reference", "__version__"]
+__all__ = ["T1T2", "L2", "L1", "Penalty", "functional", "reference", "__version__"]

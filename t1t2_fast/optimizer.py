@@ -14,7 +14,7 @@ from torch import nn
 from . import reference
 from .backend import Backend, resolve_backend
 from .hyper import Hyperparameter, Penalty, bind_penalties
-from .steps import coefficient_lists, penalty_hypergrads
+from .steps import penalty_hypergrads, t1_step
 
 OPTIMIZERS = ("sgd", "adam")
 HYPER_OPTIMIZERS = ("sgd", "adam")
@@ -142,47 +142,13 @@ class T1T2(torch.optim.Optimizer):
         self._stash = self._t1_update(stash_now)
         return loss
 
-    @torch.no_grad()
     def _t1_update(self, stash: bool) -> dict | None:
         group = self.param_groups[0]
-        lr, mom, nesterov = group["lr"], group["momentum"], group["nesterov"]
-        beta1, beta2 = group["betas"]
-        acc = self.compute_dtype
         indices = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in indices]
-        state1, state2, bc1, bc2 = [], [], [], []
-        adam = self.optimizer_name == "adam"
-        for p in params:
-            state = self.state[p]
-            if adam:
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=acc)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc)
-                t = int(state.get("step", 0)) + 1
-                state["step"] = torch.tensor(float(t), dtype=torch.float64)
-                state1.append(state["exp_avg"])
-                state2.append(state["exp_avg_sq"])
-                bc1.append(1 - beta1 ** t)
-                bc2.append(1 - beta2 ** t)
-            elif mom > 0:
-                # b = 0 before the first step makes b ← μb + ĝ equal PyTorch's first-step b = ĝ
-                state1.append(state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=acc)))
-        l2, l1, decay = coefficient_lists(self.hypers, indices, acc, self.params[0].device)
-        stash_theta = [torch.empty_like(p, dtype=acc) for p in params] if stash else []
-        adam_exact = adam and self.hypergrad_mode == "exact"
-        stash_jac = [torch.empty_like(p, dtype=acc) for p in params] if stash and adam_exact else []
-        self.backend.t1_step_(params, [p.grad for p in params], state1, state2, l2, l1, decay, stash_theta,
-                              stash_jac, self.optimizer_name, lr, mom, nesterov, beta1, beta2, group["eps"],
-                              bc1, bc2)
-        if not stash:
-            return None
-        if self.hypergrad_mode == "sgd" or adam:
-            scalar_jac = -lr
-        else:
-            scalar_jac = -lr * (1.0 + mom) if nesterov else -lr
-        return {"lr": lr,
-                "theta": dict(zip(indices, stash_theta)),
-                "jac": dict(zip(indices, stash_jac)) if adam_exact else {i: scalar_jac for i in indices}}
+        return t1_step(self.backend, params, [p.grad for p in params], [self.state[p] for p in params],
+                       self.hypers, indices, self.optimizer_name, group["lr"], group["momentum"],
+                       group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash)
 
     # -- T2 -----------------------------------------------------------------------------------
     def hyper_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -31,6 +31,49 @@ def coefficient_lists(hypers: list[Hyperparameter], indices: list[int], dtype: t
     return tuple([s.get(i, empty) for i in indices] if s else [] for s in slots.values())
 
 
+@torch.no_grad()
+def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+            hypers: list[Hyperparameter], indices: list[int], optimizer: str, lr: float, momentum: float,
+            nesterov: bool, betas: tuple[float, float], eps: float, hypergrad: str, stash: bool) -> dict | None:
+    """One T1 step of ``params`` in place through the backend's fused op. ``indices`` are the
+    tensors' positions in the hyperparameters' target lists; ``states`` their optimizer state dicts
+    (created and advanced here). Returns the stash for T2 when ``stash`` is set."""
+    beta1, beta2 = betas
+    acc = reference.accumulate_dtype(params[0].dtype) if params else torch.float32
+    state1, state2, bc1, bc2 = [], [], [], []
+    adam = optimizer == "adam"
+    for p, state in zip(params, states):
+        if adam:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, dtype=acc)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc)
+            t = int(state.get("step", 0)) + 1
+            state["step"] = torch.tensor(float(t), dtype=torch.float64)
+            state1.append(state["exp_avg"])
+            state2.append(state["exp_avg_sq"])
+            bc1.append(1 - beta1 ** t)
+            bc2.append(1 - beta2 ** t)
+        elif momentum > 0:
+            # b = 0 before the first step makes b ← μb + ĝ equal PyTorch's first-step b = ĝ
+            state1.append(state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=acc)))
+    device = params[0].device if params else torch.device("cpu")
+    l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
+    stash_theta = [torch.empty_like(p, dtype=acc) for p in params] if stash else []
+    adam_exact = adam and hypergrad == "exact"
+    stash_jac = [torch.empty_like(p, dtype=acc) for p in params] if stash and adam_exact else []
+    backend.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
+                     nesterov, beta1, beta2, eps, bc1, bc2)
+    if not stash:
+        return None
+    if hypergrad == "sgd" or adam:
+        scalar_jac = -lr
+    else:
+        scalar_jac = -lr * (1.0 + momentum) if nesterov else -lr
+    return {"lr": lr,
+            "theta": dict(zip(indices, stash_theta)),
+            "jac": dict(zip(indices, stash_jac)) if adam_exact else {i: scalar_jac for i in indices}}
+
+
 def penalty_hypergrads(backend, hypers: list[Hyperparameter], indices: list[int], v: list[torch.Tensor],
                        stash: dict) -> dict[str, torch.Tensor]:
     """Hypergradients of the raw hyperparameters, h = dc/dλ · Σ_{i∈g} J_i v_i m_i (DESIGN.md §2),
