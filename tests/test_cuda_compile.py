@@ -37,6 +37,11 @@ def run_nvcc(args, cwd=None):
     return result
 
 
+def our_warnings(result):
+    """Warnings about this project's sources (not nvcc's notes on deprecated default architectures)."""
+    return [line for line in result.stderr.splitlines() if "warning" in line.lower() and str(ROOT) in line]
+
+
 @needs_nvcc
 def test_math_header_compiles_with_nvcc(tmp_path):
     source = ROOT / "tests" / "cpp" / "math_header_kernel.cu"
@@ -61,7 +66,7 @@ def test_pure_cuda_source_compiles(source, arch, tmp_path):
     result = run_nvcc(["-std=c++17", *arch_flags, *TORCH_NVCC_FLAGS, "-Xcompiler", "-Wall,-Wextra", "-c",
                        str(source), *INCLUDES, "-o", str(obj)])
     assert obj.stat().st_size > 0
-    assert "warning" not in result.stderr.lower(), result.stderr
+    assert not our_warnings(result), result.stderr
 
 
 @needs_nvcc
@@ -102,4 +107,4 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
                        "-Wall,-Wextra", "-c", str(CUDA_DIR / BINDING), *INCLUDES, *system_includes,
                        *python_include, "-o", str(obj)])
     assert obj.stat().st_size > 0
-    assert "warning" not in result.stderr.lower(), result.stderr
+    assert not our_warnings(result), result.stderr
