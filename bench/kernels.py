@@ -2,7 +2,7 @@
 their achieved bandwidth against this machine's copy bandwidth (the roofline), side by side in one
 process (issue 3, DESIGN.md §6).
 
-    python bench/kernels.py [--sizes 1e6 2e7] [--large] [--models resnet50 transformer]
+    python bench/kernels.py [--sizes 1e6 2e7] [--large] [--models resnet50 transformer] [--runs 3]
                             [--repeats 20] [--max-seconds 8] [--device cpu|cuda] [--quick] [--out bench/results]
 
 For each total parameter count (default 1M and 20M; ``--large`` adds 100M) and each layer list (a
@@ -28,7 +28,8 @@ computation is charged the same bytes, so GB/s ranks them as time does. The roof
 level) and ``torch.sum`` over all of it (read-only; copy_ also pays write-allocate traffic).
 
 All implementations of one section (and its rooflines) are sampled in interleaved rounds, so that
-load from other processes reaches them alike. Times are medians with 20th/80th percentiles. Prints
+load from other processes reaches them alike; the whole sweep runs ``--runs`` times with fresh
+buffers and the samples are pooled. Times are medians with 20th/80th percentiles. Prints
 a markdown table and the issue's targets at 20M, and writes ``kernels.csv`` and ``kernels.md``
 under ``--out``.
 """
@@ -339,55 +340,67 @@ def run(args) -> list[dict]:
         raise SystemExit(f"the compiled extension is not built ({_extension.LOAD_ERROR}); "
                          f"run `pip install --no-build-isolation -e .` first")
     interleaved = make_timer(device, args.max_seconds)
+    # Samples pooled over --runs sweeps, each with fresh buffers: on this machine the bandwidth a
+    # buffer gets varies by some 10% with where it lands in memory, and the sweeps sample that too.
+    pooled: dict[tuple, dict] = {}
+    for run_index in range(args.runs):
+        for size in args.sizes:
+            large = size >= LARGE_SIZE  # fewer rounds: a reference Adam step alone takes seconds there
+            repeats, min_rounds = (min(args.repeats, 5), 3) if large else (args.repeats, 5)
+            for model in args.models:
+                shapes = layer_shapes(model, size)
+                prob = Problem(shapes, device)
+                head = dict(device=device.type, model=model, target=int(size), numel=prob.numel, tensors=len(shapes))
+                print(f"[{time.strftime('%H:%M:%S')}] run {run_index + 1}/{args.runs}, {model}: {prob.numel:,} params "
+                      f"in {len(shapes)} tensors ({len(prob.targeted)} weight tensors with {prob.target_numel:,} "
+                      f"elements take the L2 penalty); load {load_average()}", flush=True)
+                sections = [(f"T1 {name}", lambda name=name: t1_cases(prob, name, ops)) for name in ("sgd", "adam")]
+                sections += [(f"T2 {jac}", lambda jac=jac: t2_paths(prob, jac, ops)) for jac in ("sgd", "adam-exact")]
+                for kernel, make_cases in sections:
+                    before = cpu_seconds()
+                    with torch.no_grad():
+                        cases = make_cases()
+                        timed = [c for c in cases if not isinstance(c[3], str)]
+                        # The roofline of each working set in the same rounds: copy_ between the two
+                        # halves of B bytes, torch.sum over all B.
+                        buffers = {nb: torch.randn(max(2, nb // 4), device=device) for nb in {c[2] for c in timed}}
+                        rooflines = []
+                        for buf in buffers.values():
+                            half = buf.numel() // 2
+                            rooflines += [lambda b=buf, h=half: b[h:2 * h].copy_(b[:h]), lambda b=buf: b.sum()]
+                        samples = interleaved([c[3] for c in timed] + rooflines, repeats, min_rounds)
+                    other_cpu, steal = others_share(before, cpu_seconds())
+                    roof = {nb: (samples[len(timed) + 2 * k], samples[len(timed) + 2 * k + 1])
+                            for k, nb in enumerate(buffers)}
+                    timed_samples = iter(samples)
+                    for impl, stash, nbytes, step in cases:
+                        entry = pooled.setdefault((size, model, kernel, impl, stash), dict(
+                            row=dict(head, kernel=kernel, impl=impl, stash=stash, bytes=nbytes),
+                            samples=[], copy=[], sum=[], other_cpu=0.0, steal=0.0, note=""))
+                        entry["other_cpu"] = max(entry["other_cpu"], other_cpu)  # the noisiest sweep
+                        entry["steal"] = max(entry["steal"], steal)
+                        if isinstance(step, str):
+                            entry["note"] = step
+                            continue
+                        entry["samples"] += next(timed_samples)
+                        entry["copy"] += roof[nbytes][0]
+                        entry["sum"] += roof[nbytes][1]
+                    del cases, timed, buffers, rooflines, samples
+                prob = sections = None  # free before the next layer list is built
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     rows = []
-    for size in args.sizes:
-        large = size >= LARGE_SIZE  # fewer rounds: a reference Adam step alone takes seconds there
-        repeats, min_rounds = (min(args.repeats, 5), 3) if large else (args.repeats, 5)
-        for model in args.models:
-            shapes = layer_shapes(model, size)
-            prob = Problem(shapes, device)
-            head = dict(device=device.type, model=model, target=int(size), numel=prob.numel, tensors=len(shapes))
-            print(f"[{time.strftime('%H:%M:%S')}] {model}: {prob.numel:,} params in {len(shapes)} tensors "
-                  f"({len(prob.targeted)} weight tensors, {prob.target_numel:,} elements, take the L2 penalty); "
-                  f"load {load_average()}", flush=True)
-            sections = [(f"T1 {name}", lambda name=name: t1_cases(prob, name, ops)) for name in ("sgd", "adam")]
-            sections += [(f"T2 {jac}", lambda jac=jac: t2_paths(prob, jac, ops)) for jac in ("sgd", "adam-exact")]
-            for kernel, make_cases in sections:
-                before = cpu_seconds()
-                with torch.no_grad():
-                    cases = make_cases()
-                    timed = [c for c in cases if not isinstance(c[3], str)]
-                    # The roofline of each working set in the same rounds: copy_ between two halves
-                    # of B bytes, torch.sum over all B.
-                    buffers = {nb: torch.randn(max(2, nb // 4), device=device) for nb in {c[2] for c in timed}}
-                    rooflines = []
-                    for nb, buf in buffers.items():
-                        half = buf.numel() // 2
-                        rooflines += [lambda b=buf, h=half: b[h:2 * h].copy_(b[:h]), lambda b=buf: b.sum()]
-                    samples = interleaved([c[3] for c in timed] + rooflines, repeats, min_rounds)
-                other_cpu, steal = others_share(before, cpu_seconds())
-                roof = {}
-                for k, nb in enumerate(buffers):
-                    copy_s = statistics.median(samples[len(timed) + 2 * k])
-                    sum_s = statistics.median(samples[len(timed) + 2 * k + 1])
-                    roof[nb] = (nb / copy_s / 1e9, nb / sum_s / 1e9)
-                timed_samples = iter(samples)
-                for impl, stash, nbytes, step in cases:
-                    row = dict(head, kernel=kernel, impl=impl, stash=stash, bytes=nbytes, other_cpu=other_cpu, steal=steal)
-                    if isinstance(step, str):
-                        rows.append(dict(row, note=step))
-                        continue
-                    s = next(timed_samples)
-                    med, p20, p80 = quantiles(s)
-                    copy_bw, sum_bw = roof[nbytes]
-                    bw = nbytes / med / 1e9
-                    rows.append(dict(row, ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, samples=len(s),
-                                     GBps=bw, copy_GBps=copy_bw, sum_GBps=sum_bw, of_copy=bw / copy_bw,
-                                     of_sum=bw / sum_bw, note=""))
-                del cases, timed, buffers, rooflines, samples
-            prob = sections = None  # free before the next layer list is built
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    for entry in pooled.values():
+        row = dict(entry["row"], other_cpu=entry["other_cpu"], steal=entry["steal"], note=entry["note"])
+        if entry["samples"]:
+            med, p20, p80 = quantiles(entry["samples"])
+            nbytes = row["bytes"]
+            bw = nbytes / med / 1e9
+            copy_bw = nbytes / statistics.median(entry["copy"]) / 1e9
+            sum_bw = nbytes / statistics.median(entry["sum"]) / 1e9
+            row.update(ms=med * 1e3, p20_ms=p20 * 1e3, p80_ms=p80 * 1e3, samples=len(entry["samples"]), GBps=bw,
+                       copy_GBps=copy_bw, sum_GBps=sum_bw, of_copy=bw / copy_bw, of_sum=bw / sum_bw)
+        rows.append(row)
     add_ratios(rows)
     return rows
 
@@ -467,6 +480,8 @@ def parse_args(argv=None):
                     help="rounds of samples per section (default 20, at most 5 from 50M params; --quick: 3)")
     ap.add_argument("--max-seconds", type=float, default=8.0,
                     help="stop sampling a section after this long once it has 5 rounds (3 from 50M params)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="sweeps over all sizes with fresh buffers, samples pooled (default 3; --quick: 1)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--quick", action="store_true", help="tiny sizes and few repeats: a smoke run")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
@@ -480,6 +495,8 @@ def parse_args(argv=None):
         args.sizes = [*args.sizes, 1e8]
     if args.repeats is None:
         args.repeats = 3 if args.quick else 20
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
     return args
 
 
@@ -493,16 +510,15 @@ def main(argv=None):
     load_before = load_average()
     started = time.perf_counter()
     rows = run(args)
-    description = (f"{machine(device)}; load average {load_before} before, {load_average()} after; "
-                   f"{time.perf_counter() - started:.0f} s")
+    description = (f"{machine(device)}; {args.runs} sweep(s) pooled; load average {load_before} before, "
+                   f"{load_average()} after; {time.perf_counter() - started:.0f} s")
     table = markdown(rows, description)
     goals = targets(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["device", "model", "target", "numel", "tensors", "kernel", "impl", "stash", "bytes", "other_cpu", "steal", "ms",
-              "p20_ms",
-              "p80_ms", "samples", "GBps", "copy_GBps", "sum_GBps", "of_copy", "of_sum", "speedup_vs_reference",
-              "vs_fastest_torch", "note"]
+    fields = ["device", "model", "target", "numel", "tensors", "kernel", "impl", "stash", "bytes", "other_cpu",
+              "steal", "ms", "p20_ms", "p80_ms", "samples", "GBps", "copy_GBps", "sum_GBps", "of_copy", "of_sum",
+              "speedup_vs_reference", "vs_fastest_torch", "note"]
     with open(out / "kernels.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
