@@ -108,21 +108,28 @@ def layer_shapes(model: str, target: float) -> list[tuple[int, ...]]:
 def make_timer(device: torch.device, max_seconds: float):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def interleaved(fns, repeats: int, min_rounds: int = 5) -> list[list[float]]:
+    def interleaved(fns, repeats: int, min_rounds: int = 5) -> list:
         """Seconds per call of each callable, sampled in rounds: every callable once per round, the
         first one rotating, so that a change in the machine's load or memory bandwidth during a
         section reaches every implementation alike (this machine is shared). One warm-up call each
-        first (first-touch pages, optimizer state, lazy init). Rounds go on up to ``repeats``, and
-        stop after ``max_seconds`` once there are ``min_rounds``."""
+        first (first-touch pages, optimizer state, lazy init); a callable that raises there gets
+        the reason (a string) instead of samples. Rounds go on up to ``repeats``, and stop after
+        ``max_seconds`` once there are ``min_rounds``."""
+        samples: list = []
         for fn in fns:
-            fn()
-            sync()
-        samples: list[list[float]] = [[] for _ in fns]
+            try:
+                fn()
+                sync()
+                samples.append([])
+            except Exception as e:  # noqa: BLE001 - e.g. an op without a kernel for this device
+                samples.append(f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+        live = [j for j, s in enumerate(samples) if isinstance(s, list)]
         start = time.perf_counter()
         rounds = 0
-        while rounds < repeats and (rounds < min(min_rounds, repeats) or time.perf_counter() - start < max_seconds):
-            for k in range(len(fns)):
-                j = (k + rounds) % len(fns)
+        while live and rounds < repeats and (rounds < min(min_rounds, repeats)
+                                             or time.perf_counter() - start < max_seconds):
+            for k in range(len(live)):
+                j = live[(k + rounds) % len(live)]
                 t0 = time.perf_counter()
                 fns[j]()
                 sync()
@@ -372,6 +379,7 @@ def run(args) -> list[dict]:
                     other_cpu, steal = others_share(before, cpu_seconds())
                     roof = {nb: (samples[len(timed) + 2 * k], samples[len(timed) + 2 * k + 1])
                             for k, nb in enumerate(buffers)}
+                    assert all(isinstance(x, list) for pair in roof.values() for x in pair), roof
                     timed_samples = iter(samples)
                     for impl, stash, nbytes, step in cases:
                         entry = pooled.setdefault((size, model, kernel, impl, stash), dict(
@@ -379,10 +387,11 @@ def run(args) -> list[dict]:
                             samples=[], copy=[], sum=[], other_cpu=0.0, steal=0.0, note=""))
                         entry["other_cpu"] = max(entry["other_cpu"], other_cpu)  # the noisiest sweep
                         entry["steal"] = max(entry["steal"], steal)
-                        if isinstance(step, str):
-                            entry["note"] = step
+                        got = step if isinstance(step, str) else next(timed_samples)
+                        if isinstance(got, str):
+                            entry["note"] = got
                             continue
-                        entry["samples"] += next(timed_samples)
+                        entry["samples"] += got
                         entry["copy"] += roof[nbytes][0]
                         entry["sum"] += roof[nbytes][1]
                     del cases, timed, buffers, rooflines, samples
