@@ -126,5 +126,113 @@ cudaError_t launch_penalty_segment_dot(Storage storage, PenaltyKind kind, const 
                                        int64_t num_groups, int64_t inner, void* out, void* workspace,
                                        cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------------
+// penalty_hypergrad: the T2 penalty hypergradients of many (hyperparameter, tensor) segments in one
+// pass, same semantics as csrc/cpu/penalty_hypergrad.cpp. Segment s reduces its tensor over
+// `groups` contiguous groups of `inner` elements:
+//   L2 / L1       Σ_{i∈g} u_i m_i(θ_i) with u_i = J_i·v_i rounded to the compute type (J from `jac`,
+//                 or `jac_scalar` where jac is null);
+//   DecoupledL2   −lr · Σ_{i∈g} v_i·2θ_i.
+// Products and sums in double, the result cast to the compute type (float32 or float64 only).
+// Deterministic: the work items and the order of every addition follow from each segment's `inner`
+// and the constants below only, never from the launch configuration:
+//   inner < kHypergradThreadMax      one thread per group, elements added in order;
+//   inner <= kSegmentDotWarpMax      one warp per group, as penalty_segment_dot;
+//   otherwise                        tiles of kSegmentDotTile elements (one block each) into double
+//                                    partials, then one block per group adds them in a fixed
+//                                    pattern; a group of one tile is written straight to out.
+// All segments run in one launch (plus one for the partials): the host plans the items, the device
+// finds an item's segment by binary search over the segment table.
+// ---------------------------------------------------------------------------------------------
+
+enum class SegmentKind : int64_t { L2 = 0, L1 = 1, DecoupledL2 = 2 };
+
+constexpr int64_t kHypergradThreadMax = 32;
+
+// One segment. Device pointers in the compute type; the scheduling fields below the line are
+// written by penalty_hypergrad_plan.
+struct HypergradSegment {
+  const void* v;
+  const void* theta;
+  const void* jac;  // null: jac_scalar for every element
+  double jac_scalar;
+  SegmentKind kind;
+  int64_t groups;
+  int64_t inner;       // elements per group (0 when the tensor is empty)
+  int64_t out_offset;  // index of the segment's first result in out
+  // ---- planned ----
+  int64_t first_item;       // the segment's work items are [first_item, first_item + items)
+  int64_t items;
+  int64_t tiles_per_group;  // tile path only (else 0)
+  int64_t first_partial;    // groups · tiles_per_group partials from here (tile path, > 1 tile)
+  int64_t first_split;      // index among all groups of more than one tile
+  int64_t split_groups;     // this segment's groups of more than one tile
+};
+
+struct HypergradPlan {
+  int64_t num_segments;
+  int64_t num_items;
+  int64_t num_partials;      // doubles of workspace
+  int64_t num_split_groups;  // groups of more than one tile, over all segments
+};
+
+// Host side: fills the planned fields of every segment (out_offset, groups, inner and kind must be
+// set) and returns the totals. The segments then go to the device as one array.
+HypergradPlan penalty_hypergrad_plan(HypergradSegment* segments, int64_t num_segments);
+size_t penalty_hypergrad_workspace_bytes(const HypergradPlan& plan);
+
+// storage: Float64 or Float32 (the compute dtype); segments: the planned array on the device;
+// out: the segments' results in that dtype; workspace: penalty_hypergrad_workspace_bytes(plan)
+// bytes of device memory aligned to 8 (null if 0).
+cudaError_t launch_penalty_hypergrad(Storage storage, const HypergradSegment* segments, const HypergradPlan& plan,
+                                     double lr, void* out, void* workspace, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// perturb_ / restore_: θ ← base + scale·direction over many tensors in one launch, first copying θ
+// bit-exactly into save (when not null); restore copies save back into θ bit-exactly. Same table
+// scheme as t1_step: one thread block per chunk of kPerturbChunk elements. base and direction are
+// in the compute type; base + scale·direction is rounded in the compute type at each step (no FMA
+// contraction, as the CPU kernel computes it) and once more to θ's dtype.
+// ---------------------------------------------------------------------------------------------
+
+constexpr int64_t kPerturbChunk = 16384;
+
+struct PerturbTensor {
+  void* param;
+  void* save;             // null: nothing saved (perturb); the source (restore)
+  const void* base;       // perturb only
+  const void* direction;  // perturb only
+  int64_t numel;
+};
+
+struct PerturbChunk {
+  int64_t tensor;
+  int64_t begin;
+};
+
+// Byte layout: [PerturbTensor × num_tensors | padding | PerturbChunk × num_chunks].
+struct PerturbTableLayout {
+  int64_t num_tensors;
+  int64_t num_chunks;
+  size_t chunks_offset;
+  size_t bytes;
+};
+
+struct PerturbTable {
+  const PerturbTensor* tensors;
+  const PerturbChunk* chunks;
+  int64_t num_tensors;
+  int64_t num_chunks;
+};
+
+PerturbTableLayout perturb_table_layout(const PerturbTensor* tensors, int64_t num_tensors);
+void perturb_fill_table(const PerturbTensor* tensors, const PerturbTableLayout& layout, void* host_table);
+// device_table must be aligned to 16 bytes.
+PerturbTable perturb_table_view(const void* device_table, const PerturbTableLayout& layout);
+
+// Storage is θ's dtype (and save's).
+cudaError_t launch_perturb(Storage storage, const PerturbTable& table, double scale, cudaStream_t stream);
+cudaError_t launch_restore(Storage storage, const PerturbTable& table, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace t1t2
