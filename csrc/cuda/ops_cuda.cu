@@ -8,6 +8,7 @@
 #include <c10/util/string_view.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "cuda/kernels.cuh"
@@ -203,10 +204,182 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                                       c10::cuda::getCurrentCUDAStream()));
 }
 
+// ---- penalty_hypergrad ------------------------------------------------------------------------
+
+constexpr const char* kHypergradOp = "t1t2::penalty_hypergrad";
+
+at::Tensor penalty_hypergrad_cuda(at::TensorList v, at::TensorList theta, at::TensorList jac,
+                                  at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
+                                  at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr) {
+  const size_t n = theta.size();
+  TORCH_CHECK(v.size() == n, kHypergradOp, ": got ", n, " theta but ", v.size(), " v");
+  TORCH_CHECK(jac.empty() || jac.size() == n, kHypergradOp, ": jac must be empty or have one tensor per theta (", n,
+              "), got ", jac.size());
+  TORCH_CHECK(jac_scalar.size() == n, kHypergradOp, ": jac_scalar must have one value per theta (", n, "), got ",
+              jac_scalar.size());
+  const size_t num_segments = segment_tensor.size();
+  TORCH_CHECK(segment_kind.size() == num_segments && segment_groups.size() == num_segments, kHypergradOp,
+              ": segment_tensor, segment_kind and segment_groups must have one entry per segment, got ",
+              segment_tensor.size(), ", ", segment_kind.size(), " and ", segment_groups.size());
+  const at::ScalarType dtype = n ? theta[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat, kHypergradOp,
+              ": theta must be in the compute dtype (Double or Float), got ", dtype);
+  TORCH_CHECK(n > 0 || num_segments == 0, kHypergradOp, ": segment 0 names tensor ", segment_tensor[0], " of 0");
+  if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(dtype));
+  const at::Device device = theta[0].device();
+  TORCH_CHECK(device.is_cuda(), kHypergradOp, ": the CUDA kernel got theta[0] on ", device);
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(theta[i].scalar_type() == dtype && v[i].scalar_type() == dtype, kHypergradOp, ": v[", i,
+                "] and theta[", i, "] must both be ", dtype, ", got ", v[i].scalar_type(), " and ",
+                theta[i].scalar_type());
+    TORCH_CHECK(theta[i].device() == device && v[i].device() == device, kHypergradOp, ": the CUDA kernel got v[", i,
+                "] on ", v[i].device(), " and theta[", i, "] on ", theta[i].device(), ", expected ", device);
+    TORCH_CHECK(v[i].sizes() == theta[i].sizes(), kHypergradOp, ": v[", i, "] has shape ", v[i].sizes(),
+                " but theta[", i, "] has ", theta[i].sizes());
+    TORCH_CHECK(theta[i].is_contiguous() && v[i].is_contiguous(), kHypergradOp, ": v[", i, "] and theta[", i,
+                "] must be contiguous");
+    if (!jac.empty() && jac[i].numel() > 0) {
+      TORCH_CHECK(jac[i].sizes() == theta[i].sizes() && jac[i].scalar_type() == dtype && jac[i].is_contiguous() &&
+                      jac[i].device() == device,
+                  kHypergradOp, ": jac[", i, "] must be a contiguous ", dtype, " tensor on ", device, " of shape ",
+                  theta[i].sizes(), " (or empty to use jac_scalar[", i, "]), got ", jac[i].scalar_type(), " ",
+                  jac[i].sizes(), " on ", jac[i].device());
+    }
+  }
+  std::vector<cuda::HypergradSegment> segments(num_segments);
+  int64_t total = 0;
+  for (size_t s = 0; s < num_segments; ++s) {
+    const int64_t t = segment_tensor[s], kind = segment_kind[s], groups = segment_groups[s];
+    TORCH_CHECK(t >= 0 && static_cast<size_t>(t) < n, kHypergradOp, ": segment ", s, " names tensor ", t, " of ", n);
+    TORCH_CHECK(kind == 0 || kind == 1 || kind == 2, kHypergradOp, ": segment ", s, " has kind ", kind,
+                "; expected 0 (l2), 1 (l1) or 2 (decoupled l2)");
+    const int64_t numel = theta[t].numel();
+    TORCH_CHECK(groups >= 0 && ((groups == 0 && numel == 0) || (groups > 0 && numel % groups == 0)), kHypergradOp,
+                ": segment ", s, ": ", groups, " groups do not divide the ", numel, " elements of tensor ", t);
+    cuda::HypergradSegment& d = segments[s];
+    d = cuda::HypergradSegment{};
+    d.v = v[t].const_data_ptr();
+    d.theta = theta[t].const_data_ptr();
+    d.jac = !jac.empty() && jac[t].numel() > 0 ? jac[t].const_data_ptr() : nullptr;
+    d.jac_scalar = jac_scalar[t];
+    d.kind = static_cast<cuda::SegmentKind>(kind);
+    d.groups = groups;
+    d.inner = groups ? numel / groups : 0;
+    d.out_offset = total;
+    total += groups;
+  }
+  const c10::cuda::CUDAGuard guard(device);
+  if (total == 0) return at::zeros({0}, theta[0].options());
+  at::Tensor out = at::empty({total}, theta[0].options());  // the kernels write every entry
+  const cuda::HypergradPlan plan = cuda::penalty_hypergrad_plan(segments.data(), static_cast<int64_t>(num_segments));
+  // The segment table goes to the device in one asynchronous copy from pinned memory, as t1_step's.
+  const auto bytes = static_cast<int64_t>(num_segments * sizeof(cuda::HypergradSegment));
+  at::Tensor host_table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host_table.mutable_data_ptr(), segments.data(), static_cast<size_t>(bytes));
+  at::Tensor device_table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  device_table.copy_(host_table, /*non_blocking=*/true);
+  const size_t workspace_bytes = cuda::penalty_hypergrad_workspace_bytes(plan);
+  at::Tensor workspace;  // from the caching allocator: reused only after this stream's kernels
+  if (workspace_bytes) workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, out.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cuda::launch_penalty_hypergrad(
+      storage_of(dtype), static_cast<const cuda::HypergradSegment*>(device_table.const_data_ptr()), plan, lr,
+      out.mutable_data_ptr(), workspace_bytes ? workspace.mutable_data_ptr() : nullptr,
+      c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+// ---- perturb_ / restore_ ----------------------------------------------------------------------
+
+void check_like(const at::Tensor& t, const at::Tensor& p, at::ScalarType dtype, const char* op, const char* name,
+                size_t i) {
+  TORCH_CHECK(t.sizes() == p.sizes(), op, ": ", name, "[", i, "] has shape ", t.sizes(), " but params[", i, "] has ",
+              p.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.device() == p.device(), op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", p.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+}
+
+void check_params(at::TensorList params, const char* op) {
+  TORCH_CHECK(params[0].device().is_cuda(), op, ": the CUDA kernel got params[0] on ", params[0].device());
+  TORCH_CHECK(supported_dtype(params[0].scalar_type()), op, ": params must be Double, Float, BFloat16 or Half, got ",
+              params[0].scalar_type());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device() == params[0].device(), op, ": params[", i, "] is on ", params[i].device(),
+                ", expected ", params[0].device());
+    TORCH_CHECK(params[i].is_contiguous(), op, ": params[", i, "] must be contiguous (it is written in place)");
+    TORCH_CHECK(params[i].scalar_type() == params[0].scalar_type(), op, ": params[", i, "] has dtype ",
+                params[i].scalar_type(), " but params[0] has ", params[0].scalar_type());
+  }
+}
+
+// Copies the table to the device (one asynchronous copy from pinned memory on the current stream)
+// and returns the device buffer, which must live until the launch is enqueued.
+at::Tensor perturb_device_table(const std::vector<cuda::PerturbTensor>& descriptors,
+                                const cuda::PerturbTableLayout& layout, at::Device device) {
+  const auto bytes = static_cast<int64_t>(layout.bytes);
+  at::Tensor host_table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  cuda::perturb_fill_table(descriptors.data(), layout, host_table.mutable_data_ptr());
+  at::Tensor device_table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  device_table.copy_(host_table, /*non_blocking=*/true);
+  return device_table;
+}
+
+void perturb_cuda(at::TensorList params, at::TensorList save, at::TensorList base, at::TensorList direction,
+                  double scale) {
+  constexpr const char* op = "t1t2::perturb_";
+  const size_t n = params.size();
+  TORCH_CHECK(base.size() == n && direction.size() == n, op, ": got ", n, " params, ", base.size(), " base and ",
+              direction.size(), " direction tensors");
+  TORCH_CHECK(save.empty() || save.size() == n, op, ": save must be empty or have one tensor per parameter (", n,
+              "), got ", save.size());
+  if (n == 0) return;
+  check_params(params, op);
+  const at::ScalarType dtype = params[0].scalar_type();
+  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<cuda::PerturbTensor> descriptors(n);
+  for (size_t i = 0; i < n; ++i) {
+    check_like(base[i], params[i], compute, op, "base", i);
+    check_like(direction[i], params[i], compute, op, "direction", i);
+    if (!save.empty()) check_like(save[i], params[i], dtype, op, "save", i);
+    descriptors[i] = {params[i].data_ptr(), save.empty() ? nullptr : save[i].data_ptr(), base[i].const_data_ptr(),
+                      direction[i].const_data_ptr(), params[i].numel()};
+  }
+  const cuda::PerturbTableLayout layout = cuda::perturb_table_layout(descriptors.data(), static_cast<int64_t>(n));
+  if (layout.num_chunks == 0) return;  // every tensor is empty
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Tensor table = perturb_device_table(descriptors, layout, params[0].device());
+  C10_CUDA_CHECK(cuda::launch_perturb(storage_of(dtype), cuda::perturb_table_view(table.const_data_ptr(), layout),
+                                      scale, c10::cuda::getCurrentCUDAStream()));
+}
+
+void restore_cuda(at::TensorList params, at::TensorList save) {
+  constexpr const char* op = "t1t2::restore_";
+  TORCH_CHECK(save.size() == params.size(), op, ": got ", params.size(), " params but ", save.size(), " saved");
+  if (params.empty()) return;
+  check_params(params, op);
+  std::vector<cuda::PerturbTensor> descriptors(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_like(save[i], params[i], params[0].scalar_type(), op, "save", i);
+    descriptors[i] = {params[i].data_ptr(), const_cast<void*>(save[i].const_data_ptr()), nullptr, nullptr,
+                      params[i].numel()};
+  }
+  const cuda::PerturbTableLayout layout =
+      cuda::perturb_table_layout(descriptors.data(), static_cast<int64_t>(descriptors.size()));
+  if (layout.num_chunks == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const at::Tensor table = perturb_device_table(descriptors, layout, params[0].device());
+  C10_CUDA_CHECK(cuda::launch_restore(storage_of(params[0].scalar_type()),
+                                      cuda::perturb_table_view(table.const_data_ptr(), layout),
+                                      c10::cuda::getCurrentCUDAStream()));
+}
+
 }  // namespace
 }  // namespace t1t2
 
 TORCH_LIBRARY_IMPL(t1t2, CUDA, m) {
   m.impl("penalty_segment_dot", &t1t2::penalty_segment_dot_cuda);
   m.impl("t1_step_", &t1t2::t1_step_cuda);
+  m.impl("penalty_hypergrad", &t1t2::penalty_hypergrad_cuda);
+  m.impl("perturb_", &t1t2::perturb_cuda);
+  m.impl("restore_", &t1t2::restore_cuda);
 }
