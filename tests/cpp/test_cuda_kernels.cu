@@ -5,6 +5,7 @@
 //
 //   nvcc -std=c++17 -O2 -I csrc/include -I csrc -o test_cuda_kernels
 //        tests/cpp/test_cuda_kernels.cu csrc/cuda/t1_step_kernel.cu csrc/cuda/segment_dot_kernel.cu
+//        csrc/cuda/penalty_hypergrad_kernel.cu csrc/cuda/perturb_kernel.cu
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -165,6 +166,79 @@ void test_workspace_and_argument_errors() {
   const tc::T1StepScalars scalars{0.1, 0.9, 0.9, 0.1, 0.999, 0.001, 1e-8, false};
   CHECK(tc::launch_t1_step(tc::Storage::Float32, tc::Optimizer::Sgd, empty, scalars, nullptr) == cudaSuccess,
         "no chunks, nothing to do");
+}
+
+void test_hypergrad_plan() {
+  // inner: 0 and 31 one thread per group, 32 and kSegmentDotWarpMax one warp per group, one tile,
+  // two tiles, three tiles; then a segment without groups.
+  const int64_t groups[] = {3, 600, 9, 17, 2, 5, 1, 0};
+  const int64_t inner[] = {0, 31, 32, tc::kSegmentDotWarpMax, tc::kSegmentDotTile, tc::kSegmentDotTile + 1,
+                           2 * tc::kSegmentDotTile + 1, 0};
+  const int64_t want_items[] = {1, 3, 2, 3, 2, 10, 3, 0};
+  constexpr int kSegments = 8;
+  std::vector<tc::HypergradSegment> segments(kSegments);
+  int64_t out_offset = 0;
+  for (int s = 0; s < kSegments; ++s) {
+    segments[s] = tc::HypergradSegment{};
+    segments[s].groups = groups[s];
+    segments[s].inner = inner[s];
+    segments[s].out_offset = out_offset;
+    out_offset += groups[s];
+  }
+  const tc::HypergradPlan plan = tc::penalty_hypergrad_plan(segments.data(), kSegments);
+  int64_t first = 0;
+  for (int s = 0; s < kSegments; ++s) {
+    CHECK(segments[s].first_item == first && segments[s].items == want_items[s], "segment %d: items [%lld, +%lld)", s,
+          static_cast<long long>(segments[s].first_item), static_cast<long long>(segments[s].items));
+    first += want_items[s];
+  }
+  CHECK(plan.num_segments == kSegments && plan.num_items == first, "items %lld",
+        static_cast<long long>(plan.num_items));
+  CHECK(segments[4].tiles_per_group == 1 && segments[4].split_groups == 0, "one tile per group is not split");
+  CHECK(segments[5].tiles_per_group == 2 && segments[5].split_groups == 5 && segments[5].first_split == 0 &&
+            segments[5].first_partial == 0,
+        "two tiles per group");
+  CHECK(segments[6].tiles_per_group == 3 && segments[6].split_groups == 1 && segments[6].first_split == 5 &&
+            segments[6].first_partial == 10,
+        "three tiles per group");
+  CHECK(plan.num_partials == 13 && plan.num_split_groups == 6, "partials %lld split %lld",
+        static_cast<long long>(plan.num_partials), static_cast<long long>(plan.num_split_groups));
+  CHECK(tc::penalty_hypergrad_workspace_bytes(plan) == 13 * sizeof(double), "workspace bytes");
+  const tc::HypergradPlan nothing{2, 0, 0, 0};
+  CHECK(tc::launch_penalty_hypergrad(tc::Storage::Float32, nullptr, nothing, 0.1, nullptr, nullptr, nullptr) ==
+            cudaSuccess,
+        "no items, nothing to do");
+  const tc::HypergradPlan some{1, 4, 0, 0};
+  CHECK(tc::launch_penalty_hypergrad(tc::Storage::BFloat16, segments.data(), some, 0.1, &out_offset, nullptr,
+                                     nullptr) == cudaErrorInvalidValue,
+        "compute dtypes only");
+  CHECK(tc::launch_penalty_hypergrad(tc::Storage::Float32, nullptr, some, 0.1, &out_offset, nullptr, nullptr) ==
+            cudaErrorInvalidValue,
+        "a plan with items needs the segments");
+}
+
+void test_perturb_table_layout() {
+  const int64_t sizes[] = {tc::kPerturbChunk + 1, 0, 5};
+  std::vector<tc::PerturbTensor> tensors(3);
+  for (int t = 0; t < 3; ++t) tensors[t] = tc::PerturbTensor{nullptr, nullptr, nullptr, nullptr, sizes[t]};
+  const tc::PerturbTableLayout layout = tc::perturb_table_layout(tensors.data(), 3);
+  CHECK(layout.num_chunks == 3 && layout.chunks_offset % 16 == 0 &&
+            layout.bytes == layout.chunks_offset + 3 * sizeof(tc::PerturbChunk),
+        "perturb layout: chunks %lld bytes %zu", static_cast<long long>(layout.num_chunks), layout.bytes);
+  std::vector<unsigned char> buffer(layout.bytes + 3, 0xCD);
+  unsigned char* table = buffer.data() + 3;
+  tc::perturb_fill_table(tensors.data(), layout, table);
+  CHECK(std::memcmp(table, tensors.data(), 3 * sizeof(tc::PerturbTensor)) == 0, "perturb descriptors verbatim");
+  const int64_t want[3][2] = {{0, 0}, {0, tc::kPerturbChunk}, {2, 0}};
+  for (int c = 0; c < 3; ++c) {
+    tc::PerturbChunk chunk;
+    std::memcpy(&chunk, table + layout.chunks_offset + c * sizeof(tc::PerturbChunk), sizeof chunk);
+    CHECK(chunk.tensor == want[c][0] && chunk.begin == want[c][1], "perturb chunk %d is (%lld, %lld)", c,
+          static_cast<long long>(chunk.tensor), static_cast<long long>(chunk.begin));
+  }
+  const tc::PerturbTable empty{nullptr, nullptr, 2, 0};
+  CHECK(tc::launch_perturb(tc::Storage::Float16, empty, 0.5, nullptr) == cudaSuccess, "perturb: nothing to do");
+  CHECK(tc::launch_restore(tc::Storage::Float16, empty, nullptr) == cudaSuccess, "restore: nothing to do");
 }
 
 // ---- device checks: t1_step ----
@@ -407,11 +481,172 @@ void test_segment_dot_dtype(std::mt19937& rng) {
   }
 }
 
+// ---- device checks: penalty_hypergrad ----
+
+template <typename T>
+void test_penalty_hypergrad_dtype(std::mt19937& rng) {
+  std::normal_distribution<double> normal;
+  // Tensors of every path's sizes; each gets segments of several kinds and groupings.
+  const int64_t sizes[] = {1, 7, 1023, 1025, 65537, 0, 33 * 31, 3 * 2049, 2 * 16385, 1000 * 7};
+  constexpr int kTensors = 10;
+  struct Host {
+    std::vector<T> v, theta, jac;
+    double jac_scalar;
+  };
+  std::vector<Host> host(kTensors);
+  std::vector<DeviceBuffer<T>> d_v, d_theta, d_jac;
+  for (int t = 0; t < kTensors; ++t) {
+    Host& h = host[t];
+    for (int64_t i = 0; i < sizes[t]; ++i) {
+      h.v.push_back(static_cast<T>(normal(rng)));
+      h.theta.push_back(static_cast<T>(i % 13 == 5 ? 0.0 : normal(rng)));
+      if (t % 2 == 0) h.jac.push_back(static_cast<T>(-0.05 * std::fabs(normal(rng))));
+    }
+    h.jac_scalar = -0.05 * (1 + t);
+    d_v.emplace_back(h.v);
+    d_theta.emplace_back(h.theta);
+    d_jac.emplace_back(h.jac);
+  }
+  const double lr = 0.05;
+  std::vector<tc::HypergradSegment> segments;
+  std::vector<int> segment_tensor;
+  int64_t total = 0;
+  for (int t = 0; t < kTensors; ++t) {
+    const int64_t n = sizes[t];
+    const int64_t rows = t == 6 ? 33 : t == 7 ? 3 : t == 8 ? 2 : t == 9 ? 1000 : 1;
+    const int64_t groupings[] = {n ? 1 : 0, n ? rows : 0, n};  // per layer, per unit, per element
+    for (int k = 0; k < 3; ++k) {
+      for (int g = 0; g < 3; ++g) {
+        tc::HypergradSegment s{};
+        s.v = d_v[t].ptr;
+        s.theta = d_theta[t].ptr;
+        s.jac = d_jac[t].ptr;  // null where the tensor has no jac
+        s.jac_scalar = host[t].jac_scalar;
+        s.kind = static_cast<tc::SegmentKind>(k);
+        s.groups = groupings[g];
+        s.inner = s.groups ? n / s.groups : 0;
+        s.out_offset = total;
+        total += s.groups;
+        segments.push_back(s);
+        segment_tensor.push_back(t);
+      }
+    }
+  }
+  std::vector<tc::HypergradSegment> planned = segments;
+  const tc::HypergradPlan plan = tc::penalty_hypergrad_plan(planned.data(), static_cast<int64_t>(planned.size()));
+  std::vector<unsigned char> table(planned.size() * sizeof(tc::HypergradSegment));
+  std::memcpy(table.data(), planned.data(), table.size());
+  DeviceBuffer<unsigned char> d_table(table);
+  DeviceBuffer<unsigned char> workspace{std::vector<unsigned char>(tc::penalty_hypergrad_workspace_bytes(plan))};
+  const std::vector<T> init(total, T(-7));
+  DeviceBuffer<T> d_out(init), d_again(init);
+  const auto* d_segments = reinterpret_cast<const tc::HypergradSegment*>(d_table.ptr);
+  CUDA_OK(tc::launch_penalty_hypergrad(storage_of<T>(), d_segments, plan, lr, d_out.ptr, workspace.ptr, nullptr));
+  cudaStream_t stream;  // a second run on another stream: the same bits
+  CUDA_OK(cudaStreamCreate(&stream));
+  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(tc::launch_penalty_hypergrad(storage_of<T>(), d_segments, plan, lr, d_again.ptr, workspace.ptr, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  CUDA_OK(cudaStreamDestroy(stream));
+  const std::vector<T> got = d_out.host(), again = d_again.host();
+  CHECK(std::memcmp(got.data(), again.data(), got.size() * sizeof(T)) == 0, "penalty_hypergrad %s: two runs differ",
+        name_of<T>());
+  for (size_t k = 0; k < segments.size(); ++k) {
+    const tc::HypergradSegment& s = segments[k];
+    const Host& h = host[segment_tensor[k]];
+    const bool decoupled = s.kind == tc::SegmentKind::DecoupledL2;
+    const PenaltyKind kind = s.kind == tc::SegmentKind::L1 ? PenaltyKind::L1 : PenaltyKind::L2;
+    for (int64_t g = 0; g < s.groups; ++g) {
+      double sum = 0, magnitude = 0;
+      for (int64_t i = g * s.inner; i < (g + 1) * s.inner; ++i) {
+        const T j = decoupled ? T(1) : h.jac.empty() ? static_cast<T>(h.jac_scalar) : h.jac[i];
+        const T u = j * h.v[i];  // rounded to the compute type, as the kernels do
+        const double term = static_cast<double>(u) * t1t2::penalty_mixed(kind, static_cast<double>(h.theta[i]));
+        sum += term;
+        magnitude += std::fabs(term);
+      }
+      const double scale = decoupled ? -lr : 1.0;
+      const double want = scale * sum;
+      // reordering (1e-12 of the magnitude), then one ulp of a float32 output
+      const double float_eps = std::numeric_limits<float>::epsilon();
+      const double out_ulp = std::is_same<T, float>::value ? std::fabs(want) * float_eps : 0.0;
+      const double tol = 1e-12 * std::fabs(scale) * magnitude + out_ulp;
+      const double result = static_cast<double>(got[s.out_offset + g]);
+      const double diff = std::fabs(result - static_cast<double>(static_cast<T>(want)));
+      CHECK(diff <= tol, "penalty_hypergrad %s segment %zu (tensor %d, kind %d, %lldx%lld) group %lld: %.17g vs %.17g",
+            name_of<T>(), k, segment_tensor[k], static_cast<int>(s.kind), static_cast<long long>(s.groups),
+            static_cast<long long>(s.inner), static_cast<long long>(g), result, want);
+    }
+  }
+}
+
+// ---- device checks: perturb / restore ----
+
+template <typename P>
+void test_perturb_dtype(std::mt19937& rng) {
+  using T = typename std::conditional<std::is_same<P, double>::value, double, float>::type;
+  std::normal_distribution<double> normal;
+  const int64_t sizes[] = {0, 1, 7, 1023, 1025, 65537, 3 * tc::kPerturbChunk};
+  constexpr int kTensors = 7;
+  const double scale = -1e-3;
+  for (bool with_save : {true, false}) {
+    std::vector<std::vector<P>> param(kTensors);
+    std::vector<std::vector<T>> base(kTensors), direction(kTensors);
+    std::vector<DeviceBuffer<P>> d_param, d_save;
+    std::vector<DeviceBuffer<T>> d_base, d_direction;
+    std::vector<tc::PerturbTensor> descriptors(kTensors), back(kTensors);
+    for (int t = 0; t < kTensors; ++t) {
+      for (int64_t i = 0; i < sizes[t]; ++i) {
+        param[t].push_back(from_float<P>(normal(rng)));
+        base[t].push_back(static_cast<T>(normal(rng)));
+        direction[t].push_back(static_cast<T>(normal(rng)));
+      }
+      d_param.emplace_back(param[t]);
+      d_save.emplace_back(std::vector<P>(sizes[t], from_float<P>(-3.0)));
+      d_base.emplace_back(base[t]);
+      d_direction.emplace_back(direction[t]);
+      descriptors[t] = {d_param[t].ptr, with_save ? d_save[t].ptr : nullptr, d_base[t].ptr, d_direction[t].ptr,
+                        sizes[t]};
+      back[t] = {d_param[t].ptr, d_save[t].ptr, nullptr, nullptr, sizes[t]};
+    }
+    const tc::PerturbTableLayout layout = tc::perturb_table_layout(descriptors.data(), kTensors);
+    std::vector<unsigned char> table(layout.bytes), back_table(layout.bytes);
+    tc::perturb_fill_table(descriptors.data(), layout, table.data());
+    tc::perturb_fill_table(back.data(), layout, back_table.data());
+    DeviceBuffer<unsigned char> d_table(table), d_back(back_table);
+    CUDA_OK(tc::launch_perturb(storage_of<P>(), tc::perturb_table_view(d_table.ptr, layout), scale, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    for (int t = 0; t < kTensors; ++t) {
+      std::vector<P> want(sizes[t]);
+      for (int64_t i = 0; i < sizes[t]; ++i) {
+        volatile T product = static_cast<T>(scale) * direction[t][i];  // two roundings, as the CPU kernel
+        want[i] = from_float<P>(static_cast<double>(static_cast<T>(base[t][i] + product)));
+      }
+      const std::vector<P> got = d_param[t].host(), saved = d_save[t].host();
+      CHECK(sizes[t] == 0 || std::memcmp(got.data(), want.data(), got.size() * sizeof(P)) == 0,
+            "perturb %s tensor %d: not the CPU kernel's bits", name_of<P>(), t);
+      if (with_save)
+        CHECK(sizes[t] == 0 || std::memcmp(saved.data(), param[t].data(), saved.size() * sizeof(P)) == 0,
+              "perturb %s tensor %d: save holds θ bit for bit", name_of<P>(), t);
+    }
+    if (!with_save) continue;
+    CUDA_OK(tc::launch_restore(storage_of<P>(), tc::perturb_table_view(d_back.ptr, layout), nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    for (int t = 0; t < kTensors; ++t) {
+      const std::vector<P> got = d_param[t].host();
+      CHECK(sizes[t] == 0 || std::memcmp(got.data(), param[t].data(), got.size() * sizeof(P)) == 0,
+            "restore %s tensor %d: θ back bit for bit", name_of<P>(), t);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   test_table_layout();
   test_workspace_and_argument_errors();
+  test_hypergrad_plan();
+  test_perturb_table_layout();
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("host checks: %s; no CUDA device, device checks skipped\n", failures ? "FAILED" : "passed");
@@ -426,6 +661,12 @@ int main() {
   test_segment_dot_dtype<float>(rng);
   test_segment_dot_dtype<__nv_bfloat16>(rng);
   test_segment_dot_dtype<__half>(rng);
+  test_penalty_hypergrad_dtype<double>(rng);
+  test_penalty_hypergrad_dtype<float>(rng);
+  test_perturb_dtype<double>(rng);
+  test_perturb_dtype<float>(rng);
+  test_perturb_dtype<__nv_bfloat16>(rng);
+  test_perturb_dtype<__half>(rng);
   std::printf("%s (%d failed checks)\n", failures ? "FAILED" : "all CUDA kernel checks passed", failures);
   return failures ? 1 : 0;
 }
