@@ -16,7 +16,7 @@ if not _extension.AVAILABLE:
 from t1t2_fast import ops  # noqa: E402
 
 CUDA = torch.device("cuda")
-OPS = ("penalty_segment_dot", "t1_step_")
+OPS = ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_")
 
 
 def has_cuda_kernel(op):
@@ -362,3 +362,249 @@ def test_t1_step_clear_errors(mutate, match):
     mutate(args)
     with pytest.raises(RuntimeError, match=match):
         ops.t1_step_(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# penalty_hypergrad (argument list: the schema in csrc/ops.cpp)
+# ------------------------------------------------------------------------------------------------
+
+# Every kernel path of penalty_hypergrad: one thread per group (inner < 32, and 0), one warp per group
+# (≤ 2048), one tile, several tiles with a ragged last one.
+HYPERGRAD_SHAPES = [(0,), (1,), (7,), (1023,), (1025,), (65537,), (33, 31), (5, 2048), (3, 8192), (3, 16385),
+                    (2, 65537), (1000, 7), (4, 0)]
+
+
+def hypergrad_args(shapes, dtype, jac_tensors=True, seed=0, lr=0.05, device=CUDA):
+    """One penalty_hypergrad call: every tensor with kinds l2, l1, decoupled l2, each per layer, per unit
+    and per element; jac tensors on every other tensor (empty ones: jac_scalar)."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda s: torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
+    v = [randn(s) for s in shapes]
+    theta = [randn(s) for s in shapes]
+    jac = [randn(s) * 0.01 if k % 2 == 0 else torch.empty(0, dtype=dtype, device=device)
+           for k, s in enumerate(shapes)]
+    jac_scalar = [-lr * (1 + 0.1 * k) for k in range(len(shapes))]
+    seg_tensor, seg_kind, seg_groups = [], [], []
+    for t, s in enumerate(shapes):
+        for kind in (0, 1, 2):
+            for groups in sorted(set(groupings(s)) | {s[0]}):  # (4, 0): also four empty groups
+                seg_tensor.append(t)
+                seg_kind.append(kind)
+                seg_groups.append(groups)
+    return [v, theta, jac if jac_tensors else [], jac_scalar, seg_tensor, seg_kind, seg_groups, lr]
+
+
+def on_cpu(args):
+    return [[t.cpu() for t in a] if is_tensor_list(a) else a for a in args]
+
+
+def exact_hypergrad(args):
+    """float64 sums of the kernels' terms: u = J·v rounded to the compute dtype (one torch multiply,
+    as the kernels form it), then u·m(θ) summed in float64; also Σ|terms| per group."""
+    v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr = on_cpu(args)
+    sums, magnitudes = [], []
+    for t, kind, groups in zip(seg_tensor, seg_kind, seg_groups):
+        if kind == 2:
+            u, name, scale = v[t].double(), "l2", -lr
+        else:
+            j = jac[t] if jac and jac[t].numel() > 0 else torch.tensor(jac_scalar[t], dtype=v[t].dtype)
+            u, name, scale = (j * v[t]).double(), ("l2", "l1")[kind], 1.0
+        th = theta[t].double()
+        sums.append(scale * reference.penalty_segment_dot(u, th, groups, name))
+        magnitudes.append(abs(scale) * reference.penalty_segment_dot(u.abs(), th.abs(), groups, name))
+    return torch.cat(sums), torch.cat(magnitudes)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("jac_tensors", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_penalty_hypergrad_matches_reference(dtype, jac_tensors):
+    """Within reordering error (plus one float32 ulp of the output) of the float64 sum of the same
+    terms, and close to the reference twin and the CPU op."""
+    args = hypergrad_args(HYPERGRAD_SHAPES, dtype, jac_tensors)
+    got = ops.penalty_hypergrad(*args)
+    assert got.device.type == "cuda" and got.dtype == dtype and got.shape == (sum(args[6]),)
+    exact, magnitude = exact_hypergrad(args)
+    ulp = 0.0 if dtype == torch.float64 else 2.0 ** -23
+    err = (got.cpu().double() - exact).abs()
+    bound = 1e-12 * magnitude + ulp * exact.abs()
+    assert bool((err <= bound).all()), (err - bound).max().item()
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-5)
+    torch.testing.assert_close(got.cpu(), reference.penalty_hypergrad(*on_cpu(args)), **tol)
+    torch.testing.assert_close(got.cpu(), ops.penalty_hypergrad(*on_cpu(args)),
+                               rtol=1e-12 if dtype == torch.float64 else 2.0 ** -21, atol=1e-12)
+
+
+@needs_cuda_kernels
+def test_penalty_hypergrad_float64_is_exact_on_integers():
+    v = [torch.arange(-600.0, 600.0, dtype=torch.float64, device=CUDA).reshape(40, 30).repeat(30, 1)]
+    theta = [torch.full((1200, 30), 3.0, dtype=torch.float64, device=CUDA)]
+    got = ops.penalty_hypergrad(v, theta, [], [-2.0], [0, 0, 0, 0], [0, 1, 2, 0], [1, 40, 1, 36000], 0.5)
+    cpu = ops.penalty_hypergrad([v[0].cpu()], [theta[0].cpu()], [], [-2.0], [0, 0, 0, 0], [0, 1, 2, 0],
+                                [1, 40, 1, 36000], 0.5)
+    assert torch.equal(got.cpu(), cpu)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_penalty_hypergrad_hundreds_of_small_tensors(dtype):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(int(n),) for n in torch.randint(1, 300, (500,), generator=g)] + [(70000,)]
+    args = hypergrad_args(shapes, dtype, seed=4)
+    torch.testing.assert_close(ops.penalty_hypergrad(*args).cpu(), ops.penalty_hypergrad(*on_cpu(args)),
+                               rtol=1e-12 if dtype == torch.float64 else 2.0 ** -21, atol=1e-12)
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_penalty_hypergrad_is_deterministic(dtype):
+    args = hypergrad_args([(3 * 200_003,), (1000, 70), (7,)], dtype, seed=1)
+    a, b = torch.randn(4096, 4096, device=CUDA), torch.randn(4096, 4096, device=CUDA)
+    side = torch.cuda.Stream()
+    runs = [ops.penalty_hypergrad(*args) for _ in range(3)]
+    side.wait_stream(torch.cuda.current_stream())
+    busy = a @ b
+    with torch.cuda.stream(side):
+        runs.append(ops.penalty_hypergrad(*args))
+    torch.cuda.synchronize()
+    del busy
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@needs_cuda_kernels
+def test_penalty_hypergrad_opcheck():
+    for dtype in (torch.float32, torch.float64):
+        args = hypergrad_args([(7, 3), (5,), (3, 8193)], dtype)
+        torch.library.opcheck(torch.ops.t1t2.penalty_hypergrad.default, tuple(args))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a.__setitem__(0, a[0][:-1]), "got 2 theta but 1 v"),
+    (lambda a: a.__setitem__(1, [a[1][0], a[1][1].cpu()]),
+     r"the CUDA kernel got v\[1\] on cuda:0 and theta\[1\] on cpu"),
+    (lambda a: a.__setitem__(0, [a[0][0].double(), a[0][1]]), r"v\[0\] and theta\[0\] must both be Float"),
+    (lambda a: a.__setitem__(1, [a[1][0].t().contiguous().t(), a[1][1]]), "must be contiguous"),
+    (lambda a: a.__setitem__(5, [7] * len(a[5])), "has kind 7"),
+    (lambda a: a.__setitem__(6, [5] * len(a[6])), "5 groups do not divide the 12 elements"),
+    (lambda a: a.__setitem__(2, [a[2][0][:2], a[2][1]]), r"jac\[0\] must be a contiguous Float tensor"),
+], ids=["count", "device", "dtype", "contiguous", "kind", "groups", "jac"])
+def test_penalty_hypergrad_clear_errors(mutate, match):
+    args = hypergrad_args([(4, 3), (3,)], torch.float32)
+    mutate(args)
+    with pytest.raises(RuntimeError, match=match):
+        ops.penalty_hypergrad(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# perturb_ / restore_
+# ------------------------------------------------------------------------------------------------
+
+PERTURB_SHAPES = [(0,), (1,), (7,), (1023,), (1025,), (65537,), (33, 31), (3, 16384)]
+
+
+def perturb_args(dtype, shapes=PERTURB_SHAPES, seed=0, device=CUDA):
+    g = torch.Generator().manual_seed(seed)
+    acc = reference.accumulate_dtype(dtype)
+    randn = lambda s, dt: torch.randn(s, generator=g, dtype=torch.float64).to(dt).to(device)  # noqa: E731
+    params = [randn(s, dtype) for s in shapes]
+    return (params, [torch.empty_like(p) for p in params], [randn(s, acc) for s in shapes],
+            [randn(s, acc) for s in shapes])
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float64, *LOW_PRECISION], ids=lambda d: str(d).removeprefix("torch."))
+def test_perturb_matches_reference_and_restore_is_exact(dtype):
+    """base + r·d with the product and the sum rounded in the compute dtype (as torch and the CPU
+    kernel compute it), rounded once to θ's dtype: the reference's bits on the GPU; the CPU op
+    within one ulp (its compiler may contract into an FMA). restore_ gives θ back bit for bit."""
+    params, save, base, direction = perturb_args(dtype)
+    original = [p.clone() for p in params]
+    ours = [p.clone() for p in params]
+    ops.perturb_(ours, save, base, direction, 1e-3)
+    want = [p.clone() for p in params]
+    reference.perturb_(want, [], base, direction, 1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(ours, want))
+    assert all(torch.equal(s, o) for s, o in zip(save, original))
+    cpu = [p.cpu() for p in params]
+    ops.perturb_(cpu, [], [b.cpu() for b in base], [d.cpu() for d in direction], 1e-3)
+    for a, b in zip(ours, cpu):
+        torch.testing.assert_close(a.cpu(), b, atol=0, rtol=torch.finfo(dtype).eps if dtype != torch.float64 else 1e-15)
+    ops.restore_(ours, save)
+    assert all(torch.equal(a, o) for a, o in zip(ours, original))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_perturb_restore_keep_nan_payloads_and_signed_zeros(dtype):
+    """save and restore copy bits, not values."""
+    bits = torch.tensor([0x7E01, -0x8000, 0x0001, 0x7C00], dtype=torch.int16) if dtype == torch.float16 else \
+        torch.tensor([0x7FC00123, -0x80000000, 0x00000001, 0x7F800000], dtype=torch.int32)
+    p = bits.to(CUDA).view(dtype)
+    original = p.clone()
+    save = torch.empty_like(p)
+    zeros = torch.zeros(4, device=CUDA)
+    ops.perturb_([p], [save], [zeros], [zeros], 1.0)
+    assert torch.equal(save.view(bits.dtype), original.view(bits.dtype))
+    ops.restore_([p], [save])
+    assert torch.equal(p.view(bits.dtype), original.view(bits.dtype))
+
+
+@needs_cuda_kernels
+def test_perturb_hundreds_of_small_tensors_and_no_save():
+    g = torch.Generator().manual_seed(1)
+    shapes = [(int(n),) for n in torch.randint(1, 100, (500,), generator=g)] + [(40000,)]
+    params, _, base, direction = perturb_args(torch.bfloat16, shapes)
+    ours = [p.clone() for p in params]
+    ops.perturb_(ours, [], base, direction, -0.5)
+    reference.perturb_(params, [], base, direction, -0.5)
+    assert all(torch.equal(a, b) for a, b in zip(ours, params))
+
+
+@needs_cuda_kernels
+def test_perturb_runs_on_the_current_stream():
+    params, save, base, direction = perturb_args(torch.float32, [(1 << 20,)])
+    want = [params[0].clone()]
+    reference.perturb_(want, [], base, direction, 0.25)
+    source = base[0].clone()
+    base[0].fill_(float("nan"))
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        base[0].copy_(source)
+        ops.perturb_(params, save, base, direction, 0.25)
+    side.synchronize()
+    assert torch.equal(params[0], want[0])
+
+
+@needs_cuda_kernels
+def test_perturb_restore_opcheck():
+    params, save, base, direction = perturb_args(torch.float32, [(7, 3), (5,)])
+    torch.library.opcheck(torch.ops.t1t2.perturb_.default, (params, save, base, direction, 0.25))
+    torch.library.opcheck(torch.ops.t1t2.restore_.default, (params, save))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a.__setitem__(2, a[2][:-1]), "base and"),
+    (lambda a: a.__setitem__(2, [a[2][0].double(), a[2][1]]), r"base\[0\] has dtype Double, expected Float"),
+    (lambda a: a.__setitem__(0, [a[0][0].t(), a[0][1]]), "must be contiguous"),
+    (lambda a: a.__setitem__(1, [a[1][0][:2], a[1][1]]), r"save\[0\] has shape"),
+    (lambda a: a.__setitem__(3, [a[3][0].cpu(), a[3][1]]), r"direction\[0\] is on cpu, expected cuda:0"),
+    (lambda a: a.__setitem__(0, [a[0][0], a[0][1].half()]), r"params\[1\] has dtype Half but params\[0\] has Float"),
+], ids=["count", "dtype", "contiguous", "shape", "device", "param-dtype"])
+def test_perturb_clear_errors(mutate, match):
+    args = list(perturb_args(torch.float32, [(4, 3), (3,)])) + [0.1]
+    mutate(args)
+    with pytest.raises(RuntimeError, match=match):
+        ops.perturb_(*args)
+
+
+@needs_cuda_kernels
+def test_restore_clear_errors():
+    params, save, _, _ = perturb_args(torch.float32, [(4, 3), (3,)])
+    with pytest.raises(RuntimeError, match="got 2 params but 1 saved"):
+        ops.restore_(params, save[:1])
+    with pytest.raises(RuntimeError, match=r"save\[1\] has dtype Double, expected Float"):
+        ops.restore_(params, [save[0], save[1].double()])
