@@ -34,14 +34,24 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name == "reference":
         return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad)
     available, error = _compiled_available()
-    compiled_ok = available and device.type == "cpu"
+    # CUDA tensors: the extension's CUDA kernels (csrc/cuda), registered only when it was built with
+    # them; every op the Backend holds must have one.
+    cuda_ok = available and device.type == "cuda" and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"t1t2::{op}", "CUDA")
+        for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad"))
+    compiled_ok = available and (device.type == "cpu" or cuda_ok)
     if name == "cpp":
         if not available:
             raise RuntimeError(f"backend='cpp' needs the compiled extension, which did not load ({error}). "
                                f"Build it with `pip install --no-build-isolation -e .`, or use backend='reference'")
-        if device.type != "cpu":
-            raise RuntimeError(f"backend='cpp' has kernels for CPU tensors only in this version; the parameters "
-                               f"are on {device}. Use backend='auto' or 'reference'")
+        if device.type == "cuda" and not cuda_ok:
+            raise RuntimeError(f"backend='cpp' needs the extension's CUDA kernels for parameters on {device}, "
+                               f"and this build has none. Rebuild it with `T1T2_CUDA=1 pip install "
+                               f"--no-build-isolation -e .` (nvcc and a CUDA build of torch), or use "
+                               f"backend='auto' or 'reference'")
+        if not compiled_ok:
+            raise RuntimeError(f"backend='cpp' has kernels for CPU and CUDA tensors only in this version; the "
+                               f"parameters are on {device}. Use backend='auto' or 'reference'")
     if compiled_ok:
         from . import ops
         return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_, ops.penalty_hypergrad)
