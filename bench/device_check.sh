@@ -81,7 +81,8 @@ JOBS="$(nproc 2>/dev/null || echo 4)"
 
 # ---- 1. the kernels' own test program (no torch: checks the kernels even if the build fails) ----
 run_step kernel_test_build 90 nvcc -std=c++17 -O2 -arch=native -I csrc/include -I csrc \
-  -o "$OUT/test_cuda_kernels" tests/cpp/test_cuda_kernels.cu csrc/cuda/t1_step_kernel.cu csrc/cuda/segment_dot_kernel.cu
+  -o "$OUT/test_cuda_kernels" tests/cpp/test_cuda_kernels.cu csrc/cuda/t1_step_kernel.cu csrc/cuda/segment_dot_kernel.cu \
+  csrc/cuda/penalty_hypergrad_kernel.cu csrc/cuda/perturb_kernel.cu
 if [ -x "$OUT/test_cuda_kernels" ]; then
   run_step kernel_test 60 "$OUT/test_cuda_kernels"
   rm -f "$OUT/test_cuda_kernels"  # a binary; the log is what matters
@@ -92,7 +93,7 @@ run_step build 240 env T1T2_CUDA=1 MAX_JOBS="$JOBS" "$PYTHON" -m pip install --n
 run_step cuda_kernels_registered 30 "$PYTHON" -c '
 import torch, t1t2_fast._extension as e
 assert e.AVAILABLE, e.LOAD_ERROR
-for op in ("penalty_segment_dot", "t1_step_"):
+for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_"):
     ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"t1t2::{op}", "CUDA")
     print(op, "CUDA kernel:", ok)
     assert ok, f"t1t2::{op} has no CUDA kernel"'
