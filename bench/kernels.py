@@ -483,7 +483,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=None,
                     help="total fp32 parameter counts (default 1e6 2e7; --large adds 1e8; --quick: 2e4 2e5)")
-    ap.add_argument("--large", action="store_true", help="add 100M parameters (about 3 more minutes, ~13 GB)")
+    ap.add_argument("--large", action="store_true",
+                    help="add 100M parameters (about 2.5 min per sweep on a quiet 2-core machine, ~14 GB peak; "
+                         "with --runs 1 for a single sweep)")
     ap.add_argument("--models", nargs="+", default=["resnet50", "transformer"], choices=["resnet50", "transformer"])
     ap.add_argument("--repeats", type=int, default=None,
                     help="rounds of samples per section (default 20, at most 5 from 50M params; --quick: 3)")
