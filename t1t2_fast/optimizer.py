@@ -102,6 +102,7 @@ class T1T2(torch.optim.Optimizer):
         self.hyper_steps = 0
         self._hyper_state: dict[str, dict[str, torch.Tensor]] = {}
         self._stash: dict | None = None
+        self._stash_buffers: dict = {}  # reused stash storage (see steps.t1_step)
         self.last_hypergrad: dict[str, torch.Tensor] = {}
 
     # -- public views -----------------------------------------------------------------------
@@ -148,7 +149,8 @@ class T1T2(torch.optim.Optimizer):
         params = [self.params[i] for i in indices]
         return t1_step(self.backend, params, [p.grad for p in params], [self.state[p] for p in params],
                        self.hypers, indices, self.optimizer_name, group["lr"], group["momentum"],
-                       group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash)
+                       group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash,
+                       buffers=self._stash_buffers)
 
     # -- T2 -----------------------------------------------------------------------------------
     def hyper_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -34,10 +34,13 @@ def coefficient_lists(hypers: list[Hyperparameter], indices: list[int], dtype: t
 @torch.no_grad()
 def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
             hypers: list[Hyperparameter], indices: list[int], optimizer: str, lr: float, momentum: float,
-            nesterov: bool, betas: tuple[float, float], eps: float, hypergrad: str, stash: bool) -> dict | None:
+            nesterov: bool, betas: tuple[float, float], eps: float, hypergrad: str, stash: bool,
+            buffers: dict | None = None) -> dict | None:
     """One T1 step of ``params`` in place through the backend's fused op. ``indices`` are the
     tensors' positions in the hyperparameters' target lists; ``states`` their optimizer state dicts
-    (created and advanced here). Returns the stash for T2 when ``stash`` is set."""
+    (created and advanced here). Returns the stash for T2 when ``stash`` is set. ``buffers``, if
+    given, keeps the stash tensors between calls (keyed like the stash) so a hyper iteration does
+    not fault in fresh pages for them every time; the previous stash is then overwritten."""
     beta1, beta2 = betas
     acc = reference.accumulate_dtype(params[0].dtype) if params else torch.float32
     state1, state2, bc1, bc2 = [], [], [], []
@@ -58,9 +61,20 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
             state1.append(state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=acc)))
     device = params[0].device if params else torch.device("cpu")
     l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
-    stash_theta = [torch.empty_like(p, dtype=acc) for p in params] if stash else []
+    def stash_buffers(kind):
+        out = []
+        for i, p in zip(indices, params):
+            buf = None if buffers is None else buffers.get((kind, i))
+            if buf is None or buf.shape != p.shape or buf.dtype != acc or buf.device != p.device:
+                buf = torch.empty_like(p, dtype=acc)
+                if buffers is not None:
+                    buffers[(kind, i)] = buf
+            out.append(buf)
+        return out
+
     adam_exact = adam and hypergrad == "exact"
-    stash_jac = [torch.empty_like(p, dtype=acc) for p in params] if stash and adam_exact else []
+    stash_theta = stash_buffers("theta") if stash else []
+    stash_jac = stash_buffers("jac") if stash and adam_exact else []
     backend.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
                      nesterov, beta1, beta2, eps, bc1, bc2)
     if not stash:
