@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +17,8 @@ from pathlib import Path
 import torch
 
 from t1t2_fast import _extension, reference
+
+from kernels import machine  # bench/ is on sys.path when a script here runs
 
 
 def timeit(fn, repeats):
@@ -30,18 +30,6 @@ def timeit(fn, repeats):
         samples.append(time.perf_counter() - t0)
     q = statistics.quantiles(samples, n=5)
     return statistics.median(samples), q[0], q[3]
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def main(argv=None):
@@ -90,7 +78,7 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"`penalty_segment_dot` (l2), {args.dtype}, {machine()}", "",
+    lines = [f"`penalty_segment_dot` (l2), {args.dtype}, {machine(torch.device('cpu'))}", "",
              "| numel | per | cpp ms | reference ms | speedup | cpp GB/s | copy_ GB/s | sum GB/s | of copy_ | of sum |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
