@@ -45,9 +45,10 @@ def extension_build():
 
     # No -std flag: BuildExtension adds the C++ standard this torch's headers need (C++20 for 2.13).
     opt = ["-O0", "-g"] if os.environ.get("DEBUG") == "1" else ["-O3"]
-    # -fno-math-errno: sqrt may then vectorize (it never sets errno for the values we feed it; the
-    # results are unchanged, unlike -ffast-math)
-    cxx = opt + ["-fno-math-errno", "-fdiagnostics-color=always"]
+    # -fno-math-errno: sqrt may then vectorize (it never sets errno for the values we feed it).
+    # -fno-trapping-math: a select such as Adam's `ŝ > 0 ? term : 0` may compute both sides in a
+    # vector (we never enable floating-point traps). Neither changes a result, unlike -ffast-math.
+    cxx = opt + ["-fno-math-errno", "-fno-trapping-math", "-fdiagnostics-color=always"]
     link = []
     if torch.backends.openmp.is_available():  # at::parallel_for runs on OpenMP in such builds
         cxx.append("-fopenmp")

@@ -1,6 +1,7 @@
 // Operator schemas of the t1t2 namespace and their CPU implementations.
 #include <torch/library.h>
 
+#include "cpu/cpu_features.h"
 #include "cpu/penalty_hypergrad.h"
 #include "cpu/perturb.h"
 #include "cpu/segment_dot.h"
@@ -33,6 +34,8 @@ TORCH_LIBRARY(t1t2, m) {
   // dtype as params; an empty list skips it); restore_ copies θ back from `save` bit-exactly.
   m.def("perturb_(Tensor(a!)[] params, Tensor(b!)[] save, Tensor[] base, Tensor[] direction, float scale) -> ()");
   m.def("restore_(Tensor(a!)[] params, Tensor[] save) -> ()");
+  // Which compiled copy of the CPU inner loops runs: "avx2" or "default" (csrc/cpu/cpu_features.h).
+  m.def("cpu_capability() -> str", [] { return t1t2::cpu_capability(); });
 }
 
 TORCH_LIBRARY_IMPL(t1t2, CPU, m) {

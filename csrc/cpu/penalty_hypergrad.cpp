@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "cpu/segment_dot.h"  // kReduceBlock: the same fixed partition as penalty_segment_dot
 #include "t1t2/math.h"
 
@@ -16,15 +17,16 @@ namespace {
 constexpr const char* kOp = "t1t2::penalty_hypergrad";
 enum SegmentKind : int64_t { kL2 = 0, kL1 = 1, kDecoupledL2 = 2 };
 
-// Σ w_i m_i over n elements in double, w = J⊙v (coupled; J a tensor or a scalar) or v (decoupled,
-// scaled by −η afterwards). Eight accumulators in a fixed pattern: same order on every run.
-template <PenaltyKind kKind, typename T>
-double block_sum(const T* __restrict__ v, const T* __restrict__ theta, const T* __restrict__ jac, T jac_scalar,
-                 int64_t n) {
+// Σ w_i m_i over n elements in double, w = J⊙v (coupled; J a tensor when kJacTensor, else the
+// scalar jac_scalar) or v (decoupled, scaled by −η afterwards). Eight accumulators in a fixed
+// pattern: the same order on every run and in both compiled copies (cpu_features.h).
+template <PenaltyKind kKind, bool kJacTensor, typename T>
+T1T2_ALWAYS_INLINE double block_sum(const T* __restrict__ v, const T* __restrict__ theta, const T* __restrict__ jac,
+                                    T jac_scalar, int64_t n) {
   constexpr int kLanes = 8;
   double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   auto term = [&](int64_t i) {
-    const T u = (jac ? jac[i] : jac_scalar) * v[i];
+    const T u = (kJacTensor ? jac[i] : jac_scalar) * v[i];
     return static_cast<double>(u) * penalty_mixed(kKind, static_cast<double>(theta[i]));
   };
   int64_t i = 0;
@@ -32,6 +34,30 @@ double block_sum(const T* __restrict__ v, const T* __restrict__ theta, const T* 
     for (int l = 0; l < kLanes; ++l) acc[l] += term(i + l);
   for (int l = 0; i < n; ++i, ++l) acc[l] += term(i);
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename T>
+using BlockSumFn = double (*)(const T*, const T*, const T*, T, int64_t);
+
+template <PenaltyKind kKind, bool kJacTensor, typename T>
+double block_sum_default(const T* v, const T* theta, const T* jac, T jac_scalar, int64_t n) {
+  return block_sum<kKind, kJacTensor>(v, theta, jac, jac_scalar, n);
+}
+
+#if T1T2_AVX2_CLONES
+template <PenaltyKind kKind, bool kJacTensor, typename T>
+T1T2_TARGET_AVX2 double block_sum_avx2(const T* v, const T* theta, const T* jac, T jac_scalar, int64_t n) {
+  return block_sum<kKind, kJacTensor>(v, theta, jac, jac_scalar, n);
+}
+#endif
+
+template <PenaltyKind kKind, bool kJacTensor, typename T>
+BlockSumFn<T> pick(bool avx2) {
+#if T1T2_AVX2_CLONES
+  if (avx2) return &block_sum_avx2<kKind, kJacTensor, T>;
+#endif
+  (void)avx2;
+  return &block_sum_default<kKind, kJacTensor, T>;
 }
 
 struct Segment {
@@ -115,16 +141,19 @@ at::Tensor penalty_hypergrad_cpu(at::TensorList v, at::TensorList theta, at::Ten
   AT_DISPATCH_FLOATING_TYPES(dtype, "penalty_hypergrad", [&] {
     using T = scalar_t;
     T* op = out.mutable_data_ptr<T>();
+    const bool avx2 = use_avx2();
+    const BlockSumFn<T> l2_tensor = pick<PenaltyKind::L2, true, T>(avx2), l2_scalar = pick<PenaltyKind::L2, false, T>(avx2),
+                        l1_tensor = pick<PenaltyKind::L1, true, T>(avx2), l1_scalar = pick<PenaltyKind::L1, false, T>(avx2);
     auto segment_sum = [&](const Segment& seg, int64_t begin, int64_t count) {
       const T* vp = v[seg.tensor].const_data_ptr<T>() + begin;
       const T* tp = theta[seg.tensor].const_data_ptr<T>() + begin;
       if (seg.kind == kDecoupledL2)  // ∂θ⁺/∂c = −η·2θ, independent of the optimizer's Jacobian
-        return -lr * block_sum<PenaltyKind::L2, T>(vp, tp, nullptr, T(1), count);
+        return -lr * l2_scalar(vp, tp, nullptr, T(1), count);
       const bool has_jac = !jac.empty() && jac[seg.tensor].numel() > 0;
       const T* jp = has_jac ? jac[seg.tensor].const_data_ptr<T>() + begin : nullptr;
       const T js = static_cast<T>(jac_scalar[seg.tensor]);
-      return seg.kind == kL2 ? block_sum<PenaltyKind::L2, T>(vp, tp, jp, js, count)
-                             : block_sum<PenaltyKind::L1, T>(vp, tp, jp, js, count);
+      const BlockSumFn<T> fn = seg.kind == kL2 ? (has_jac ? l2_tensor : l2_scalar) : (has_jac ? l1_tensor : l1_scalar);
+      return fn(vp, tp, jp, js, count);
     };
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t k = first; k < last; ++k) {

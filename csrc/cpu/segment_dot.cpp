@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "t1t2/math.h"
 
 namespace t1t2 {
@@ -43,8 +44,10 @@ void check_inputs(const at::Tensor& u, const at::Tensor& theta, int64_t num_grou
 
 // Σ u_i m_i over n elements, in double. Eight independent accumulators in a fixed pattern let the
 // compiler vectorize while the order of additions is the same on every run.
+// Both compiled copies (cpu_features.h) add in this same order, so they give the same bits.
 template <PenaltyKind kKind, typename scalar_t>
-double block_dot(const scalar_t* __restrict__ u, const scalar_t* __restrict__ theta, int64_t n) {
+T1T2_ALWAYS_INLINE double block_dot_body(const scalar_t* __restrict__ u, const scalar_t* __restrict__ theta,
+                                         int64_t n) {
   constexpr int kLanes = 8;
   double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -54,6 +57,27 @@ double block_dot(const scalar_t* __restrict__ u, const scalar_t* __restrict__ th
   for (int l = 0; i < n; ++i, ++l)
     acc[l] += static_cast<double>(u[i]) * penalty_mixed(kKind, static_cast<double>(theta[i]));
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <PenaltyKind kKind, typename scalar_t>
+double block_dot_default(const scalar_t* u, const scalar_t* theta, int64_t n) {
+  return block_dot_body<kKind>(u, theta, n);
+}
+
+#if T1T2_AVX2_CLONES
+template <PenaltyKind kKind, typename scalar_t>
+T1T2_TARGET_AVX2 double block_dot_avx2(const scalar_t* u, const scalar_t* theta, int64_t n) {
+  return block_dot_body<kKind>(u, theta, n);
+}
+#endif
+
+template <PenaltyKind kKind, typename scalar_t>
+double block_dot(const scalar_t* u, const scalar_t* theta, int64_t n, bool avx2) {
+#if T1T2_AVX2_CLONES
+  if (avx2) return block_dot_avx2<kKind>(u, theta, n);
+#endif
+  (void)avx2;
+  return block_dot_default<kKind>(u, theta, n);
 }
 
 // out_g = Σ_{i∈g} u_i m_i for num_groups groups of `inner` elements. Every output is a fixed
@@ -70,12 +94,13 @@ void segment_dot(const scalar_t* u, const scalar_t* theta, int64_t num_groups, i
     });
     return;
   }
+  const bool avx2 = use_avx2();
   const int64_t blocks_per_group = (inner + kReduceBlock - 1) / kReduceBlock;
   if (blocks_per_group == 1) {  // small groups (per="unit"): one block each, summed straight into out
     const int64_t grain = std::max<int64_t>(1, kReduceBlock / inner);
     at::parallel_for(0, num_groups, grain, [&](int64_t first, int64_t last) {
       for (int64_t g = first; g < last; ++g)
-        out[g] = static_cast<out_t>(block_dot<kKind>(u + g * inner, theta + g * inner, inner));
+        out[g] = static_cast<out_t>(block_dot<kKind>(u + g * inner, theta + g * inner, inner, avx2));
     });
     return;
   }
@@ -88,7 +113,7 @@ void segment_dot(const scalar_t* u, const scalar_t* theta, int64_t num_groups, i
       const int64_t g = b / blocks_per_group, k = b % blocks_per_group;
       const int64_t begin = g * inner + k * kReduceBlock;
       const int64_t n = std::min(kReduceBlock, inner - k * kReduceBlock);
-      partial[b] = block_dot<kKind>(u + begin, theta + begin, n);
+      partial[b] = block_dot<kKind>(u + begin, theta + begin, n, avx2);
     }
   });
   for (int64_t g = 0; g < num_groups; ++g) {

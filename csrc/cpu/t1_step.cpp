@@ -7,6 +7,7 @@
 
 #include <vector>
 
+#include "cpu/cpu_features.h"
 #include "t1t2/math.h"
 
 namespace t1t2 {
@@ -41,16 +42,51 @@ struct TensorJob {
 template <typename T>
 struct StepScalars {
   T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
-  bool nesterov;
 };
 
-// The element loop of one chunk. Everything that is constant per call is a template argument, and
-// the chunk is cut into runs over which every penalty coefficient is constant (a whole tensor for
-// per-layer, a row for per-unit), so the inner loop has no branches or divisions and vectorizes.
-// An absent penalty enters as c = 0.
+// Per-run constants, passed by value so the compiler knows no store in the loop can change them.
+template <typename T>
+struct RunScalars {
+  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc1, bc2, a, c2, c1, cd;
+};
+
+// The element loop over one run. The arrays are __restrict__ parameters (GCC ignores restrict on
+// local pointers, and with six streams the runtime alias checks it would need exceed its limit, so
+// the Adam loop with both stashes stayed scalar).
 template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
-void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k) {
-  const T lr = k.lr;
+T1T2_ALWAYS_INLINE void run_elements(P* __restrict__ param, const P* __restrict__ grad, T* __restrict__ s1,
+                                     T* __restrict__ s2, T* __restrict__ stash_theta, T* __restrict__ stash_jac,
+                                     int64_t n, const RunScalars<T> k) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T theta = static_cast<T>(param[i]);
+    T ghat = static_cast<T>(grad[i]);
+    ghat += penalty_grad(PenaltyKind::L2, theta, k.c2);
+    ghat += penalty_grad(PenaltyKind::L1, theta, k.c1);
+    T direction;
+    if constexpr (kAdam) {
+      T m_hat, sqrt_s, denom;
+      direction = adam_direction(ghat, s1[i], s2[i], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.bc1,
+                                 k.bc2, k.eps, m_hat, sqrt_s, denom);
+      if constexpr (kStashJac)
+        stash_jac[i] = adam_jacobian(ghat, m_hat, sqrt_s, denom, k.lr, k.a, k.one_minus_beta2, k.bc2);
+    } else if constexpr (kMomentum) {
+      direction = sgd_direction(ghat, s1[i], k.momentum, kNesterov);
+    } else {
+      direction = ghat;
+    }
+    T updated = theta - k.lr * direction;
+    updated = updated - k.lr * penalty_grad(PenaltyKind::L2, theta, k.cd);
+    if constexpr (kStashTheta) stash_theta[i] = theta;
+    param[i] = static_cast<P>(updated);
+  }
+}
+
+// One chunk, cut into runs over which every penalty coefficient is constant (a whole tensor for
+// per-layer, a row for per-unit), so the inner loop has no branches or divisions and vectorizes.
+// Everything that is constant per call is a template argument. An absent penalty enters as c = 0.
+template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
+T1T2_ALWAYS_INLINE void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k) {
+  auto at = [](auto* ptr, int64_t offset) { return ptr ? ptr + offset : ptr; };
   for (int64_t run_begin = begin; run_begin < end;) {
     int64_t run_end = end;
     auto coefficient = [&](const T* c, int64_t inner) {
@@ -61,53 +97,55 @@ void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepS
     };
     const T c2 = coefficient(j.l2, j.l2_inner), c1 = coefficient(j.l1, j.l1_inner);
     const T cd = coefficient(j.decay, j.decay_inner);
-    const P* __restrict__ grad = j.grad;
-    P* __restrict__ param = j.param;
-    T* __restrict__ s1 = j.state1;
-    T* __restrict__ s2 = j.state2;
-    T* __restrict__ stash_theta = j.stash_theta;
-    T* __restrict__ stash_jac = j.stash_jac;
-    for (int64_t i = run_begin; i < run_end; ++i) {
-      const T theta = static_cast<T>(param[i]);
-      T ghat = static_cast<T>(grad[i]);
-      ghat += penalty_grad(PenaltyKind::L2, theta, c2);
-      ghat += penalty_grad(PenaltyKind::L1, theta, c1);
-      T direction;
-      if constexpr (kAdam) {
-        T m_hat, sqrt_s, denom;
-        direction = adam_direction(ghat, s1[i], s2[i], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, j.bc1,
-                                   j.bc2, k.eps, m_hat, sqrt_s, denom);
-        if constexpr (kStashJac) stash_jac[i] = adam_jacobian(ghat, m_hat, sqrt_s, denom, lr, j.a, k.one_minus_beta2, j.bc2);
-      } else if constexpr (kMomentum) {
-        direction = sgd_direction(ghat, s1[i], k.momentum, kNesterov);
-      } else {
-        direction = ghat;
-      }
-      T updated = theta - lr * direction;
-      updated = updated - lr * penalty_grad(PenaltyKind::L2, theta, cd);
-      if constexpr (kStashTheta) stash_theta[i] = theta;
-      param[i] = static_cast<P>(updated);
-    }
+    const RunScalars<T> scalars{k.lr, k.momentum, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps,
+                                j.bc1, j.bc2, j.a, c2, c1, cd};
+    run_elements<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac>(
+        j.param + run_begin, j.grad + run_begin, at(j.state1, run_begin), at(j.state2, run_begin),
+        at(j.stash_theta, run_begin), at(j.stash_jac, run_begin), run_end - run_begin, scalars);
     run_begin = run_end;
   }
 }
 
-// Picks the instantiation of run_chunk for this call's optimizer and stash.
 template <typename P, typename T>
-void run_chunk_dispatch(const TensorJob<P, T>& j, int64_t begin, int64_t end, Optimizer opt, bool momentum,
-                        bool nesterov, bool stash_theta, bool stash_jac, const StepScalars<T>& k) {
+using ChunkFn = void (*)(const TensorJob<P, T>&, int64_t, int64_t, const StepScalars<T>&);
+
+// The two compiled copies of run_chunk (cpu_features.h): baseline and AVX2, same bits.
+template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
+void run_chunk_default(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k) {
+  run_chunk<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac>(j, begin, end, k);
+}
+
+#if T1T2_AVX2_CLONES
+template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
+T1T2_TARGET_AVX2 void run_chunk_avx2(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k) {
+  run_chunk<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac>(j, begin, end, k);
+}
+#endif
+
+template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
+ChunkFn<P, T> pick(bool avx2) {
+#if T1T2_AVX2_CLONES
+  if (avx2) return &run_chunk_avx2<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac, P, T>;
+#endif
+  (void)avx2;
+  return &run_chunk_default<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac, P, T>;
+}
+
+// Picks the instantiation of run_chunk for a tensor's optimizer, momentum and stash.
+template <typename P, typename T>
+ChunkFn<P, T> chunk_kernel(Optimizer opt, bool momentum, bool nesterov, bool stash_theta, bool stash_jac, bool avx2) {
   if (opt == Optimizer::Adam) {
-    if (stash_jac) return stash_theta ? run_chunk<true, false, false, true, true>(j, begin, end, k)
-                                      : run_chunk<true, false, false, false, true>(j, begin, end, k);
-    return stash_theta ? run_chunk<true, false, false, true, false>(j, begin, end, k)
-                       : run_chunk<true, false, false, false, false>(j, begin, end, k);
+    if (stash_jac) return stash_theta ? pick<true, false, false, true, true, P, T>(avx2)
+                                      : pick<true, false, false, false, true, P, T>(avx2);
+    return stash_theta ? pick<true, false, false, true, false, P, T>(avx2)
+                       : pick<true, false, false, false, false, P, T>(avx2);
   }
-  if (!momentum) return stash_theta ? run_chunk<false, false, false, true, false>(j, begin, end, k)
-                                    : run_chunk<false, false, false, false, false>(j, begin, end, k);
-  if (nesterov) return stash_theta ? run_chunk<false, true, true, true, false>(j, begin, end, k)
-                                   : run_chunk<false, true, true, false, false>(j, begin, end, k);
-  return stash_theta ? run_chunk<false, true, false, true, false>(j, begin, end, k)
-                     : run_chunk<false, true, false, false, false>(j, begin, end, k);
+  if (!momentum) return stash_theta ? pick<false, false, false, true, false, P, T>(avx2)
+                                    : pick<false, false, false, false, false, P, T>(avx2);
+  if (nesterov) return stash_theta ? pick<false, true, true, true, false, P, T>(avx2)
+                                   : pick<false, true, true, false, false, P, T>(avx2);
+  return stash_theta ? pick<false, true, false, true, false, P, T>(avx2)
+                     : pick<false, true, false, false, false, P, T>(avx2);
 }
 
 // An optional per-tensor list: empty means "none for any tensor", else one entry per tensor where an
@@ -227,13 +265,17 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
     }
     const StepScalars<T> scalars{static_cast<T>(lr),          static_cast<T>(momentum), static_cast<T>(beta1),
                                  static_cast<T>(1.0 - beta1), static_cast<T>(beta2),    static_cast<T>(1.0 - beta2),
-                                 static_cast<T>(eps),         nesterov};
+                                 static_cast<T>(eps)};
+    const bool avx2 = use_avx2();
+    std::vector<ChunkFn<P, T>> kernels(n);
+    for (size_t i = 0; i < n; ++i)
+      kernels[i] = chunk_kernel<P, T>(opt, jobs[i].state1 != nullptr, nesterov, jobs[i].stash_theta != nullptr,
+                                      jobs[i].stash_jac != nullptr, avx2);
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t k = first; k < last; ++k) {
-        const auto& j = jobs[items[k].first];
-        const int64_t begin = items[k].second, end = std::min(j.numel, begin + kChunk);
-        run_chunk_dispatch(j, begin, end, opt, j.state1 != nullptr, nesterov, j.stash_theta != nullptr,
-                           j.stash_jac != nullptr, scalars);
+        const size_t i = static_cast<size_t>(items[k].first);
+        const int64_t begin = items[k].second, end = std::min(jobs[i].numel, begin + kChunk);
+        kernels[i](jobs[i], begin, end, scalars);
       }
     });
   });

@@ -76,7 +76,9 @@ T1T2_HOST_DEVICE inline T adam_direction(T ghat, T& exp_avg, T& exp_avg_sq, T be
 // through the update gives NaN there).
 template <typename T>
 T1T2_HOST_DEVICE inline T adam_jacobian(T ghat, T m_hat, T sqrt_s, T denom, T lr, T a, T one_minus_beta2, T bc2) {
-  const T second = sqrt_s > T(0) ? m_hat * one_minus_beta2 * ghat / (bc2 * sqrt_s * denom * denom) : T(0);
+  // Computed unconditionally (inf or NaN where ŝ = 0), then selected: a branch-free loop vectorizes.
+  const T raw = m_hat * one_minus_beta2 * ghat / (bc2 * sqrt_s * denom * denom);
+  const T second = sqrt_s > T(0) ? raw : T(0);
   return -lr * (a / denom - second);
 }
 
