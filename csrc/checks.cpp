@@ -10,7 +10,7 @@ const char* kernel_name(at::DeviceType kernel) { return kernel == at::kCUDA ? "C
 // The first tensor fixes the device of a call; it must be the implementation's device type.
 void check_kernel_device(const char* op, const at::Tensor& first, const char* name, at::DeviceType kernel) {
   TORCH_CHECK(first.device().type() == kernel, op, ": the ", kernel_name(kernel), " kernel got ", name, " on ",
-              first.device());
+              first.device(), ", expected ", c10::DeviceTypeName(kernel, /*lower_case=*/true));
 }
 
 // ---- t1_step_ ----
@@ -80,7 +80,7 @@ PenaltyKind check_segment_dot_inputs(const at::Tensor& u, const at::Tensor& thet
   TORCH_CHECK(u.device() == theta.device(), op, ": u is on ", u.device(), " but theta is on ", theta.device(),
               "; move both to one device");
   TORCH_CHECK(theta.device().type() == kernel, op, ": the ", kernel_name(kernel), " kernel got u and theta on ",
-              theta.device());
+              theta.device(), ", expected ", c10::DeviceTypeName(kernel, /*lower_case=*/true));
   TORCH_CHECK(u.scalar_type() == theta.scalar_type(), op, ": u has dtype ", u.scalar_type(), " but theta has dtype ",
               theta.scalar_type(), "; cast them to one dtype");
   TORCH_CHECK(supported_dtype(theta.scalar_type()), op,
