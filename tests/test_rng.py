@@ -1,5 +1,5 @@
-"""The counter-based generator: Philox known answers, the C++ header against the PyTorch twin bit
-for bit, Gaussian moments, keys, and Triton's tl.randn (when triton is installed)."""
+"""The counter-based generator: Philox known answers, the C++ header and the compiled op against the
+PyTorch twin bit for bit, Gaussian moments, keys, and Triton's tl.randn (when triton is installed)."""
 import math
 import os
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t1t2_fast import rng
+from t1t2_fast import _extension, rng
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
@@ -121,6 +121,19 @@ def test_cpp_header_matches_twin(tmp_path):
     out = subprocess.run([str(exe)], input="\n".join(lines), capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
     assert [int(h, 16) for h in out.stdout.split()] == want
+
+
+@pytest.mark.skipif(not _extension.AVAILABLE, reason=f"compiled extension not built ({_extension.LOAD_ERROR})")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_compiled_op_matches_twin(capability, monkeypatch):
+    """x = 0, σ = 1, additive: the op returns ε itself; both compiled copies of the generator."""
+    if capability == "avx2" and torch.ops.t1t2.cpu_capability() != "avx2":
+        pytest.skip("no AVX2 copy on this CPU/build")
+    monkeypatch.setenv("T1T2_CPU_CAPABILITY", capability)
+    n = 300_001
+    for seed in SEEDS:
+        eps = torch.ops.t1t2.gaussian_noise(torch.zeros(n), torch.ones(1), seed, 1, 1, "additive")
+        assert torch.equal(eps, rng.philox_randn(seed, torch.arange(n))), seed
 
 
 TRITON_PROBE = r"""
