@@ -124,7 +124,8 @@ _NOISE_BACKWARD_OP = "t1t2::gaussian_noise_backward"
 def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int, inner: int,
                    mode: str) -> torch.Tensor:
     """y = x + σ_c ε (mode "additive") or x·(1 + σ_c ε) ("multiplicative"), ε_i = randn(key, i)
-    (t1t2_fast.rng), c = (i // inner) % channels over the contiguous x. Contract: the schema in csrc/ops.cpp; twin: ``reference.gaussian_noise``."""
+    (t1t2_fast.rng), c = (i // inner) % channels over the contiguous x. Differentiable (the backward
+    regenerates ε). Contract: the schema in csrc/ops.cpp; twin: ``reference.gaussian_noise``."""
     _require_extension("gaussian_noise")
     return torch.ops.t1t2.gaussian_noise(x, sigma, int(key), int(channels), int(inner), mode)
 
@@ -169,3 +170,20 @@ if _extension.AVAILABLE:
         grad_x = torch.empty_like(x) if need_x_grad else x.new_empty((0,))
         grad_sigma = torch.empty_like(sigma) if need_sigma_grad else sigma.new_empty((0,))
         return grad_x, grad_sigma
+
+    def _gaussian_noise_setup_context(ctx, inputs, output):
+        x, sigma, key, channels, inner, mode = inputs
+        ctx.noise_args = (key, channels, inner, mode)
+        # x is needed only for the multiplicative ∂L/∂σ; σ is tiny
+        keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if keep_x else None, sigma)
+
+    def _gaussian_noise_backward_formula(ctx, grad_y):
+        from .noise import noise_backward
+        x, sigma = ctx.saved_tensors
+        grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[1], compiled=True)
+        return grad_x, grad_sigma, None, None, None, None
+
+    torch.library.register_autograd(_NOISE_OP, _gaussian_noise_backward_formula,
+                                    setup_context=_gaussian_noise_setup_context)
