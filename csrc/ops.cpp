@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "cpu/cpu_features.h"
+#include "cpu/noise.h"
 #include "cpu/penalty_hypergrad.h"
 #include "cpu/perturb.h"
 #include "cpu/segment_dot.h"
@@ -36,6 +37,20 @@ TORCH_LIBRARY(t1t2, m) {
   m.def("restore_(Tensor(a!)[] params, Tensor[] save) -> ()");
   // Which compiled copy of the CPU inner loops runs: "avx2" or "default" (csrc/cpu/cpu_features.h).
   m.def("cpu_capability() -> str", [] { return t1t2::cpu_capability(); });
+  // Gaussian noise with ε_i = randn(key, i) (Triton's Philox randn, csrc/include/t1t2/philox.h),
+  // regenerated in the backward, never stored. x is contiguous, viewed as (outer, channels, inner):
+  // element i uses sigma[(i / inner) % channels]. mode "additive": y = x + σε; "multiplicative":
+  // y = x(1 + σε). sigma: `channels` values in the compute dtype (float64 for float64 x, float32
+  // otherwise); key: the 64-bit Philox key as a signed int64.
+  m.def("gaussian_noise(Tensor x, Tensor sigma, int key, int channels, int inner, str mode) -> Tensor");
+  // (∂L/∂x, ∂L/∂σ) of gaussian_noise: g (additive) or g(1+σε) (multiplicative), and, shaped like
+  // sigma, Σ_{i∈c} g_i ε_i (additive) or Σ_{i∈c} g_i x_i ε_i (multiplicative), accumulated in double
+  // in a fixed order (the same bits for any thread count). x is read only in multiplicative mode
+  // (additive: any tensor shaped like grad_y, e.g. grad_y itself). A gradient not needed comes back
+  // as an empty tensor.
+  m.def(
+      "gaussian_noise_backward(Tensor grad_y, Tensor x, Tensor sigma, int key, int channels, int inner, str mode, "
+      "bool need_x_grad, bool need_sigma_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(t1t2, CPU, m) {
@@ -44,4 +59,6 @@ TORCH_LIBRARY_IMPL(t1t2, CPU, m) {
   m.impl("penalty_hypergrad", &t1t2::penalty_hypergrad_cpu);
   m.impl("perturb_", &t1t2::perturb_cpu);
   m.impl("restore_", &t1t2::restore_cpu);
+  m.impl("gaussian_noise", &t1t2::gaussian_noise_cpu);
+  m.impl("gaussian_noise_backward", &t1t2::gaussian_noise_backward_cpu);
 }

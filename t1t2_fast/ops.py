@@ -111,3 +111,79 @@ if _extension.AVAILABLE:
                              f"(groups are equal contiguous slices of the flattened tensors)")
         out = torch.float64 if theta.dtype == torch.float64 else torch.float32
         return theta.new_empty((num_groups,), dtype=out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian noise (DESIGN.md §2 "Noise modules"); the differentiable entry point with backend
+# choice is t1t2_fast.noise.gaussian_noise.
+# ---------------------------------------------------------------------------------------------
+_NOISE_OP = "t1t2::gaussian_noise"
+_NOISE_BACKWARD_OP = "t1t2::gaussian_noise_backward"
+
+
+def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int, inner: int,
+                   mode: str) -> torch.Tensor:
+    """y = x + σ_c ε (mode "additive") or x·(1 + σ_c ε) ("multiplicative"), ε_i = randn(key, i)
+    (t1t2_fast.rng), c = (i // inner) % channels over the contiguous x. Differentiable (the backward
+    regenerates ε). Contract: the schema in csrc/ops.cpp; twin: ``reference.gaussian_noise``."""
+    _require_extension("gaussian_noise")
+    return torch.ops.t1t2.gaussian_noise(x, sigma, int(key), int(channels), int(inner), mode)
+
+
+def gaussian_noise_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int,
+                            inner: int, mode: str, need_x_grad: bool, need_sigma_grad: bool):
+    """(∂L/∂x, ∂L/∂σ) of ``gaussian_noise`` with ε regenerated, ∂L/∂σ summed in double in a fixed
+    order; empty tensors for the gradients not asked for. Twin: ``reference.gaussian_noise_backward``."""
+    _require_extension("gaussian_noise_backward")
+    return torch.ops.t1t2.gaussian_noise_backward(grad_y, x, sigma, int(key), int(channels), int(inner), mode,
+                                                  bool(need_x_grad), bool(need_sigma_grad))
+
+
+def _check_noise_fake(op, x, sigma, channels, inner, mode):
+    torch._check(mode in ("additive", "multiplicative"),
+                 lambda: f"{op}: unknown mode '{mode}'; expected 'additive' or 'multiplicative'")
+    torch._check(x.dtype in _SUPPORTED_DTYPES,
+                 lambda: f"{op}: x must be float64, float32, bfloat16 or float16, got {x.dtype}")
+    torch._check(channels >= 1 and inner >= 1,
+                 lambda: f"{op}: channels and inner must be >= 1, got {channels} and {inner}")
+    torch._check(x.numel() % (channels * inner) == 0,
+                 lambda: f"{op}: channels·inner = {channels}·{inner} does not divide the {x.numel()} elements of x")
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    torch._check(sigma.dtype == compute, lambda: f"{op}: sigma has dtype {sigma.dtype}, expected {compute}")
+    torch._check(sigma.device == x.device, lambda: f"{op}: sigma is on {sigma.device} but x is on {x.device}")
+    torch._check(sigma.numel() == channels,
+                 lambda: f"{op}: sigma has {sigma.numel()} elements, expected channels = {channels}")
+
+
+if _extension.AVAILABLE:
+    @torch.library.register_fake(_NOISE_OP)
+    def _gaussian_noise_fake(x, sigma, key, channels, inner, mode):
+        _check_noise_fake(_NOISE_OP, x, sigma, channels, inner, mode)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(_NOISE_BACKWARD_OP)
+    def _gaussian_noise_backward_fake(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, need_sigma_grad):
+        _check_noise_fake(_NOISE_BACKWARD_OP, x, sigma, channels, inner, mode)
+        torch._check(grad_y.shape == x.shape and grad_y.dtype == x.dtype,
+                     lambda: f"{_NOISE_BACKWARD_OP}: grad_y is {grad_y.dtype} {list(grad_y.shape)} but x is "
+                             f"{x.dtype} {list(x.shape)}")
+        grad_x = torch.empty_like(x) if need_x_grad else x.new_empty((0,))
+        grad_sigma = torch.empty_like(sigma) if need_sigma_grad else sigma.new_empty((0,))
+        return grad_x, grad_sigma
+
+    def _gaussian_noise_setup_context(ctx, inputs, output):
+        x, sigma, key, channels, inner, mode = inputs
+        ctx.noise_args = (key, channels, inner, mode)
+        # x is needed only for the multiplicative ∂L/∂σ; σ is tiny
+        keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if keep_x else None, sigma)
+
+    def _gaussian_noise_backward_formula(ctx, grad_y):
+        from .noise import noise_backward
+        x, sigma = ctx.saved_tensors
+        grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[1], compiled=True)
+        return grad_x, grad_sigma, None, None, None, None
+
+    torch.library.register_autograd(_NOISE_OP, _gaussian_noise_backward_formula,
+                                    setup_context=_gaussian_noise_setup_context)

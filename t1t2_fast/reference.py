@@ -140,3 +140,65 @@ def restore_(params, save) -> None:
     """Reference twin of ``torch.ops.t1t2.restore_``: θ ← save, bit-exactly."""
     for p, s in zip(params, save):
         p.copy_(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gaussian noise (DESIGN.md §2 "Noise modules"): twins of torch.ops.t1t2.gaussian_noise and
+# gaussian_noise_backward (contract in csrc/ops.cpp). Built from differentiable torch ops, so the
+# backward twin also serves double backward (create_graph=True).
+# ---------------------------------------------------------------------------------------------
+NOISE_MODES = ("additive", "multiplicative")
+
+
+def _noise_inputs(op: str, x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int, inner: int, mode: str):
+    """ε (float32, shaped (outer, channels, inner)) and σ shaped (1, channels, 1), after the op's checks.
+    Element i is the i-th in row-major order, i.e. of the contiguous layout."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"{op}: unknown mode {mode!r}; expected one of {NOISE_MODES}")
+    if channels < 1 or inner < 1:
+        raise ValueError(f"{op}: channels and inner must be >= 1, got {channels} and {inner}")
+    if x.numel() % (channels * inner) != 0:
+        raise ValueError(f"{op}: channels·inner = {channels}·{inner} does not divide the {x.numel()} elements of x "
+                         f"(shape {tuple(x.shape)})")
+    if sigma.numel() != channels:
+        raise ValueError(f"{op}: sigma has {sigma.numel()} elements (shape {tuple(sigma.shape)}), "
+                         f"expected channels = {channels}")
+    from .rng import philox_randn
+    eps = philox_randn(key, torch.arange(x.numel(), device=x.device)).reshape(-1, channels, inner)
+    return eps, sigma.reshape(1, channels, 1)
+
+
+def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int, inner: int,
+                   mode: str) -> torch.Tensor:
+    """Reference twin of ``torch.ops.t1t2.gaussian_noise``: y = x + σ_c ε or x·(1 + σ_c ε) with
+    ε_i = randn(key, i) and c = (i // inner) % channels, computed in the compute dtype (σ's) with
+    each operation rounded as the kernels round it, then cast to x's dtype."""
+    eps, s = _noise_inputs("gaussian_noise", x, sigma, key, channels, inner, mode)
+    acc = accumulate_dtype(x.dtype)
+    xa = x.reshape(eps.shape).to(acc)
+    scaled = s * eps.to(acc)
+    y = xa + scaled if mode == "additive" else xa * (scaled + 1)
+    return y.to(x.dtype).reshape(x.shape)
+
+
+def gaussian_noise_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int,
+                            inner: int, mode: str, need_x_grad: bool, need_sigma_grad: bool):
+    """Reference twin of ``torch.ops.t1t2.gaussian_noise_backward``: (∂L/∂x, ∂L/∂σ) with ε regenerated.
+    ∂L/∂x = g (additive) or g·(1 + σ_c ε) (multiplicative), in x's dtype; ∂L/∂σ_c = Σ_{i∈c} g_i ε_i or
+    Σ_{i∈c} g_i x_i ε_i, summed in float64 (as the kernels accumulate) and returned shaped like σ in
+    its dtype. x is only read in multiplicative mode. A gradient not asked for is an empty tensor."""
+    if grad_y.shape != x.shape:
+        raise ValueError(f"gaussian_noise_backward: grad_y has shape {tuple(grad_y.shape)} but x has {tuple(x.shape)}")
+    eps, s = _noise_inputs("gaussian_noise_backward", x, sigma, key, channels, inner, mode)
+    g = grad_y.reshape(eps.shape)
+    grad_x = grad_y.new_empty(0)
+    if need_x_grad:
+        acc = accumulate_dtype(x.dtype)
+        grad_x = grad_y.clone() if mode == "additive" else (g.to(acc) * (s * eps.to(acc) + 1)).to(x.dtype)
+        grad_x = grad_x.reshape(x.shape)
+    grad_sigma = sigma.new_empty(0)
+    if need_sigma_grad:
+        terms = g.double() if mode == "additive" else g.double() * x.reshape(eps.shape).double()
+        terms = terms * eps.double()
+        grad_sigma = terms.sum(dim=(0, 2)).to(sigma.dtype).reshape(sigma.shape)
+    return grad_x, grad_sigma

@@ -1,0 +1,309 @@
+"""Gaussian noise layers whose std is a T1-T2 hyperparameter (DESIGN.md §2 "Noise modules").
+
+``GaussianNoise`` adds y = x + σε (or multiplies, y = x(1 + σε)) in training mode. ε comes from a
+counter-based generator (t1t2_fast.rng): ε_i = randn(key, i) for element i, so the backward
+regenerates ε instead of storing it, and the optimizer can replay a training step's noise exactly
+by giving the module the same ``seed``/``step`` and calling ``reset_calls()``.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import torch
+from torch import nn
+
+from . import _extension, reference
+from .hyper import Hyperparameter, get_transform
+from .rng import noise_key
+
+NOISE_BACKENDS = ("auto", "reference", "cpp")
+NOISE_MODES = reference.NOISE_MODES
+NOISE_PER = ("layer", "unit")
+
+
+# ---------------------------------------------------------------------------------------------
+# no_noise
+# ---------------------------------------------------------------------------------------------
+_state = threading.local()
+
+
+class no_noise(contextlib.ContextDecorator):  # noqa: N801  (named like torch.no_grad)
+    """Turn every ``GaussianNoise`` into the identity in this thread, as a context manager
+    (``with t1t2_fast.no_noise(): ...``) or a decorator (``@no_noise`` or ``@no_noise()``).
+    Nests; other threads keep their noise. ``T1T2.hyper_step`` runs the validation closure inside it."""
+
+    def __new__(cls, func=None):
+        self = super().__new__(cls)
+        return self(func) if callable(func) else self  # bare @no_noise
+
+    def __enter__(self):
+        _state.depth = getattr(_state, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc):
+        _state.depth -= 1
+        return False
+
+
+def noise_enabled() -> bool:
+    """False inside ``no_noise()`` (in this thread)."""
+    return getattr(_state, "depth", 0) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The differentiable op
+# ---------------------------------------------------------------------------------------------
+def use_compiled(backend: str, device: torch.device) -> bool:
+    """Whether the noise ops run compiled (torch.ops.t1t2) for tensors on ``device``: backend
+    "reference" never, "cpp" always (a clear error where it cannot), "auto" where the extension has
+    a kernel for the device."""
+    if backend not in NOISE_BACKENDS:
+        raise ValueError(f"unknown noise backend={backend!r}; expected one of {NOISE_BACKENDS}")
+    if backend == "reference":
+        return False
+    available = _extension.AVAILABLE
+    has_kernel = available and (device.type == "cpu" or (
+        device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("t1t2::gaussian_noise", "CUDA")))
+    if backend == "cpp" and not has_kernel:
+        why = (f"the compiled extension did not load ({_extension.LOAD_ERROR}); build it with "
+               f"`pip install --no-build-isolation -e .`" if not available else
+               f"this build has no kernel for tensors on {device} (CUDA kernels need a build with T1T2_CUDA=1)")
+        raise RuntimeError(f"GaussianNoise backend='cpp': {why}; or use backend='auto' or 'reference'")
+    if not available and device.type == "cpu":
+        _extension.warn_if_missing()
+    return has_kernel
+
+
+def noise_backward(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, need_sigma_grad, compiled):
+    """(∂L/∂x or None, ∂L/∂σ or None) of ``gaussian_noise`` for a backward pass. ``x`` may be None
+    unless the multiplicative ∂L/∂σ is needed. Under create_graph (grad mode on in the backward and
+    an input that requires grad) the reference formula built from differentiable torch ops runs, so
+    that ∂L/∂σ and ∂L/∂x can be differentiated again; otherwise the fused op (``compiled``) or the
+    reference under no_grad."""
+    grad_y = grad_y.contiguous()
+    x = grad_y if x is None else x  # additive mode reads only its shape and dtype
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, sigma))
+    # additive ∂L/∂x is g itself: no kernel, no copy
+    op_x_grad = need_x_grad and mode == "multiplicative"
+    grad_x = grad_sigma = None
+    if op_x_grad or need_sigma_grad:
+        if compiled and not differentiable:
+            from . import ops
+            grad_x, grad_sigma = ops.gaussian_noise_backward(grad_y, x.contiguous(), sigma.contiguous(), key,
+                                                             channels, inner, mode, op_x_grad, need_sigma_grad)
+        else:
+            grad_x, grad_sigma = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode,
+                                                                   op_x_grad, need_sigma_grad)
+    if need_x_grad and not op_x_grad:
+        grad_x = grad_y
+    return (grad_x if need_x_grad else None), (grad_sigma if need_sigma_grad else None)
+
+
+class _GaussianNoiseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sigma, key, channels, inner, mode, compiled):
+        if compiled:
+            from . import ops
+            y = ops.gaussian_noise(x, sigma, key, channels, inner, mode)
+        else:
+            y = reference.gaussian_noise(x, sigma, key, channels, inner, mode)
+        ctx.noise_args = (key, channels, inner, mode)
+        ctx.compiled = compiled
+        keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]  # only the multiplicative ∂L/∂σ reads x
+        ctx.save_for_backward(x if keep_x else None, sigma)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, sigma = ctx.saved_tensors
+        grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[1], ctx.compiled)
+        return grad_x, grad_sigma, None, None, None, None, None
+
+
+def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int = 1, inner: int = 1,
+                   mode: str = "additive", backend: str = "auto") -> torch.Tensor:
+    """Differentiable y = x + σ_c ε (additive) or x·(1 + σ_c ε) (multiplicative) with
+    ε_i = randn(key, i) over the contiguous x and c = (i // inner) % channels. ``sigma``: ``channels``
+    values in the compute dtype (float64 for float64 x, float32 otherwise). The backward regenerates
+    ε (nothing but x, in multiplicative mode, is saved) and is itself differentiable (create_graph).
+    ``backend``: "auto" | "cpp" | "reference" (see ``use_compiled``)."""
+    compiled = use_compiled(backend, x.device)
+    return _GaussianNoiseFunction.apply(x.contiguous(), sigma, int(key), int(channels), int(inner), mode, compiled)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+class GaussianNoise(nn.Module):
+    """Gaussian noise whose std σ = φ(λ) is a T1-T2 hyperparameter.
+
+    Args:
+        std: initial σ in natural scale: a number, or for per="unit" also one value per feature.
+        per: "layer" (one σ) or "unit" (one σ per feature, i.e. per index of dim 1 of the input:
+            the features of an (N, F) input, the channels of an (N, C, H, W) one).
+        num_features: size of dim 1 of the input; required for per="unit".
+        mode: "additive" (y = x + σε) or "multiplicative" (y = x(1 + σε), Gaussian dropout).
+        transform: φ, "linear" (default, σ = λ, as in the paper), "log" or "softplus"
+            (t1t2_fast.hyper).
+        bounds: (lo, hi) for σ in natural scale (None: unbounded); ``project()`` clamps λ into them.
+        backend: "auto" | "cpp" | "reference" for the noise op.
+
+    The raw λ lives in the buffer ``raw`` (shape () or (num_features,)), not in ``parameters()``:
+    the T1-T2 optimizer, not the training optimizer, updates it, in place.
+
+    Noise acts in training mode, outside ``no_noise()``, and where σ is not all zero (or while
+    recording σ-gradients); otherwise forward returns x itself. Keys: when ``seed`` is set (the
+    optimizer sets ``seed`` and ``step``), the k-th forward since ``reset_calls()`` draws with
+    key = noise_key(seed, step, k), so re-running a closure after ``reset_calls()`` replays the same
+    ε exactly; with ``seed`` None every forward draws a fresh key from torch's global generator
+    (``torch.manual_seed`` makes a run repeatable).
+
+    ``record_grad(True)``: each forward uses σ as a fresh leaf tensor, and every backward through it
+    adds ∂L/∂σ (natural scale, not ∂L/∂λ) into ``sigma_grad`` (shaped like ``raw``), summed over the
+    forwards since ``reset_calls()``. With ``backward(create_graph=True)``, ``sigma_grad`` stays
+    differentiable (e.g. with respect to the model's parameters).
+    """
+
+    def __init__(self, std, per: str = "layer", num_features: int | None = None, mode: str = "additive",
+                 transform: str = "linear", bounds: tuple[float | None, float | None] = (0.0, None),
+                 backend: str = "auto"):
+        super().__init__()
+        if per not in NOISE_PER:
+            raise ValueError(f"GaussianNoise: unknown per={per!r}; expected one of {NOISE_PER}")
+        if mode not in NOISE_MODES:
+            raise ValueError(f"GaussianNoise: unknown mode={mode!r}; expected one of {NOISE_MODES}")
+        if backend not in NOISE_BACKENDS:
+            raise ValueError(f"GaussianNoise: unknown backend={backend!r}; expected one of {NOISE_BACKENDS}")
+        if per == "unit":
+            if not isinstance(num_features, int) or num_features < 1:
+                raise ValueError(f"GaussianNoise(per='unit') needs num_features = the size of dim 1 of its input "
+                                 f"(a positive int), got {num_features!r}")
+        elif num_features is not None:
+            raise ValueError("GaussianNoise: num_features is only used with per='unit'")
+        self.per, self.mode, self.num_features, self.backend = per, mode, num_features, backend
+        self.transform = get_transform(transform)
+        lo, hi = bounds
+        self.bounds = (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+        shape = (num_features,) if per == "unit" else ()
+        init = torch.as_tensor(std, dtype=torch.float64).flatten()
+        if init.numel() == 1:
+            init = init.expand(shape if shape else 1)
+        if init.numel() != max(1, math.prod(shape)):
+            raise ValueError(f"GaussianNoise: std must be a number or {num_features} values (one per feature), "
+                             f"got {init.numel()} values")
+        raw = []
+        for value in init.tolist():
+            self.transform.check_init(value, "GaussianNoise std")
+            if not self.bounds[0] <= value <= self.bounds[1]:
+                raise ValueError(f"GaussianNoise: std {value} lies outside bounds {self.bounds}")
+            raw.append(self.transform.inverse(value))
+        self.register_buffer("raw", torch.tensor(raw, dtype=torch.get_default_dtype()).reshape(shape))
+        self.seed: int | None = None
+        self.step: int | None = None
+        self.sigma_grad: torch.Tensor | None = None
+        self._calls = 0
+        self._recording = False
+        self._sigma_leaves: list[torch.Tensor] = []
+
+    # ---- the hyperparameter ----
+    def value(self) -> torch.Tensor:
+        """σ = φ(λ), shaped like ``raw``."""
+        return self.transform.value(self.raw)
+
+    def derivative(self) -> torch.Tensor:
+        """dσ/dλ, shaped like ``raw``."""
+        return self.transform.derivative(self.raw)
+
+    def hyperparameter(self, name: str = "noise") -> Hyperparameter:
+        """The raw λ as a t1t2_fast.hyper.Hyperparameter (it shares ``raw``'s storage)."""
+        return Hyperparameter(name, "noise", False, self.transform, self.raw, self.bounds)
+
+    def project(self) -> None:
+        """Clamp λ so that σ stays inside ``bounds``."""
+        self.hyperparameter().project()
+
+    # ---- keys and σ-gradients ----
+    def reset_calls(self) -> None:
+        """Start counting forwards from 0 again (the next forward replays the first key of this
+        seed/step) and, while recording, zero ``sigma_grad``."""
+        self._calls = 0
+        self._sigma_leaves = []
+        self.sigma_grad = torch.zeros_like(self.raw) if self._recording else None
+
+    def record_grad(self, enabled: bool = True) -> "GaussianNoise":
+        """Start (or stop) accumulating ∂L/∂σ of the forwards into ``sigma_grad``."""
+        self._recording = bool(enabled)
+        self._sigma_leaves = []
+        self.sigma_grad = torch.zeros_like(self.raw) if self._recording else None
+        return self
+
+    @property
+    def sigma_leaves(self) -> list[torch.Tensor]:
+        """The σ leaf tensors of the forwards since ``reset_calls()`` while recording (inputs for
+        ``torch.autograd.grad``)."""
+        return list(self._sigma_leaves)
+
+    def _accumulate(self, grad: torch.Tensor) -> None:
+        if self.sigma_grad is not None:
+            self.sigma_grad = self.sigma_grad + grad.reshape(self.raw.shape).to(self.raw.dtype)
+
+    def _next_key(self, draw: bool) -> int | None:
+        call = self._calls
+        self._calls += 1
+        if self.seed is not None:
+            return noise_key(self.seed, 0 if self.step is None else self.step, call)
+        return int(torch.randint(0, 2**63 - 1, ()).item()) if draw else None
+
+    # ---- forward ----
+    def _layout(self, x: torch.Tensor) -> tuple[int, int]:
+        if self.per == "layer":
+            return 1, 1
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"GaussianNoise(per='unit', num_features={self.num_features}) needs an input of shape "
+                             f"(N, {self.num_features}, ...), got {tuple(x.shape)}")
+        return self.num_features, math.prod(x.shape[2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not noise_enabled():
+            return x
+        channels, inner = self._layout(x)
+        sigma = self.value().detach()
+        active = self._recording or bool((sigma != 0).any())
+        key = self._next_key(draw=active)
+        if not active:
+            return x
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sigma = sigma.to(device=x.device, dtype=compute)
+        if self._recording:
+            sigma = sigma.clone().requires_grad_(True)
+            sigma.register_hook(self._accumulate)
+            self._sigma_leaves.append(sigma)
+        return gaussian_noise(x, sigma, key, channels, inner, self.mode, self.backend)
+
+    # ---- housekeeping ----
+    def _apply(self, fn, recurse=True):
+        # model.half() / .bfloat16() must not round the hyperparameter: keep λ in float32 or wider
+        raw = self.raw
+        super()._apply(fn, recurse)
+        if self.raw.dtype in (torch.float16, torch.bfloat16):
+            self.raw = raw.to(device=self.raw.device, dtype=torch.float32)
+        return self
+
+    def __getstate__(self):
+        # deepcopy / pickle: drop the autograd graph of the current step (σ leaves, a sigma_grad
+        # built with create_graph)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_sigma_leaves"] = []
+        if state.get("sigma_grad") is not None:
+            state["sigma_grad"] = state["sigma_grad"].detach().clone()
+        return state
+
+    def extra_repr(self) -> str:
+        std = self.value().detach()
+        std = f"{std.item():g}" if std.dim() == 0 else f"[{std.numel()} values]"
+        unit = f", num_features={self.num_features}" if self.per == "unit" else ""
+        return f"std={std}, per={self.per!r}{unit}, mode={self.mode!r}, transform={self.transform.name!r}"
