@@ -17,6 +17,8 @@ class Backend:
     penalty_segment_dot: Callable
     t1_step_: Callable
     penalty_hypergrad: Callable
+    perturb_: Callable
+    restore_: Callable
 
 
 def _compiled_available() -> tuple[bool, str | None]:
@@ -32,13 +34,13 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         raise NotImplementedError("backend='triton' is not part of this version yet; "
                                   "use backend='auto', 'cpp' or 'reference'")
     if name == "reference":
-        return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad)
+        return _reference()
     available, error = _compiled_available()
     # CUDA tensors: the extension's CUDA kernels (csrc/cuda), registered only when it was built with
     # them; every op the Backend holds must have one.
     cuda_ok = available and device.type == "cuda" and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"t1t2::{op}", "CUDA")
-        for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad"))
+        for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_"))
     compiled_ok = available and (device.type == "cpu" or cuda_ok)
     if name == "cpp":
         if not available:
@@ -54,8 +56,14 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
                                f"parameters are on {device}. Use backend='auto' or 'reference'")
     if compiled_ok:
         from . import ops
-        return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_, ops.penalty_hypergrad)
+        return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_, ops.penalty_hypergrad, ops.perturb_,
+                       ops.restore_)
     if device.type == "cpu":
         from ._extension import warn_if_missing
         warn_if_missing()
-    return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad)
+    return _reference()
+
+
+def _reference() -> Backend:
+    return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad,
+                   reference.perturb_, reference.restore_)

@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoupled", action="store_true",
                    help="apply L2 outside the optimizer's preconditioner (AdamW-style weight decay)")
 
+    g.add_argument("--noise", type=_noise_sites, default=(), metavar="SITES",
+                   help="Gaussian noise hyperparameters (T2-tuned): 'input', 'hidden' or 'input,hidden' "
+                        "(noise on the input and/or after every hidden ReLU)")
+    g.add_argument("--noise-init", type=nonneg_float, default=0.1, metavar="STD",
+                   help="initial noise standard deviation")
+    g.add_argument("--noise-per", choices=("layer", "unit"), default="layer",
+                   help="one noise level per site, or one per feature")
+    g.add_argument("--noise-mode", choices=("additive", "multiplicative"), default="additive",
+                   help="y = x + σε or y = x(1 + σε)")
+    g.add_argument("--noise-hypergrad", choices=("fd", "fd-central", "exact"), default="fd",
+                   help="how T2 differentiates through the noise: forward or central finite differences "
+                        "of ∇σL along J⊙v, or exact double backward")
+    g.add_argument("--fd-eps", type=positive_float, default=1e-3,
+                   help="finite-difference step length in parameter space (fd, fd-central)")
+
     g = tr.add_argument_group("training (T1)")
     g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the weights")
     g.add_argument("--lr", type=positive_float, default=None,
@@ -175,15 +190,40 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # train
 # ---------------------------------------------------------------------------------------------
-def make_mlp(num_features: int, num_classes: int, width: int, depth: int):
-    """An MLP with named layers (fc1..fcN, out), so hyperparameters read ``l2.fc1.weight``."""
+NOISE_SITES = ("input", "hidden")
+
+
+def _noise_sites(text: str) -> tuple[str, ...]:
+    sites = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in sites if t not in NOISE_SITES]
+    if bad or not sites:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(NOISE_SITES)}, "
+                                         f"got {text!r}")
+    return sites
+
+
+def make_mlp(num_features: int, num_classes: int, width: int, depth: int, noise: tuple[str, ...] = (),
+             noise_init: float = 0.1, noise_per: str = "layer", noise_mode: str = "additive"):
+    """An MLP with named layers (fc1..fcN, out), so hyperparameters read ``l2.fc1.weight``; with
+    ``noise``, GaussianNoise modules ``input`` (before fc1) and ``hidden<i>`` (after relu<i>), whose
+    levels are the hyperparameters ``noise.input``, ``noise.hidden1``, ..."""
     from torch import nn
 
+    from .noise import GaussianNoise
+
+    def noise_layer(features):
+        return GaussianNoise(noise_init, per=noise_per, num_features=features if noise_per == "unit" else None,
+                             mode=noise_mode)
+
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    if "input" in noise:
+        layers["input"] = noise_layer(num_features)
     fan_in = num_features
     for i in range(1, depth + 1):
         layers[f"fc{i}"] = nn.Linear(fan_in, width)
         layers[f"relu{i}"] = nn.ReLU()
+        if "hidden" in noise:
+            layers[f"hidden{i}"] = noise_layer(width)
         fan_in = width
     layers["out"] = nn.Linear(fan_in, num_classes)
     return nn.Sequential(layers)
@@ -294,7 +334,10 @@ def _train(args) -> int:
     log_every = args.log_every or max(1, total_steps // 200)
 
     _seed_everything(args.seed)
-    model = make_mlp(data.num_features, data.num_classes, args.width, args.depth).to(device)
+    if "hidden" in args.noise and args.depth == 0:
+        raise UsageError("--noise hidden needs hidden layers (--depth >= 1)")
+    model = make_mlp(data.num_features, data.num_classes, args.width, args.depth, noise=args.noise,
+                     noise_init=args.noise_init, noise_per=args.noise_per, noise_mode=args.noise_mode).to(device)
     penalties = []
     if args.l2 > 0:
         penalties.append(t1t2.L2(args.l2, per=args.per, decoupled=args.decoupled))
@@ -305,12 +348,13 @@ def _train(args) -> int:
     try:
         opt = t1t2.T1T2(model, penalties, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                         nesterov=args.nesterov, hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr,
-                        hyper_every=args.hyper_every, hypergrad=args.hypergrad, backend=args.backend,
+                        hyper_every=args.hyper_every, hypergrad=args.hypergrad,
+                        noise_hypergrad=args.noise_hypergrad, fd_eps=args.fd_eps, backend=args.backend,
                         seed=args.seed)
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise UsageError(str(exc)) from None
     backend_name = getattr(getattr(opt, "backend", None), "name", args.backend)
-    tuning = bool(penalties)
+    tuning = bool(opt.hyperparameters())
 
     out = args.out or _default_out(args)
     os.makedirs(out, exist_ok=True)
@@ -322,7 +366,7 @@ def _train(args) -> int:
               f"{'-' if args.depth else ''}{data.num_classes}; {total_steps} steps "
               f"({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), backend {backend_name}")
         if not tuning:
-            print("no penalty selected (--l2 0 and no --l1): plain training, nothing to tune")
+            print("no penalty or noise selected (--l2 0, no --l1, no --noise): plain training, nothing to tune")
 
     gen = torch.Generator().manual_seed(args.seed)
     val_gen = torch.Generator().manual_seed(args.seed + 1)
@@ -466,31 +510,43 @@ def _plot(path, columns, rows, hyper_names, bands, title):
     from matplotlib.figure import Figure
 
     steps = [r[0] for r in rows]
-    fig = Figure(figsize=(12, 4.6))
-    ax_h, ax_l = fig.subplots(1, 2)
-    layer_colors: dict[str, str] = {}
+    penalty_names = [n for n in hyper_names if not n.startswith("noise")]
+    noise_names = [n for n in hyper_names if n.startswith("noise")]
+    fig = Figure(figsize=(17 if noise_names else 12, 4.6))
+    axes = fig.subplots(1, 3 if noise_names else 2)
+    ax_h, ax_l = axes[0], axes[-1]
     palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
-    for j, name in enumerate(hyper_names):
-        kind, _, target = name.partition(".")
-        color = layer_colors.setdefault(target, palette[len(layer_colors) % len(palette)])
-        values = [r[3 + j] for r in rows]
-        style = "-" if kind == "l2" else "--"
-        label = columns[3 + j]
-        ax_h.plot(steps, values, style, color=color, label=label, lw=1.6)
-        lo, hi = zip(*bands[name])
-        if any(a != b for a, b in zip(lo, hi)):
-            ax_h.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
-    if hyper_names:
-        ax_h.set_yscale("log")
-        ax_h.legend(fontsize=8, loc="best")
-        ax_h.set_title("hyperparameters (natural scale; band: min-max over entries)"
-                       if any(any(a != b for a, b in bands[n]) for n in hyper_names) else "hyperparameters")
-    else:
-        ax_h.text(0.5, 0.5, "no hyperparameters tuned", ha="center", va="center", transform=ax_h.transAxes)
-        ax_h.set_title("hyperparameters")
-    ax_h.set_xlabel("step")
+
+    def draw(ax, names, log, what):
+        layer_colors: dict[str, str] = {}
+        for name in names:
+            j = hyper_names.index(name)
+            kind, _, target = name.partition(".")
+            color = layer_colors.setdefault(target, palette[len(layer_colors) % len(palette)])
+            ax.plot(steps, [r[3 + j] for r in rows], "--" if kind == "l1" else "-", color=color,
+                    label=columns[3 + j], lw=1.6)
+            lo, hi = zip(*bands[name])
+            if any(a != b for a, b in zip(lo, hi)):
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.15, lw=0)
+        banded = any(any(a != b for a, b in bands[n]) for n in names)
+        if names:
+            if log:
+                ax.set_yscale("log")
+            ax.legend(fontsize=8, loc="best")
+            ax.set_title(f"{what} (natural scale; band: min-max over entries)" if banded else what)
+        else:
+            ax.text(0.5, 0.5, "no penalty tuned", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(what)
+        ax.set_xlabel("step")
+        ax.grid(True, which="both", alpha=0.3)
+
+    draw(ax_h, penalty_names if noise_names else hyper_names, True, "penalty hyperparameters")
     ax_h.set_ylabel("coefficient c (log scale)")
-    ax_h.grid(True, which="both", alpha=0.3)
+    if not hyper_names:
+        ax_h.texts[0].set_text("no hyperparameters tuned")
+    if noise_names:
+        draw(axes[1], noise_names, False, "noise levels")
+        axes[1].set_ylabel("noise std σ")
 
     ax_l.plot(steps, [r[1] for r in rows], label="train (whole split)", lw=1.6)
     ax_l.plot(steps, [r[2] for r in rows], label="validation (whole split)", lw=1.6)

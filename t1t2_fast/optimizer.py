@@ -1,7 +1,7 @@
 """The ``T1T2`` optimizer: T1 steps on the training loss, T2 steps on the hyperparameters.
 
-The math is DESIGN.md §2. The T1 update runs in PyTorch (``reference`` math); the T2 reductions go
-through the selected backend's fused ops.
+The math is DESIGN.md §2. The T1 update and the T2 penalty reductions run through the selected
+backend's fused ops; noise hyperparameters are handled in ``noise_hyper``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import reference
+from . import noise_hyper, reference
 from .backend import Backend, resolve_backend
 from .hyper import Hyperparameter, Penalty, bind_penalties
 from .steps import penalty_hypergrads, t1_step
@@ -52,13 +52,17 @@ class T1T2(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  hyper_optimizer: str = "adam", hyper_lr: float = 1e-3,
                  hyper_betas: tuple[float, float] = (0.9, 0.999), hyper_eps: float = 1e-8,
-                 hyper_every: int = 1, hypergrad: str = "exact", backend: str = "auto", seed: int = 0):
+                 hyper_every: int = 1, hypergrad: str = "exact", noise_hypergrad: str = "fd",
+                 fd_eps: float = 1e-3, backend: str = "auto", seed: int = 0):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS)
         _check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
+        _check_choice("noise_hypergrad", noise_hypergrad, noise_hyper.NOISE_HYPERGRAD_MODES)
+        if not (fd_eps > 0 and math.isfinite(fd_eps)):
+            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
         if not (lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if not 0 <= momentum < 1:
@@ -104,6 +108,12 @@ class T1T2(torch.optim.Optimizer):
         self._stash: dict | None = None
         self._stash_buffers: dict = {}  # reused stash storage (see steps.t1_step)
         self.last_hypergrad: dict[str, torch.Tensor] = {}
+        # Noise hyperparameters: the model's GaussianNoise modules (DESIGN.md §2).
+        self.noise_hypergrad_mode, self.fd_eps = noise_hypergrad, float(fd_eps)
+        self._model = model
+        self._noise = noise_hyper.bind_noise(model, self.seed)
+        self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
+        self._prepare_noise()
 
     # -- public views -----------------------------------------------------------------------
     @property
@@ -115,33 +125,59 @@ class T1T2(torch.optim.Optimizer):
         """True right after a T1 step whose stash a ``hyper_step`` can use."""
         return self._stash is not None
 
+    @property
+    def all_hypers(self) -> list[Hyperparameter]:
+        """Penalty hyperparameters, then noise ones."""
+        return self.hypers + [b.hyper for b in self._noise]
+
     def hyperparameters(self) -> dict[str, float | torch.Tensor]:
         """{name: value c in natural scale}: a float for network/layer, a tensor for unit/element."""
         out = {}
-        for h in self.hypers:
+        for h in self.all_hypers:
             c = h.value().detach()
             out[h.name] = c.item() if c.dim() == 0 else c.clone()
         return out
 
     def raw_hyperparameters(self) -> dict[str, torch.Tensor]:
         """{name: raw λ}; the tensors themselves, so in-place writes change the hyperparameters."""
-        return {h.name: h.raw for h in self.hypers}
+        return {h.name: h.raw for h in self.all_hypers}
 
     # -- T1 -----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One T1 step. With a closure: zero the grads, evaluate it, backward, update. Without: use
-        the existing ``.grad``. Returns the (detached) training loss, or None without a closure."""
-        loss = None
+        the existing ``.grad`` (noise hyperparameters then need ``hyper_step(val, train=closure)``).
+        Returns the (detached) training loss, or None without a closure."""
+        stash_now = (self.steps + 1) % self.hyper_every == 0
+        loss, rng = None, None
         if closure is not None:
+            if self._noise:
+                self._prepare_noise()  # the noise keys of this step, from its first forward
+                rng = noise_hyper.rng_state(self.params[0].device) if stash_now else None
             with torch.enable_grad():
                 self.zero_grad(set_to_none=True)
                 loss = _scalar_loss(closure(), "training")
                 loss.backward()
             loss = loss.detach()
+        g0 = None
+        if self._noise and stash_now and self.noise_hypergrad_mode == "fd":
+            g0 = noise_hyper.recorded_grads(self._noise, self.compute_dtype)
         self.steps += 1
-        stash_now = self.steps % self.hyper_every == 0
         self._stash = self._t1_update(stash_now)
+        if self._stash is not None and self._noise:
+            self._stash["noise"] = {"g0": g0, "step": self.steps,
+                                    "replay": None if closure is None else
+                                    noise_hyper.Replay(closure, self.steps, rng)}
+        self._prepare_noise()  # for a forward the user runs before the next step()
         return loss
+
+    def _prepare_noise(self) -> None:
+        """Key the noise modules for the next T1 step; record ∇σL when that step feeds an 'fd'
+        hypergradient (it comes for free from the T1 backward)."""
+        if not self._noise:
+            return
+        nxt = self.steps + 1
+        record = self.noise_hypergrad_mode == "fd" and nxt % self.hyper_every == 0
+        noise_hyper.prepare(self._noise, nxt, record)
 
     def _t1_update(self, stash: bool) -> dict | None:
         group = self.param_groups[0]
@@ -153,9 +189,12 @@ class T1T2(torch.optim.Optimizer):
                        buffers=self._stash_buffers)
 
     # -- T2 -----------------------------------------------------------------------------------
-    def hyper_step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure, hypergradients through the last
-        T1 step, then the hyper-optimizer update. Returns the (detached) validation loss."""
+    def hyper_step(self, closure: Callable[[], torch.Tensor],
+                   train: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run without noise),
+        hypergradients through the last T1 step, then the hyper-optimizer update. Noise
+        hyperparameters rerun the T1 step's training closure (the one given to ``step``, or
+        ``train`` here). Returns the (detached) validation loss."""
         if self._stash is None:
             if self.steps == 0:
                 raise RuntimeError("hyper_step() called before any step(): run a T1 step first")
@@ -163,23 +202,49 @@ class T1T2(torch.optim.Optimizer):
                                f"stashes are taken every hyper_every={self.hyper_every} steps and used once. "
                                f"Call hyper_step only when opt.hyper_due is True")
         stash, self._stash = self._stash, None
+        replay = None
+        if self._noise:
+            replay = stash["noise"]["replay"]
+            if train is not None:
+                replay = noise_hyper.Replay(train, stash["noise"]["step"], None)
+            if replay is None:
+                raise RuntimeError("the model has noise hyperparameters, whose hypergradient reruns the T1 step's "
+                                   "training loss: call step(closure), or pass it here as "
+                                   "hyper_step(val_closure, train=train_closure)")
         indices = sorted(stash["theta"])
-        with torch.enable_grad():
+        with torch.enable_grad(), noise_hyper.no_noise():
             loss = _scalar_loss(closure(), "validation")
             grads = torch.autograd.grad(loss, [self.params[i] for i in indices], allow_unused=True)
         acc = self.compute_dtype
         v = [torch.zeros_like(stash["theta"][i]) if g is None else g.detach().to(acc).contiguous()
              for i, g in zip(indices, grads)]
         hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash)
+        if self._noise:
+            u = [v_i * stash["jac"][i] for i, v_i in zip(indices, v)]
+            params = [self.params[i] for i in indices]
+            hypergrads.update(noise_hyper.noise_hypergrads(
+                mode=self.noise_hypergrad_mode, fd_eps=self.fd_eps, backend=self.backend, model=self._model,
+                bindings=self._noise, params=params, theta=[stash["theta"][i] for i in indices], u=u,
+                g0=stash["noise"]["g0"], replay=replay, save=self._saved_theta(indices), dtype=acc))
         self.last_hypergrad = hypergrads
         self._hyper_update(hypergrads)
         self.hyper_steps += 1
         return loss.detach()
 
+    def _saved_theta(self, indices: list[int]) -> list[torch.Tensor]:
+        """Buffers that hold θ⁺ while the noise hypergradient moves θ (kept between hyper steps)."""
+        out = []
+        for i in indices:
+            p, buf = self.params[i], self._save_buffers.get(i)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = self._save_buffers[i] = torch.empty_like(p)
+            out.append(buf)
+        return out
+
     @torch.no_grad()
     def _hyper_update(self, hypergrads: dict[str, torch.Tensor]) -> None:
         t = self.hyper_steps + 1
-        for h in self.hypers:
+        for h in self.all_hypers:
             g = hypergrads[h.name]
             if self.hyper_optimizer_name == "sgd":
                 h.raw.add_(g, alpha=-self.hyper_lr)
@@ -205,6 +270,10 @@ class T1T2(torch.optim.Optimizer):
             stash = {"lr": self._stash["lr"],
                      "theta": {self.param_names[i]: t.clone() for i, t in self._stash["theta"].items()},
                      "jac": {self.param_names[i]: clone(j) for i, j in self._stash["jac"].items()}}
+            if "noise" in self._stash:  # the training closure itself is not saved: pass hyper_step(train=)
+                g0 = self._stash["noise"]["g0"]
+                stash["noise"] = {"step": self._stash["noise"]["step"],
+                                  "g0": None if g0 is None else [g.clone() for g in g0]}
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return {
             "version": 1,
@@ -212,7 +281,7 @@ class T1T2(torch.optim.Optimizer):
             "state": state,
             "steps": self.steps,
             "hyper_steps": self.hyper_steps,
-            "raw": {h.name: h.raw.detach().clone() for h in self.hypers},
+            "raw": {h.name: h.raw.detach().clone() for h in self.all_hypers},
             "hyper_state": {n: {k: v.clone() for k, v in st.items()} for n, st in self._hyper_state.items()},
             "stash": stash,
             "last_hypergrad": {n: g.clone() for n, g in self.last_hypergrad.items()},
@@ -222,7 +291,7 @@ class T1T2(torch.optim.Optimizer):
         if state_dict.get("version") != 1:
             raise ValueError("not a T1T2 state_dict (missing version 1); was it saved by T1T2.state_dict()?")
         names = {n: i for i, n in enumerate(self.param_names)}
-        ours = {h.name for h in self.hypers}
+        ours = {h.name for h in self.all_hypers}
         theirs = set(state_dict["raw"])
         if ours != theirs:
             raise ValueError(f"state_dict hyperparameters {sorted(theirs)} do not match this optimizer's "
@@ -238,7 +307,7 @@ class T1T2(torch.optim.Optimizer):
             self.state[self.params[names[n]]] = {k: move(v) for k, v in st.items()}
         self.steps, self.hyper_steps = int(state_dict["steps"]), int(state_dict["hyper_steps"])
         with torch.no_grad():
-            for h in self.hypers:
+            for h in self.all_hypers:
                 h.raw.copy_(state_dict["raw"][h.name])
         self._hyper_state = {n: {k: v.to(dev).clone() for k, v in st.items()}
                              for n, st in state_dict["hyper_state"].items()}
@@ -247,6 +316,11 @@ class T1T2(torch.optim.Optimizer):
             "lr": stash["lr"],
             "theta": {names[n]: t.to(dev).clone() for n, t in stash["theta"].items()},
             "jac": {names[n]: move(j) for n, j in stash["jac"].items()}}
+        if stash is not None and self._noise:
+            saved = stash.get("noise") or {"step": self.steps, "g0": None}
+            self._stash["noise"] = {"step": saved["step"], "replay": None,
+                                    "g0": None if saved["g0"] is None else [g.to(dev).clone() for g in saved["g0"]]}
+        self._prepare_noise()
         self.last_hypergrad = {n: g.to(dev).clone() for n, g in state_dict["last_hypergrad"].items()}
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything for deepcopy.
@@ -254,7 +328,7 @@ class T1T2(torch.optim.Optimizer):
         return self.__dict__.copy()
 
     def __repr__(self):
-        hs = ", ".join(h.name for h in self.hypers) or "none"
+        hs = ", ".join(h.name for h in self.all_hypers) or "none"
         return (f"T1T2(optimizer={self.optimizer_name!r}, lr={self.param_groups[0]['lr']}, "
                 f"hypergrad={self.hypergrad_mode!r}, hyper_every={self.hyper_every}, "
                 f"backend={self.backend.name!r}, hyperparameters=[{hs}])")

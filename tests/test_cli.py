@@ -107,6 +107,21 @@ def test_without_penalties_it_trains_plainly(tmp_path):
     assert_valid_png(tmp_path / "trajectories.png")
 
 
+@pytest.mark.parametrize("mode", ["fd", "exact"])
+def test_noise_levels_are_tuned_logged_and_plotted(tmp_path, mode):
+    rc = run(tmp_path, "--steps", "12", "--depth", "1", "--noise", "input,hidden", "--noise-per", "unit",
+             "--noise-init", "0.2", "--noise-hypergrad", mode)
+    assert rc == 0
+    header, rows = read_log(tmp_path)
+    assert header == ["step", "train_loss", "val_loss", "l2.fc1.weight", "l2.out.weight", "noise.input[mean]",
+                      "noise.hidden1[mean]"]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["hyperparameters"]["noise.hidden1"]["shape"] == [16]
+    assert m["hyperparameters"]["noise.input"]["mean"] != pytest.approx(0.2, rel=1e-6)  # T2 moved it
+    assert m["config"]["noise_hypergrad"] == mode
+    assert_valid_png(tmp_path / "trajectories.png")
+
+
 def test_mnist1d(tmp_path):
     pytest.importorskip("mnist1d")
     assert run(tmp_path, "--dataset", "mnist1d", "--samples", "300", "--steps", "8", "--per", "network") == 0
@@ -136,6 +151,8 @@ def test_missing_mnist1d_names_the_install_command(tmp_path, monkeypatch, capsys
     (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum > 0"),
     (["--l2", "0", "--decoupled"], "--decoupled needs L2"),
     (["--backend", "triton"], "triton"),
+    (["--noise", "output"], "--noise: expected a comma-separated subset of input, hidden"),
+    (["--noise", "hidden", "--depth", "0"], "--noise hidden needs hidden layers"),
 ])
 def test_bad_flags_give_a_message_and_exit_status_2(tmp_path, capsys, args, message):
     assert run(tmp_path, *args) == 2

@@ -1,0 +1,195 @@
+"""Noise hyperparameters inside ``T1T2``: binding the model's ``GaussianNoise`` modules, their keys,
+and the hypergradient of a noise level (DESIGN.md §2)
+
+    h_σ = dσ/dλ · ∂/∂σ [uᵀ ∇θL(θ; σ, ε)],   u = J ⊙ v,
+
+a mixed second derivative through the network at the pre-step θ and the T1 step's own noise
+sample ε. Three ways to get it (``noise_hypergrad=``):
+
+- ``"fd"``: (∇σL(θ + r u) − ∇σL(θ)) / r with r = fd_eps / ‖u‖₂; ∇σL(θ) comes from the T1
+  backward, so this costs one extra forward/backward.
+- ``"fd-central"``: (∇σL(θ + r u) − ∇σL(θ − r u)) / (2r): two extra passes, error O(r²).
+- ``"exact"``: one forward at θ, the parameter gradient with ``create_graph=True``, and a second
+  backward of uᵀ∇θL to σ. Exact to rounding; holds the double-backward graph.
+
+θ is moved with the fused ``perturb_`` op (θ ← θ_stash + s·u, first saving θ⁺) and put back with
+``restore_``, a bit-exact copy of θ⁺. Each extra pass replays the T1 step's ε (the modules' keys
+depend on the step and the call index only), its dropout masks (torch's generator is rewound to
+the state the T1 closure saw, then returned to where training left it), and leaves the model's
+buffers (BatchNorm running statistics) as the T1 step left them.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .hyper import Hyperparameter
+from .noise import GaussianNoise, no_noise
+from .rng import noise_key
+
+NOISE_HYPERGRAD_MODES = ("fd", "fd-central", "exact")
+
+
+@dataclass
+class NoiseBinding:
+    """One GaussianNoise module of the model and the hyperparameter that holds its level."""
+
+    hyper: Hyperparameter
+    module: GaussianNoise
+    index: int  # position among the model's noise modules: part of the noise key
+
+
+def bind_noise(model: nn.Module, seed: int) -> list[NoiseBinding]:
+    """The model's GaussianNoise modules as hyperparameters ``noise.<module name>``. The raw tensor
+    is the module's own buffer, so the hyper-optimizer's in-place updates reach the module."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, GaussianNoise):
+            k = len(out)
+            hyper = Hyperparameter(f"noise.{name}" if name else "noise", "noise", False, module.transform,
+                                   module.raw, tuple(module.bounds), [])
+            out.append(NoiseBinding(hyper, module, k))
+            module.seed = noise_key(seed, k)
+    return out
+
+
+def prepare(bindings: list[NoiseBinding], step: int, record: bool) -> None:
+    """Key the modules' noise for T1 step ``step`` (1-based) from the first forward on, and say
+    whether their forwards should keep σ as a leaf whose gradient can be read back."""
+    for b in bindings:
+        b.module.step = step
+        b.module.reset_calls()
+        b.module.record_grad(record)
+
+
+def recorded_grads(bindings: list[NoiseBinding], dtype: torch.dtype) -> list[torch.Tensor]:
+    """∂L/∂σ per module, summed over the forwards since ``prepare`` (zeros if none reached σ)."""
+    out = []
+    for b in bindings:
+        g = b.module.sigma_grad
+        out.append(torch.zeros_like(b.hyper.raw, dtype=dtype) if g is None else g.detach().to(dtype))
+    return out
+
+
+@dataclass
+class Replay:
+    """What a hyper step needs to rerun the training closure of the stashed T1 step."""
+
+    closure: Callable[[], torch.Tensor]
+    step: int
+    rng: tuple | None  # torch's generator state(s) just before the T1 closure ran
+
+
+def rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.random.get_rng_state(), cuda
+
+
+def set_rng_state(device: torch.device, state: tuple) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+@contextmanager
+def replaying(model: nn.Module, bindings: list[NoiseBinding], replay: Replay, device: torch.device, record: bool):
+    """Rerun conditions for the stashed step's training closure: same noise keys and generator
+    state, model buffers restored afterwards, training RNG stream and noise keys left as before."""
+    raws = {id(b.hyper.raw) for b in bindings}
+    buffers = [(b, b.clone()) for b in model.buffers() if id(b) not in raws]
+    after = rng_state(device)
+    saved = [(b.module.step, b.module._calls, b.module._recording) for b in bindings]
+    try:
+        if replay.rng is not None:
+            set_rng_state(device, replay.rng)
+        prepare(bindings, replay.step, record)
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in buffers:
+                b.copy_(copy)
+        set_rng_state(device, after)
+        for b, (step, calls, recording) in zip(bindings, saved):
+            b.module.record_grad(recording)
+            b.module.step, b.module._calls = step, calls
+
+
+def _closure_loss(closure) -> torch.Tensor:
+    from .optimizer import _scalar_loss  # one definition of the closure contract
+    return _scalar_loss(closure(), "training")
+
+
+def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bindings: list[NoiseBinding],
+                     params: list[torch.Tensor], theta: list[torch.Tensor], u: list[torch.Tensor],
+                     g0: list[torch.Tensor] | None, replay: Replay, save: list[torch.Tensor],
+                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Hypergradients of the raw noise hyperparameters (before the hyper-optimizer), h = dσ/dλ · ∂σ(uᵀ∇θL).
+
+    ``params`` are the tensors the T1 step updated (now θ⁺), ``theta`` their stashed pre-step
+    values and ``u`` = J ⊙ v, all aligned; ``save`` receives θ⁺ (same shapes and dtype as
+    params) so that it can be restored bit-exactly; ``g0`` is ∇σL(θ) from the T1 backward (fd)."""
+    device = params[0].device if params else torch.device("cpu")
+    zeros = {b.hyper.name: torch.zeros_like(b.hyper.raw) for b in bindings}
+    norm = math.sqrt(sum(float(x.double().pow(2).sum()) for x in u)) if u else 0.0
+    if norm == 0.0 or not math.isfinite(norm):
+        return zeros  # v ⊥ every direction the step can move, or a non-finite v: no information
+
+    def sigma_grads_at(scale: float) -> list[torch.Tensor]:
+        backend.perturb_(params, [], theta, u, scale)
+        with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
+            loss = _closure_loss(replay.closure)
+            leaves = [b.module.sigma_leaves for b in bindings]
+            flat = [x for group in leaves for x in group]
+            grads = torch.autograd.grad(loss, flat, allow_unused=True) if flat else []
+        return _sum_per_module(leaves, grads, bindings, dtype)
+
+    backend.perturb_(params, save, theta, u, 0.0)  # θ⁺ → save, θ ← θ_stash (exact: θ + 0·u)
+    try:
+        if mode == "exact":
+            with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
+                loss = _closure_loss(replay.closure)
+                grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+                inner = sum((g * ui.to(g.dtype)).sum() for g, ui in zip(grads, u) if g is not None)
+                leaves = [b.module.sigma_leaves for b in bindings]
+                flat = [x for group in leaves for x in group]
+                mixed = (torch.autograd.grad(inner, flat, allow_unused=True)
+                         if flat and isinstance(inner, torch.Tensor) and inner.requires_grad else [None] * len(flat))
+            h = _sum_per_module(leaves, mixed, bindings, dtype)
+        else:
+            r = fd_eps / norm
+            plus = sigma_grads_at(r)
+            if mode == "fd":
+                if g0 is None:
+                    raise RuntimeError("noise_hypergrad='fd' needs ∇σL(θ) from the T1 backward, and the T1 step "
+                                       "did not record it")
+                h = [(a - b) / r for a, b in zip(plus, g0)]
+            else:
+                minus = sigma_grads_at(-r)
+                h = [(a - b) / (2 * r) for a, b in zip(plus, minus)]
+    finally:
+        backend.restore_(params, save)
+    return {b.hyper.name: (b.hyper.derivative().detach().to(dtype) * hb.reshape(b.hyper.raw.shape)).to(
+        b.hyper.raw.dtype) for b, hb in zip(bindings, h)}
+
+
+def _sum_per_module(leaves, grads, bindings, dtype) -> list[torch.Tensor]:
+    out, k = [], 0
+    for b, group in zip(bindings, leaves):
+        total = torch.zeros(b.hyper.raw.shape, dtype=dtype, device=b.hyper.raw.device)
+        for _ in group:
+            g = grads[k]
+            k += 1
+            if g is not None:
+                total = total + g.detach().to(dtype).reshape(total.shape)
+        out.append(total)
+    return out
+
+
+__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "bind_noise", "prepare", "recorded_grads", "Replay",
+           "rng_state", "noise_hypergrads", "no_noise"]
