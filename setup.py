@@ -41,7 +41,7 @@ def extension_build():
         sys.exit(f"t1t2_fast: T1T2_CUDA=1 but torch {torch.__version__} was built without CUDA; "
                  "install a CUDA build of torch or set T1T2_CUDA=0")
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/checks.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 
     # No -std flag: BuildExtension adds the C++ standard this torch's headers need (C++20 for 2.13).
     opt = ["-O0", "-g"] if os.environ.get("DEBUG") == "1" else ["-O3"]

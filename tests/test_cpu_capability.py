@@ -24,7 +24,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[2])
 import t1t2_fast._extension as ext
 assert ext.load(), ext.LOAD_ERROR
-from test_t1_step import OPTIMIZERS, make_problem
+from problems import OPTIMIZERS, make_problem
 ops = torch.ops.t1t2
 out = {"capability": ops.cpu_capability()}
 shapes = [(7,), (33, 31), (1025,), (3, 65537), (0,), (1,)]

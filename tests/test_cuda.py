@@ -14,6 +14,7 @@ if not _extension.AVAILABLE:
                 f"`T1T2_CUDA=1 pip install --no-build-isolation -e .`", allow_module_level=True)
 
 from t1t2_fast import ops  # noqa: E402
+from problems import MUTATED, OPTIMIZERS, make_problem  # noqa: E402
 
 CUDA = torch.device("cuda")
 OPS = ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_")
@@ -170,45 +171,7 @@ def test_segment_dot_clear_errors(make_args, match):
 # t1_step_ (argument list: the schema in csrc/ops.cpp)
 # ------------------------------------------------------------------------------------------------
 
-OPTIMIZERS = {
-    "sgd": dict(optimizer="sgd", momentum=0.0, nesterov=False),
-    "momentum": dict(optimizer="sgd", momentum=0.9, nesterov=False),
-    "nesterov": dict(optimizer="sgd", momentum=0.9, nesterov=True),
-    "adam": dict(optimizer="adam", momentum=0.0, nesterov=False),
-}
-MUTATED = (0, 2, 3, 7, 8)  # params, state1, state2, stash_theta, stash_jac
 T1_SHAPES = [(1,), (7,), (1023,), (1025,), (65537,), (33, 31), (0,), (4, 0)]
-
-
-def coefficient(numel, rows, granularity, acc, g):
-    if granularity is None or numel == 0:
-        return torch.empty(0, dtype=acc)
-    groups = {"layer": 1, "unit": rows, "element": numel}[granularity]
-    return (torch.rand(groups, generator=g, dtype=torch.float64) * 0.1).to(acc)
-
-
-def make_problem(shapes, dtype, opt, stash, seed=0, l2="layer", l1="unit", decay="element"):
-    """CPU arguments of one t1_step_ call."""
-    g = torch.Generator().manual_seed(seed)
-    acc = reference.accumulate_dtype(dtype)
-    randn = lambda shape, dt: torch.randn(shape, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
-    params = [randn(s, dtype) for s in shapes]
-    grads = [randn(s, dtype) for s in shapes]
-    rows = [s[0] if len(s) else 1 for s in shapes]
-    state1 = state2 = []
-    if opt["optimizer"] == "adam":
-        state1 = [randn(s, acc) * 0.1 for s in shapes]
-        state2 = [randn(s, acc).abs() * 0.01 for s in shapes]
-    elif opt["momentum"] > 0:
-        state1 = [randn(s, acc) for s in shapes]
-    coefs = [[coefficient(p.numel(), r, gran, acc, g) for p, r in zip(params, rows)] for gran in (l2, l1, decay)]
-    stash_theta = [torch.empty(s, dtype=acc) for s in shapes] if stash else []
-    stash_jac = [torch.empty(s, dtype=acc) for s in shapes] if stash and opt["optimizer"] == "adam" else []
-    n = len(shapes)
-    bc1 = [1 - 0.9 ** (3 + k % 5) for k in range(n)] if opt["optimizer"] == "adam" else []
-    bc2 = [1 - 0.999 ** (3 + k % 5) for k in range(n)] if opt["optimizer"] == "adam" else []
-    return [params, grads, state1, state2, *coefs, stash_theta, stash_jac, opt["optimizer"], 0.05,
-            opt["momentum"], opt["nesterov"], 0.9, 0.999, 1e-8, bc1, bc2]
 
 
 def is_tensor_list(a):

@@ -8,6 +8,7 @@ if not _extension.AVAILABLE:
     pytest.skip(f"compiled extension not built ({_extension.LOAD_ERROR})", allow_module_level=True)
 
 from t1t2_fast import ops  # noqa: E402
+from problems import MUTATED, OPTIMIZERS, make_problem  # noqa: E402
 
 # float64: the fused and reference results agree to rounding. Lower precision, as in STYLE.md: the
 # fused error against a float64 run of the reference may be at most twice the error of the
@@ -15,44 +16,6 @@ from t1t2_fast import ops  # noqa: E402
 # compute in float32 and differ only in operation order.
 FLOAT64_TOL = dict(atol=1e-13, rtol=1e-12)
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-OPTIMIZERS = {
-    "sgd": dict(optimizer="sgd", momentum=0.0, nesterov=False),
-    "momentum": dict(optimizer="sgd", momentum=0.9, nesterov=False),
-    "nesterov": dict(optimizer="sgd", momentum=0.9, nesterov=True),
-    "adam": dict(optimizer="adam", momentum=0.0, nesterov=False),
-}
-
-
-def coefficient(numel, rows, granularity, acc, g):
-    if granularity is None or numel == 0:
-        return torch.empty(0, dtype=acc)
-    groups = {"layer": 1, "unit": rows, "element": numel}[granularity]
-    return (torch.rand(groups, generator=g, dtype=torch.float64) * 0.1).to(acc)
-
-
-def make_problem(shapes, dtype, opt, stash, seed=0, l2="layer", l1="unit", decay="element"):
-    g = torch.Generator().manual_seed(seed)
-    acc = reference.accumulate_dtype(dtype)
-    randn = lambda shape, dt: torch.randn(shape, generator=g, dtype=torch.float64).to(dt)
-    params = [randn(s, dtype) for s in shapes]
-    grads = [randn(s, dtype) for s in shapes]
-    rows = [s[0] if len(s) else 1 for s in shapes]
-    state1 = state2 = []
-    if opt["optimizer"] == "adam":
-        state1 = [randn(s, acc) * 0.1 for s in shapes]
-        state2 = [randn(s, acc).abs() * 0.01 for s in shapes]
-    elif opt["momentum"] > 0:
-        state1 = [randn(s, acc) for s in shapes]
-    coefs = [[coefficient(p.numel(), r, gran, acc, g) for p, r in zip(params, rows)] for gran in (l2, l1, decay)]
-    stash_theta = [torch.empty(s, dtype=acc) for s in shapes] if stash else []
-    stash_jac = [torch.empty(s, dtype=acc) for s in shapes] if stash and opt["optimizer"] == "adam" else []
-    n = len(shapes)
-    bc1 = [1 - 0.9 ** (3 + k % 5) for k in range(n)] if opt["optimizer"] == "adam" else []
-    bc2 = [1 - 0.999 ** (3 + k % 5) for k in range(n)] if opt["optimizer"] == "adam" else []
-    return [params, grads, state1, state2, *coefs, stash_theta, stash_jac, opt["optimizer"], 0.05,
-            opt["momentum"], opt["nesterov"], 0.9, 0.999, 1e-8, bc1, bc2]
-
-
 def clone_args(args):
     return [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
             for a in args]
@@ -61,9 +24,6 @@ def clone_args(args):
 def upcast(args):
     return [[t.double() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
             for a in args]
-
-
-MUTATED = (0, 2, 3, 7, 8)  # params, state1, state2, stash_theta, stash_jac
 
 
 def assert_parity(args, dtype):

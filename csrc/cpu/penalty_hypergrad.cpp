@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/segment_dot.h"  // kReduceBlock: the same fixed partition as penalty_segment_dot
 #include "t1t2/math.h"
@@ -14,8 +15,6 @@
 namespace t1t2 {
 namespace {
 
-constexpr const char* kOp = "t1t2::penalty_hypergrad";
-enum SegmentKind : int64_t { kL2 = 0, kL1 = 1, kDecoupledL2 = 2 };
 
 // Σ w_i m_i over n elements in double, w = J⊙v (coupled; J a tensor when kJacTensor, else the
 // scalar jac_scalar) or v (decoupled, scaled by −η afterwards). Eight accumulators in a fixed
@@ -60,10 +59,6 @@ BlockSumFn<T> pick(bool avx2) {
   return &block_sum_default<kKind, kJacTensor, T>;
 }
 
-struct Segment {
-  int64_t tensor, kind, groups, inner, out_offset;
-};
-
 // A unit of parallel work: either whole small groups [g0, g1) written straight to the output, or
 // one block k of a large group g0 written to partial[slot].
 struct Item {
@@ -75,48 +70,12 @@ struct Item {
 at::Tensor penalty_hypergrad_cpu(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                  at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
                                  at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr) {
-  const size_t n = theta.size();
-  TORCH_CHECK(v.size() == n, kOp, ": got ", n, " theta but ", v.size(), " v");
-  TORCH_CHECK(jac.empty() || jac.size() == n, kOp, ": jac must be empty or have one tensor per theta (", n,
-              "), got ", jac.size());
-  TORCH_CHECK(jac_scalar.size() == n, kOp, ": jac_scalar must have one value per theta (", n, "), got ",
-              jac_scalar.size());
-  const size_t num_segments = segment_tensor.size();
-  TORCH_CHECK(segment_kind.size() == num_segments && segment_groups.size() == num_segments, kOp,
-              ": segment_tensor, segment_kind and segment_groups must have one entry per segment, got ",
-              segment_tensor.size(), ", ", segment_kind.size(), " and ", segment_groups.size());
-  const at::ScalarType dtype = n ? theta[0].scalar_type() : at::kFloat;
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat, kOp,
-              ": theta must be in the compute dtype (Double or Float), got ", dtype);
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(theta[i].scalar_type() == dtype && v[i].scalar_type() == dtype, kOp, ": v[", i, "] and theta[", i,
-                "] must both be ", dtype, ", got ", v[i].scalar_type(), " and ", theta[i].scalar_type());
-    TORCH_CHECK(theta[i].device().is_cpu() && v[i].device().is_cpu(), kOp, ": the CPU kernel got v[", i, "] on ",
-                v[i].device(), " and theta[", i, "] on ", theta[i].device());
-    TORCH_CHECK(v[i].sizes() == theta[i].sizes(), kOp, ": v[", i, "] has shape ", v[i].sizes(), " but theta[", i,
-                "] has ", theta[i].sizes());
-    TORCH_CHECK(theta[i].is_contiguous() && v[i].is_contiguous(), kOp, ": v[", i, "] and theta[", i,
-                "] must be contiguous");
-    if (!jac.empty() && jac[i].numel() > 0) {
-      TORCH_CHECK(jac[i].sizes() == theta[i].sizes() && jac[i].scalar_type() == dtype && jac[i].is_contiguous() &&
-                      jac[i].device().is_cpu(),
-                  kOp, ": jac[", i, "] must be a contiguous ", dtype, " CPU tensor of shape ", theta[i].sizes(),
-                  " (or empty to use jac_scalar[", i, "]), got ", jac[i].scalar_type(), " ", jac[i].sizes());
-    }
-  }
-  std::vector<Segment> segments(num_segments);
-  int64_t total = 0;
-  for (size_t s = 0; s < num_segments; ++s) {
-    const int64_t t = segment_tensor[s], kind = segment_kind[s], groups = segment_groups[s];
-    TORCH_CHECK(t >= 0 && static_cast<size_t>(t) < n, kOp, ": segment ", s, " names tensor ", t, " of ", n);
-    TORCH_CHECK(kind == kL2 || kind == kL1 || kind == kDecoupledL2, kOp, ": segment ", s, " has kind ", kind,
-                "; expected 0 (l2), 1 (l1) or 2 (decoupled l2)");
-    const int64_t numel = theta[t].numel();
-    TORCH_CHECK(groups >= 0 && ((groups == 0 && numel == 0) || (groups > 0 && numel % groups == 0)), kOp,
-                ": segment ", s, ": ", groups, " groups do not divide the ", numel, " elements of tensor ", t);
-    segments[s] = {t, kind, groups, groups ? numel / groups : 0, total};
-    total += groups;
-  }
+  const HypergradInputs in = check_penalty_hypergrad_inputs(v, theta, jac, jac_scalar, segment_tensor, segment_kind,
+                                                             segment_groups, at::kCPU);
+  const at::ScalarType dtype = in.dtype;
+  const std::vector<SegmentSpec>& segments = in.segments;
+  const size_t num_segments = segments.size();
+  const int64_t total = in.total;
   at::Tensor out = at::zeros({total}, theta.empty() ? at::TensorOptions().dtype(dtype) : theta[0].options());
   if (total == 0) return out;
 
@@ -124,7 +83,7 @@ at::Tensor penalty_hypergrad_cpu(at::TensorList v, at::TensorList theta, at::Ten
   std::vector<Item> items;
   int64_t slots = 0;
   for (size_t s = 0; s < num_segments; ++s) {
-    const Segment& seg = segments[s];
+    const SegmentSpec& seg = segments[s];
     if (seg.inner == 0) continue;
     if (seg.inner <= kReduceBlock) {
       const int64_t per_item = std::max<int64_t>(1, kReduceBlock / seg.inner);
@@ -144,21 +103,21 @@ at::Tensor penalty_hypergrad_cpu(at::TensorList v, at::TensorList theta, at::Ten
     const bool avx2 = use_avx2();
     const BlockSumFn<T> l2_tensor = pick<PenaltyKind::L2, true, T>(avx2), l2_scalar = pick<PenaltyKind::L2, false, T>(avx2),
                         l1_tensor = pick<PenaltyKind::L1, true, T>(avx2), l1_scalar = pick<PenaltyKind::L1, false, T>(avx2);
-    auto segment_sum = [&](const Segment& seg, int64_t begin, int64_t count) {
+    auto segment_sum = [&](const SegmentSpec& seg, int64_t begin, int64_t count) {
       const T* vp = v[seg.tensor].const_data_ptr<T>() + begin;
       const T* tp = theta[seg.tensor].const_data_ptr<T>() + begin;
-      if (seg.kind == kDecoupledL2)  // ∂θ⁺/∂c = −η·2θ, independent of the optimizer's Jacobian
+      if (seg.kind == kSegmentDecoupledL2)  // ∂θ⁺/∂c = −η·2θ, independent of the optimizer's Jacobian
         return -lr * l2_scalar(vp, tp, nullptr, T(1), count);
       const bool has_jac = !jac.empty() && jac[seg.tensor].numel() > 0;
       const T* jp = has_jac ? jac[seg.tensor].const_data_ptr<T>() + begin : nullptr;
       const T js = static_cast<T>(jac_scalar[seg.tensor]);
-      const BlockSumFn<T> fn = seg.kind == kL2 ? (has_jac ? l2_tensor : l2_scalar) : (has_jac ? l1_tensor : l1_scalar);
+      const BlockSumFn<T> fn = seg.kind == kSegmentL2 ? (has_jac ? l2_tensor : l2_scalar) : (has_jac ? l1_tensor : l1_scalar);
       return fn(vp, tp, jp, js, count);
     };
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
       for (int64_t k = first; k < last; ++k) {
         const Item& it = items[k];
-        const Segment& seg = segments[it.segment];
+        const SegmentSpec& seg = segments[it.segment];
         if (it.block < 0) {
           for (int64_t g = it.g0; g < it.g1; ++g)
             op[seg.out_offset + g] = static_cast<T>(segment_sum(seg, g * seg.inner, seg.inner));

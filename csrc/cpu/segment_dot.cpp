@@ -7,40 +7,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/cpu_features.h"
 #include "t1t2/math.h"
 
 namespace t1t2 {
 namespace {
-
-constexpr const char* kOp = "t1t2::penalty_segment_dot";
-
-PenaltyKind parse_kind(c10::string_view kind) {
-  if (kind == "l2") return PenaltyKind::L2;
-  if (kind == "l1") return PenaltyKind::L1;
-  TORCH_CHECK(false, kOp, ": unknown kind '", kind, "'; expected 'l2' or 'l1'");
-}
-
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
-void check_inputs(const at::Tensor& u, const at::Tensor& theta, int64_t num_groups) {
-  TORCH_CHECK(u.device() == theta.device(), kOp, ": u is on ", u.device(), " but theta is on ", theta.device(),
-              "; move both to one device");
-  TORCH_CHECK(theta.device().is_cpu(), kOp, ": the CPU kernel got u and theta on ", theta.device(),
-              ", expected cpu");
-  TORCH_CHECK(u.scalar_type() == theta.scalar_type(), kOp, ": u has dtype ", u.scalar_type(),
-              " but theta has dtype ", theta.scalar_type(), "; cast them to one dtype");
-  TORCH_CHECK(supported_dtype(theta.scalar_type()), kOp,
-              ": expected floating-point u and theta (Double, Float, BFloat16 or Half), got ", theta.scalar_type());
-  TORCH_CHECK(u.sizes() == theta.sizes(), kOp, ": u has shape ", u.sizes(), " but theta has shape ", theta.sizes());
-  const int64_t numel = theta.numel();
-  TORCH_CHECK(num_groups >= 0, kOp, ": num_groups must be >= 0, got ", num_groups);
-  TORCH_CHECK((num_groups == 0 && numel == 0) || (num_groups > 0 && numel % num_groups == 0), kOp,
-              ": num_groups=", num_groups, " does not divide numel=", numel,
-              " (groups are equal contiguous slices of the flattened tensors)");
-}
 
 // Σ u_i m_i over n elements, in double. Eight independent accumulators in a fixed pattern let the
 // compiler vectorize while the order of additions is the same on every run.
@@ -127,8 +99,7 @@ void segment_dot(const scalar_t* u, const scalar_t* theta, int64_t num_groups, i
 
 at::Tensor penalty_segment_dot_cpu(const at::Tensor& u_in, const at::Tensor& theta_in, int64_t num_groups,
                                    c10::string_view kind_name) {
-  check_inputs(u_in, theta_in, num_groups);
-  const PenaltyKind kind = parse_kind(kind_name);
+  const PenaltyKind kind = check_segment_dot_inputs(u_in, theta_in, num_groups, kind_name, at::kCPU);
   const auto out_dtype = theta_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto out_options = theta_in.options().dtype(out_dtype);
   const int64_t numel = theta_in.numel();

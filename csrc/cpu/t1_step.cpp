@@ -7,13 +7,13 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "cpu/cpu_features.h"
 #include "t1t2/math.h"
 
 namespace t1t2 {
 namespace {
 
-constexpr const char* kOp = "t1t2::t1_step_";
 constexpr int64_t kChunk = 16384;  // elements per work item; hundreds of small tensors share one call
 
 enum class Optimizer { Sgd, Adam };
@@ -148,37 +148,6 @@ ChunkFn<P, T> chunk_kernel(Optimizer opt, bool momentum, bool nesterov, bool sta
                      : pick<false, true, false, false, false, P, T>(avx2);
 }
 
-// An optional per-tensor list: empty means "none for any tensor", else one entry per tensor where an
-// entry with no elements means "none for this tensor".
-void check_list(at::TensorList list, size_t n, const char* name) {
-  TORCH_CHECK(list.empty() || list.size() == n, kOp, ": ", name, " must be empty or have one tensor per parameter (",
-              n, "), got ", list.size());
-}
-
-at::Tensor entry(at::TensorList list, size_t i) { return list.empty() ? at::Tensor() : list[i]; }
-
-void check_state(const at::Tensor& t, const at::Tensor& p, at::ScalarType compute, const char* name, size_t i) {
-  TORCH_CHECK(t.defined() && t.numel() == p.numel(), kOp, ": ", name, "[", i, "] must have ", p.numel(),
-              " elements like params[", i, "], got ", (t.defined() ? t.numel() : 0));
-  TORCH_CHECK(t.scalar_type() == compute, kOp, ": ", name, "[", i, "] has dtype ", t.scalar_type(), ", expected ",
-              compute, " (the compute dtype of ", p.scalar_type(), " parameters)");
-  TORCH_CHECK(t.device() == p.device(), kOp, ": ", name, "[", i, "] is on ", t.device(), " but params[", i, "] on ",
-              p.device());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, "[", i, "] must be contiguous");
-}
-
-int64_t check_coef(const at::Tensor& c, const at::Tensor& p, at::ScalarType compute, const char* name, size_t i) {
-  if (!c.defined() || c.numel() == 0) return 0;
-  TORCH_CHECK(c.scalar_type() == compute, kOp, ": ", name, "[", i, "] has dtype ", c.scalar_type(), ", expected ",
-              compute);
-  TORCH_CHECK(c.device() == p.device(), kOp, ": ", name, "[", i, "] is on ", c.device(), " but params[", i, "] on ",
-              p.device());
-  TORCH_CHECK(c.is_contiguous(), kOp, ": ", name, "[", i, "] must be contiguous");
-  TORCH_CHECK(p.numel() % c.numel() == 0, kOp, ": ", name, "[", i, "] has ", c.numel(),
-              " coefficients, which do not divide the ", p.numel(), " elements of params[", i, "]");
-  return p.numel() / c.numel();
-}
-
 }  // namespace
 
 void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
@@ -186,56 +155,12 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  at::TensorList stash_jac, c10::string_view optimizer, double lr, double momentum, bool nesterov,
                  double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
                  at::ArrayRef<double> bias_correction2) {
+  const T1StepInputs in = check_t1_step_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac,
+                                               optimizer, momentum, bias_correction1, bias_correction2, at::kCPU);
   const size_t n = params.size();
-  TORCH_CHECK(optimizer == "sgd" || optimizer == "adam", kOp, ": unknown optimizer '", optimizer,
-              "'; expected 'sgd' or 'adam'");
-  const Optimizer opt = optimizer == "sgd" ? Optimizer::Sgd : Optimizer::Adam;
-  TORCH_CHECK(grads.size() == n, kOp, ": got ", n, " params but ", grads.size(), " grads");
-  check_list(state1, n, "state1");
-  check_list(state2, n, "state2");
-  check_list(l2, n, "l2");
-  check_list(l1, n, "l1");
-  check_list(decay, n, "decay");
-  check_list(stash_theta, n, "stash_theta");
-  check_list(stash_jac, n, "stash_jac");
-  if (opt == Optimizer::Adam) {
-    TORCH_CHECK(!state1.empty() && !state2.empty(), kOp, ": adam needs state1 (exp_avg) and state2 (exp_avg_sq)");
-    TORCH_CHECK(bias_correction1.size() == n && bias_correction2.size() == n, kOp,
-                ": adam needs one bias correction per parameter, got ", bias_correction1.size(), " and ",
-                bias_correction2.size(), " for ", n, " params");
-  } else {
-    TORCH_CHECK(momentum == 0 || !state1.empty(), kOp, ": sgd with momentum needs state1 (momentum buffers)");
-    TORCH_CHECK(stash_jac.empty(), kOp, ": stash_jac is only written by adam (sgd's Jacobian is a scalar)");
-  }
   if (n == 0) return;
-  const at::ScalarType dtype = params[0].scalar_type();
-  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, kOp,
-              ": params must be Double, Float, BFloat16 or Half, got ", dtype);
-
-  std::vector<at::Tensor> grads_contig(n);
-  std::vector<int64_t> inners(3 * n);
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.scalar_type() == dtype, kOp, ": params[", i, "] has dtype ", p.scalar_type(), " but params[0] has ",
-                dtype, "; one dtype per call");
-    TORCH_CHECK(p.device().is_cpu(), kOp, ": the CPU kernel got params[", i, "] on ", p.device());
-    TORCH_CHECK(p.is_contiguous(), kOp, ": params[", i, "] must be contiguous (it is updated in place)");
-    TORCH_CHECK(grads[i].sizes() == p.sizes(), kOp, ": grads[", i, "] has shape ", grads[i].sizes(), " but params[", i,
-                "] has ", p.sizes());
-    TORCH_CHECK(grads[i].scalar_type() == dtype && grads[i].device() == p.device(), kOp, ": grads[", i, "] is ",
-                grads[i].scalar_type(), " on ", grads[i].device(), ", expected ", dtype, " on ", p.device());
-    grads_contig[i] = grads[i].contiguous();
-    if (!state1.empty() && (opt == Optimizer::Adam || momentum != 0)) check_state(state1[i], p, compute, "state1", i);
-    if (opt == Optimizer::Adam) check_state(state2[i], p, compute, "state2", i);
-    if (!stash_theta.empty()) check_state(stash_theta[i], p, compute, "stash_theta", i);
-    if (!stash_jac.empty()) check_state(stash_jac[i], p, compute, "stash_jac", i);
-    inners[3 * i] = check_coef(entry(l2, i), p, compute, "l2", i);
-    inners[3 * i + 1] = check_coef(entry(l1, i), p, compute, "l1", i);
-    inners[3 * i + 2] = check_coef(entry(decay, i), p, compute, "decay", i);
-  }
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "t1_step_", [&] {
+  const Optimizer opt = in.adam ? Optimizer::Adam : Optimizer::Sgd;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.dtype, "t1_step_", [&] {
     using P = scalar_t;
     using T = at::opmath_type<scalar_t>;
     std::vector<TensorJob<P, T>> jobs(n);
@@ -246,15 +171,15 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
     for (size_t i = 0; i < n; ++i) {
       auto& j = jobs[i];
       j.param = params[i].data_ptr<P>();
-      j.grad = grads_contig[i].const_data_ptr<P>();
-      j.state1 = ptr(state1, i, opt == Optimizer::Adam || momentum != 0);
-      j.state2 = ptr(state2, i, opt == Optimizer::Adam);
-      j.l2 = inners[3 * i] ? entry(l2, i).const_data_ptr<T>() : nullptr;
-      j.l2_inner = inners[3 * i];
-      j.l1 = inners[3 * i + 1] ? entry(l1, i).const_data_ptr<T>() : nullptr;
-      j.l1_inner = inners[3 * i + 1];
-      j.decay = inners[3 * i + 2] ? entry(decay, i).const_data_ptr<T>() : nullptr;
-      j.decay_inner = inners[3 * i + 2];
+      j.grad = in.grads[i].const_data_ptr<P>();
+      j.state1 = ptr(state1, i, in.uses_state1);
+      j.state2 = ptr(state2, i, in.adam);
+      j.l2 = in.l2_inner[i] ? l2[i].const_data_ptr<T>() : nullptr;
+      j.l2_inner = in.l2_inner[i];
+      j.l1 = in.l1_inner[i] ? l1[i].const_data_ptr<T>() : nullptr;
+      j.l1_inner = in.l1_inner[i];
+      j.decay = in.decay_inner[i] ? decay[i].const_data_ptr<T>() : nullptr;
+      j.decay_inner = in.decay_inner[i];
       j.stash_theta = ptr(stash_theta, i, true);
       j.stash_jac = ptr(stash_jac, i, true);
       j.numel = params[i].numel();

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "t1t2/math.h"
 
@@ -18,6 +19,69 @@ namespace cuda {
 // Float64 and in float for the others; optimizer state, coefficients and stash are in that compute
 // type.
 enum class Storage : int { Float64 = 0, Float32 = 1, BFloat16 = 2, Float16 = 3 };
+
+// ---------------------------------------------------------------------------------------------
+// Multi-tensor tables (t1_step, perturb): the host describes every tensor with a descriptor D and
+// splits it into fixed-size chunks; one thread block handles one chunk. Descriptors and chunk list
+// travel to the device as one contiguous table (a single host-to-device copy), so hundreds of
+// tensors cost one launch. Byte layout: [D × num_tensors | padding to 16 | TensorChunk × num_chunks].
+// ---------------------------------------------------------------------------------------------
+
+struct TensorChunk {
+  int64_t tensor;  // index into the descriptor array
+  int64_t begin;   // first element of the chunk
+};
+
+struct TableLayout {
+  int64_t num_tensors;
+  int64_t num_chunks;
+  size_t chunks_offset;
+  size_t bytes;
+};
+
+// Where the table's parts live on the device.
+template <typename D>
+struct TensorTable {
+  const D* tensors;
+  const TensorChunk* chunks;
+  int64_t num_tensors;
+  int64_t num_chunks;
+};
+
+// Host side: the layout for these descriptors (each with a `numel`), chunks of chunk_numel elements.
+template <typename D>
+TableLayout table_layout(const D* tensors, int64_t num_tensors, int64_t chunk_numel) {
+  int64_t num_chunks = 0;
+  for (int64_t t = 0; t < num_tensors; ++t) num_chunks += (tensors[t].numel + chunk_numel - 1) / chunk_numel;
+  const size_t chunks_offset = (static_cast<size_t>(num_tensors) * sizeof(D) + 15) / 16 * 16;
+  return {num_tensors, num_chunks, chunks_offset, chunks_offset + static_cast<size_t>(num_chunks) * sizeof(TensorChunk)};
+}
+
+// Writes the table into a host buffer of layout.bytes bytes (any alignment), ready to be copied to a
+// device buffer as one block.
+template <typename D>
+void fill_table(const D* tensors, const TableLayout& layout, int64_t chunk_numel, void* host_table) {
+  auto* out = static_cast<unsigned char*>(host_table);
+  const size_t descriptor_bytes = static_cast<size_t>(layout.num_tensors) * sizeof(D);
+  if (descriptor_bytes) std::memcpy(out, tensors, descriptor_bytes);
+  std::memset(out + descriptor_bytes, 0, layout.chunks_offset - descriptor_bytes);
+  size_t at = layout.chunks_offset;
+  for (int64_t t = 0; t < layout.num_tensors; ++t) {
+    for (int64_t begin = 0; begin < tensors[t].numel; begin += chunk_numel) {
+      const TensorChunk chunk{t, begin};
+      std::memcpy(out + at, &chunk, sizeof chunk);
+      at += sizeof chunk;
+    }
+  }
+}
+
+// The view of a copied table; device_table must be aligned to 16 bytes (cudaMalloc gives 256).
+template <typename D>
+TensorTable<D> table_view(const void* device_table, const TableLayout& layout) {
+  const auto* base = static_cast<const unsigned char*>(device_table);
+  return {reinterpret_cast<const D*>(base), reinterpret_cast<const TensorChunk*>(base + layout.chunks_offset),
+          layout.num_tensors, layout.num_chunks};
+}
 
 // ---------------------------------------------------------------------------------------------
 // t1_step: one fused T1 step over many tensors in one launch (multi-tensor apply).
@@ -53,10 +117,7 @@ struct T1StepTensor {
   double adam_a;            // (1−β1)/(1−β1ᵗ), computed in double by the host
 };
 
-struct T1StepChunk {
-  int64_t tensor;  // index into the descriptor array
-  int64_t begin;   // first element of the chunk
-};
+using T1StepChunk = TensorChunk;
 
 // Scalars shared by every tensor, in double; the launcher casts them to the compute type once.
 // 1−β1 and 1−β2 are computed in double by the caller (in float, 1 − float(0.999) is off by 1e-5).
@@ -71,28 +132,18 @@ struct T1StepScalars {
   bool nesterov;
 };
 
-// Byte layout of the table: [T1StepTensor × num_tensors | padding | T1StepChunk × num_chunks].
-struct T1StepTableLayout {
-  int64_t num_tensors;
-  int64_t num_chunks;
-  size_t chunks_offset;
-  size_t bytes;
-};
+using T1StepTableLayout = TableLayout;
+using T1StepTable = TensorTable<T1StepTensor>;
 
-// Where the table's parts live on the device.
-struct T1StepTable {
-  const T1StepTensor* tensors;
-  const T1StepChunk* chunks;
-  int64_t num_tensors;
-  int64_t num_chunks;
-};
-
-// Host side: the layout for these descriptors, then the table written into a host buffer of
-// layout.bytes bytes (any alignment), ready to be copied to a device buffer as one block.
-T1StepTableLayout t1_step_table_layout(const T1StepTensor* tensors, int64_t num_tensors);
-void t1_step_fill_table(const T1StepTensor* tensors, const T1StepTableLayout& layout, void* host_table);
-// The view of a copied table; device_table must be aligned to 16 bytes (cudaMalloc gives 256).
-T1StepTable t1_step_table_view(const void* device_table, const T1StepTableLayout& layout);
+inline T1StepTableLayout t1_step_table_layout(const T1StepTensor* tensors, int64_t num_tensors) {
+  return table_layout(tensors, num_tensors, kT1StepChunk);
+}
+inline void t1_step_fill_table(const T1StepTensor* tensors, const T1StepTableLayout& layout, void* host_table) {
+  fill_table(tensors, layout, kT1StepChunk, host_table);
+}
+inline T1StepTable t1_step_table_view(const void* device_table, const T1StepTableLayout& layout) {
+  return table_view<T1StepTensor>(device_table, layout);
+}
 
 // Enqueues the update of every chunk of the table on `stream`, in place. Returns the launch error
 // (cudaSuccess when there is nothing to do); errors during execution surface at the next sync.
@@ -205,30 +256,19 @@ struct PerturbTensor {
   int64_t numel;
 };
 
-struct PerturbChunk {
-  int64_t tensor;
-  int64_t begin;
-};
+using PerturbChunk = TensorChunk;
+using PerturbTableLayout = TableLayout;
+using PerturbTable = TensorTable<PerturbTensor>;
 
-// Byte layout: [PerturbTensor × num_tensors | padding | PerturbChunk × num_chunks].
-struct PerturbTableLayout {
-  int64_t num_tensors;
-  int64_t num_chunks;
-  size_t chunks_offset;
-  size_t bytes;
-};
-
-struct PerturbTable {
-  const PerturbTensor* tensors;
-  const PerturbChunk* chunks;
-  int64_t num_tensors;
-  int64_t num_chunks;
-};
-
-PerturbTableLayout perturb_table_layout(const PerturbTensor* tensors, int64_t num_tensors);
-void perturb_fill_table(const PerturbTensor* tensors, const PerturbTableLayout& layout, void* host_table);
-// device_table must be aligned to 16 bytes.
-PerturbTable perturb_table_view(const void* device_table, const PerturbTableLayout& layout);
+inline PerturbTableLayout perturb_table_layout(const PerturbTensor* tensors, int64_t num_tensors) {
+  return table_layout(tensors, num_tensors, kPerturbChunk);
+}
+inline void perturb_fill_table(const PerturbTensor* tensors, const PerturbTableLayout& layout, void* host_table) {
+  fill_table(tensors, layout, kPerturbChunk, host_table);
+}
+inline PerturbTable perturb_table_view(const void* device_table, const PerturbTableLayout& layout) {
+  return table_view<PerturbTensor>(device_table, layout);
+}
 
 // Storage is θ's dtype (and save's).
 cudaError_t launch_perturb(Storage storage, const PerturbTable& table, double scale, cudaStream_t stream);

@@ -5,6 +5,7 @@
 #include <climits>
 
 #include "kernels.cuh"
+#include "reduce.cuh"
 #include "storage.cuh"
 
 namespace t1t2 {
@@ -45,25 +46,6 @@ __device__ __forceinline__ double term(const T* __restrict__ v, const T* __restr
                                        T jac_scalar, int64_t i) {
   const T u = (jac ? jac[i] : jac_scalar) * v[i];
   return static_cast<double>(u) * penalty_mixed(kKind, static_cast<double>(theta[i]));
-}
-
-// Fixed shuffle tree over a full warp; lane 0 ends with the sum.
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// Sum of one value per thread, valid in thread 0; ends with a barrier so it may be called again.
-__device__ __forceinline__ double block_sum(double x) {
-  __shared__ double warp_sums[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  x = warp_sum(x);
-  if (lane == 0) warp_sums[warp] = x;
-  __syncthreads();
-  if (warp == 0) x = warp_sum(lane < kWarps ? warp_sums[lane] : 0.0);
-  __syncthreads();
-  return x;
 }
 
 // One work item of one segment; the path is uniform over the block.
@@ -113,7 +95,7 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
       } else {
         for (int64_t i = threadIdx.x; i < n; i += kThreads) acc += term<kKind>(v, theta, jac, jac_scalar, begin + i);
       }
-      acc = block_sum(acc);
+      acc = block_sum<kWarps>(acc);
       if (threadIdx.x == 0) {
         if (tiles == 1) out[s.out_offset + g] = static_cast<T>(scale * acc);
         else partial[s.first_partial + item] = acc;
@@ -149,7 +131,7 @@ __global__ void __launch_bounds__(kThreads)
     const double* pg = partial + s.first_partial + g * tiles;
     double acc = 0.0;
     for (int64_t t = threadIdx.x; t < tiles; t += kThreads) acc += pg[t];
-    acc = block_sum(acc);
+    acc = block_sum<kWarps>(acc);
     const double scale = s.kind == SegmentKind::DecoupledL2 ? -lr : 1.0;
     if (threadIdx.x == 0) out[s.out_offset + g] = static_cast<T>(scale * acc);
   }

@@ -59,42 +59,11 @@ cudaError_t launch_restore_typed(const PerturbTable& table, cudaStream_t stream)
   return cudaGetLastError();
 }
 
-constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
 bool invalid(const PerturbTable& table) {
   return table.num_chunks > INT_MAX || table.tensors == nullptr || table.chunks == nullptr;
 }
 
 }  // namespace
-
-PerturbTableLayout perturb_table_layout(const PerturbTensor* tensors, int64_t num_tensors) {
-  int64_t num_chunks = 0;
-  for (int64_t t = 0; t < num_tensors; ++t) num_chunks += (tensors[t].numel + kPerturbChunk - 1) / kPerturbChunk;
-  const size_t chunks_offset = round_up(static_cast<size_t>(num_tensors) * sizeof(PerturbTensor), 16);
-  const size_t bytes = chunks_offset + static_cast<size_t>(num_chunks) * sizeof(PerturbChunk);
-  return {num_tensors, num_chunks, chunks_offset, bytes};
-}
-
-void perturb_fill_table(const PerturbTensor* tensors, const PerturbTableLayout& layout, void* host_table) {
-  auto* out = static_cast<unsigned char*>(host_table);
-  const size_t descriptor_bytes = static_cast<size_t>(layout.num_tensors) * sizeof(PerturbTensor);
-  if (descriptor_bytes) std::memcpy(out, tensors, descriptor_bytes);
-  std::memset(out + descriptor_bytes, 0, layout.chunks_offset - descriptor_bytes);
-  size_t at = layout.chunks_offset;
-  for (int64_t t = 0; t < layout.num_tensors; ++t) {
-    for (int64_t begin = 0; begin < tensors[t].numel; begin += kPerturbChunk) {
-      const PerturbChunk chunk{t, begin};
-      std::memcpy(out + at, &chunk, sizeof chunk);
-      at += sizeof chunk;
-    }
-  }
-}
-
-PerturbTable perturb_table_view(const void* device_table, const PerturbTableLayout& layout) {
-  const auto* base = static_cast<const unsigned char*>(device_table);
-  return {reinterpret_cast<const PerturbTensor*>(base),
-          reinterpret_cast<const PerturbChunk*>(base + layout.chunks_offset), layout.num_tensors, layout.num_chunks};
-}
 
 cudaError_t launch_perturb(Storage storage, const PerturbTable& table, double scale, cudaStream_t stream) {
   if (table.num_chunks == 0) return cudaSuccess;

@@ -5,6 +5,7 @@
 #include <climits>
 
 #include "kernels.cuh"
+#include "reduce.cuh"
 #include "storage.cuh"
 
 namespace t1t2 {
@@ -19,26 +20,6 @@ static_assert(kSegmentDotTile % kThreads == 0, "a full tile gives every thread t
 template <PenaltyKind kKind, typename S>
 __device__ __forceinline__ double product(const S* __restrict__ u, const S* __restrict__ theta, int64_t i) {
   return static_cast<double>(to_compute(u[i])) * penalty_mixed(kKind, static_cast<double>(to_compute(theta[i])));
-}
-
-// Fixed shuffle tree over a full warp; lane 0 ends with the sum.
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum of one value per thread of the block, valid in thread 0: each warp's tree, then warp 0's
-// tree over the warp sums. Ends with a barrier so the caller may call it again at once.
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double warp_sums[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) v = warp_sum(lane < kWarps ? warp_sums[lane] : 0.0);
-  __syncthreads();
-  return v;
 }
 
 unsigned grid_for(int64_t items, int64_t per_block) {
@@ -94,7 +75,7 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       for (int64_t i = threadIdx.x; i < n; i += kThreads) acc += product<kKind>(ut, tt, i);
     }
-    acc = block_sum(acc);
+    acc = block_sum<kWarps>(acc);
     if (threadIdx.x == 0) {
       if (tiles_per_group == 1) out[g] = static_cast<O>(acc);
       else partial[tile] = acc;
@@ -112,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
     const double* pg = partial + g * tiles_per_group;
     double acc = 0.0;
     for (int64_t k = threadIdx.x; k < tiles_per_group; k += kThreads) acc += pg[k];
-    acc = block_sum(acc);
+    acc = block_sum<kWarps>(acc);
     if (threadIdx.x == 0) out[g] = static_cast<O>(acc);
   }
 }

@@ -110,38 +110,7 @@ cudaError_t launch_typed(Optimizer optimizer, const T1StepTable& table, const T1
   return cudaGetLastError();
 }
 
-constexpr size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
-
 }  // namespace
-
-T1StepTableLayout t1_step_table_layout(const T1StepTensor* tensors, int64_t num_tensors) {
-  int64_t num_chunks = 0;
-  for (int64_t t = 0; t < num_tensors; ++t) num_chunks += (tensors[t].numel + kT1StepChunk - 1) / kT1StepChunk;
-  const size_t chunks_offset = round_up(static_cast<size_t>(num_tensors) * sizeof(T1StepTensor), 16);
-  const size_t bytes = chunks_offset + static_cast<size_t>(num_chunks) * sizeof(T1StepChunk);
-  return {num_tensors, num_chunks, chunks_offset, bytes};
-}
-
-void t1_step_fill_table(const T1StepTensor* tensors, const T1StepTableLayout& layout, void* host_table) {
-  auto* out = static_cast<unsigned char*>(host_table);
-  const size_t descriptor_bytes = static_cast<size_t>(layout.num_tensors) * sizeof(T1StepTensor);
-  if (descriptor_bytes) std::memcpy(out, tensors, descriptor_bytes);
-  std::memset(out + descriptor_bytes, 0, layout.chunks_offset - descriptor_bytes);
-  size_t at = layout.chunks_offset;
-  for (int64_t t = 0; t < layout.num_tensors; ++t) {
-    for (int64_t begin = 0; begin < tensors[t].numel; begin += kT1StepChunk) {
-      const T1StepChunk chunk{t, begin};
-      std::memcpy(out + at, &chunk, sizeof chunk);
-      at += sizeof chunk;
-    }
-  }
-}
-
-T1StepTable t1_step_table_view(const void* device_table, const T1StepTableLayout& layout) {
-  const auto* base = static_cast<const unsigned char*>(device_table);
-  return {reinterpret_cast<const T1StepTensor*>(base),
-          reinterpret_cast<const T1StepChunk*>(base + layout.chunks_offset), layout.num_tensors, layout.num_chunks};
-}
 
 cudaError_t launch_t1_step(Storage storage, Optimizer optimizer, const T1StepTable& table,
                            const T1StepScalars& scalars, cudaStream_t stream) {
