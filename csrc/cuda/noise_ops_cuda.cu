@@ -28,14 +28,9 @@ cuda::Storage noise_storage(at::ScalarType t) {
                               : cuda::Storage::Float16;
 }
 
-void check_cuda(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cuda(), op, ": the CUDA kernel got x on ", x.device(), ", expected cuda");
-}
-
 at::Tensor gaussian_noise_cuda(const at::Tensor& x, const at::Tensor& sigma, int64_t key, int64_t channels,
                                int64_t inner, c10::string_view mode_name) {
-  const noise::Mode mode = check_noise_inputs(kForwardOp, x, nullptr, sigma, channels, inner, mode_name);
-  check_cuda(kForwardOp, x);
+  const noise::Mode mode = check_noise_inputs(kForwardOp, x, nullptr, sigma, channels, inner, mode_name, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
   C10_CUDA_CHECK(cuda::launch_gaussian_noise(noise_storage(x.scalar_type()), mode, x.const_data_ptr(),
@@ -49,8 +44,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_noise_backward_cuda(const at::Tensor
                                                                 int64_t channels, int64_t inner,
                                                                 c10::string_view mode_name, bool need_x_grad,
                                                                 bool need_sigma_grad) {
-  const noise::Mode mode = check_noise_inputs(kBackwardOp, x, &grad_y, sigma, channels, inner, mode_name);
-  check_cuda(kBackwardOp, x);
+  const noise::Mode mode = check_noise_inputs(kBackwardOp, x, &grad_y, sigma, channels, inner, mode_name, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool fused_x_grad = need_x_grad && mode == noise::Mode::Multiplicative;
   at::Tensor grad_x = !need_x_grad ? x.new_empty({0})
