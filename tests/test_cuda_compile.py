@@ -1,13 +1,13 @@
 """Compile checks of the CUDA sources with nvcc alone: no GPU and no CUDA build of torch needed.
 
 - the shared math header in device code (tests/cpp/math_header_kernel.cu);
-- every pure CUDA source in csrc/cuda (all but the torch binding ops_cuda.cu), for nvcc's default
-  architecture and for sm_90, with the flags torch's extension build adds (no implicit half/bfloat16
-  conversions);
+- every pure CUDA source in csrc/cuda (all but the torch bindings, the files named *ops_cuda.cu),
+  for nvcc's default architecture and for sm_90, with the flags torch's extension build adds (no
+  implicit half/bfloat16 conversions);
 - the kernels' own test program (tests/cpp/test_cuda_kernels.cu) is built and run: without a GPU it
   checks the host side only (the multi-tensor table) and exits 77;
-- the torch binding ops_cuda.cu against this torch's headers, where they include c10/cuda (the CPU
-  wheels ship them); nothing is linked, since a CPU torch has no CUDA libraries.
+- every torch binding (*ops_cuda.cu) against this torch's headers, where they include c10/cuda (the
+  CPU wheels ship them); nothing is linked, since a CPU torch has no CUDA libraries.
 """
 import shutil
 import subprocess
@@ -19,8 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 CUDA_DIR = ROOT / "csrc" / "cuda"
-BINDING = "ops_cuda.cu"
-PURE_SOURCES = sorted(p for p in CUDA_DIR.glob("*.cu") if p.name != BINDING)
+# Torch bindings (TORCH_LIBRARY_IMPL blocks, compiled against torch's headers) are the files named
+# *ops_cuda.cu; every other .cu file is a pure CUDA source.
+BINDINGS = sorted(CUDA_DIR.glob("*ops_cuda.cu"))
+PURE_SOURCES = sorted(p for p in CUDA_DIR.glob("*.cu") if p not in BINDINGS)
 # What torch.utils.cpp_extension passes to nvcc for every extension (COMMON_NVCC_FLAGS).
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                     "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
@@ -52,9 +54,10 @@ def test_math_header_compiles_with_nvcc(tmp_path):
 
 def test_the_pure_sources_are_found():
     names = {p.name for p in PURE_SOURCES}
-    want = {"t1_step_kernel.cu", "segment_dot_kernel.cu", "penalty_hypergrad_kernel.cu", "perturb_kernel.cu"}
+    want = {"t1_step_kernel.cu", "segment_dot_kernel.cu", "penalty_hypergrad_kernel.cu", "perturb_kernel.cu",
+            "noise_kernel.cu"}
     assert want <= names, names
-    assert (CUDA_DIR / BINDING).exists()
+    assert {"ops_cuda.cu", "noise_ops_cuda.cu"} <= {p.name for p in BINDINGS}
 
 
 @needs_nvcc
@@ -94,8 +97,9 @@ def torch_include_dirs():
 
 
 @needs_nvcc
-def test_torch_binding_compiles_against_torch_headers(tmp_path):
-    """ops_cuda.cu type-checks against this torch's ATen/c10 headers in C++20 (what torch 2.13's
+@pytest.mark.parametrize("binding", BINDINGS, ids=lambda p: p.name)
+def test_torch_binding_compiles_against_torch_headers(binding, tmp_path):
+    """Each *ops_cuda.cu type-checks against this torch's ATen/c10 headers in C++20 (what torch 2.13's
     BuildExtension uses). A CPU wheel lacks the build-time c10/cuda config header; it only selects
     export macros, so the check tells the headers not to look for it."""
     dirs = torch_include_dirs()
@@ -103,9 +107,9 @@ def test_torch_binding_compiles_against_torch_headers(tmp_path):
         pytest.skip("this torch ships no c10/cuda headers")
     system_includes = [arg for d in dirs for arg in ("-isystem", d)]
     python_include = ["-isystem", sysconfig.get_paths()["include"]]
-    obj = tmp_path / "ops_cuda.o"
+    obj = tmp_path / (binding.stem + ".o")
     result = run_nvcc(["-std=c++20", *TORCH_NVCC_FLAGS, "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-Xcompiler",
-                       "-Wall,-Wextra", "-c", str(CUDA_DIR / BINDING), *INCLUDES, *system_includes,
+                       "-Wall,-Wextra", "-c", str(binding), *INCLUDES, *system_includes,
                        *python_include, "-o", str(obj)])
     assert obj.stat().st_size > 0
     assert not our_warnings(result), result.stderr

@@ -473,3 +473,47 @@ def test_reference_fallback_without_the_extension():
     env = dict(os.environ, T1T2_DISABLE_EXT="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; the sources are compile-checked in test_cuda_compile.py)
+# ---------------------------------------------------------------------------------------------
+def cuda_kernels_built():
+    return (_extension.AVAILABLE and torch.cuda.is_available()
+            and torch._C._dispatch_has_kernel_for_dispatch_key("t1t2::gaussian_noise", "CUDA"))
+
+
+needs_cuda = pytest.mark.skipif(not cuda_kernels_built(), reason="no GPU, or an extension built without CUDA kernels")
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_cuda_op_gives_the_cpu_bits(dtype, mode):
+    """Same ε, same roundings, same reduction order (t1t2/noise.h): the CUDA op's y, ∂L/∂x and ∂L/∂σ
+    are the CPU op's bit for bit, and the twin on CUDA tensors draws the same ε."""
+    for shape, per in LAYOUTS:
+        x, grad_y, sigma, channels, inner = make(shape, per, dtype, seed=8)
+        key = rng.noise_key(8, len(shape))
+        cpu = [ops.gaussian_noise(x, sigma, key, channels, inner, mode),
+               *ops.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)]
+        xd, gd, sd = x.cuda(), grad_y.cuda(), sigma.cuda()
+        gpu = [ops.gaussian_noise(xd, sd, key, channels, inner, mode),
+               *ops.gaussian_noise_backward(gd, xd, sd, key, channels, inner, mode, True, True)]
+        for a, b in zip(cpu, gpu):
+            assert torch.equal(a, b.cpu()), (shape, per)
+        assert torch.equal(reference.gaussian_noise(xd, sd, key, channels, inner, mode).cpu(), cpu[0])
+
+
+@needs_cuda
+def test_cuda_opcheck_and_module():
+    x, grad_y, sigma, channels, inner = make((5, 3, 2), "unit", torch.float32)
+    x, grad_y, sigma = x.cuda(), grad_y.cuda(), sigma.cuda()
+    for mode in MODES:
+        torch.library.opcheck(torch.ops.t1t2.gaussian_noise.default, (x, sigma, 3, channels, inner, mode))
+        torch.library.opcheck(torch.ops.t1t2.gaussian_noise_backward.default,
+                              (grad_y, x, sigma, 3, channels, inner, mode, True, True))
+    m = t1t2.GaussianNoise(0.2, per="unit", num_features=3).cuda().record_grad(True)
+    xs = x.clone().requires_grad_()
+    m(xs).sum().backward()
+    assert m.sigma_grad.device.type == "cuda" and xs.grad is not None

@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu/cpu_features.h"
 
 namespace t1t2 {
@@ -136,20 +137,20 @@ void sigma_grad(const scalar_t* g, const scalar_t* x, const at::opmath_type<scal
   });
 }
 
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
-}
-
-void check_cpu(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device(), ", expected cpu");
-}
-
 }  // namespace
 
 noise::Mode check_noise_inputs(const char* op, const at::Tensor& x, const at::Tensor* grad_y, const at::Tensor& sigma,
-                               int64_t channels, int64_t inner, c10::string_view mode) {
+                               int64_t channels, int64_t inner, c10::string_view mode, at::DeviceType kernel) {
   TORCH_CHECK(mode == "additive" || mode == "multiplicative", op, ": unknown mode '", mode,
               "'; expected 'additive' or 'multiplicative'");
+  // mixed devices first: the dispatcher sends x on cpu with sigma on cuda to the CUDA kernel
+  TORCH_CHECK(sigma.device() == x.device(), op, ": sigma is on ", sigma.device(), " but x is on ", x.device(),
+              "; move both to one device");
+  if (grad_y != nullptr)
+    TORCH_CHECK(grad_y->device() == x.device(), op, ": grad_y is on ", grad_y->device(), " but x is on ", x.device(),
+                "; move both to one device");
+  TORCH_CHECK(x.device().type() == kernel, op, ": the ", kernel == at::kCUDA ? "CUDA" : "CPU", " kernel got x on ",
+              x.device(), ", expected ", c10::DeviceTypeName(kernel, /*lower_case=*/true));
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(supported_dtype(dtype), op, ": x must be float64, float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(x.is_contiguous(), op, ": x (shape ", x.sizes(), ", strides ", x.strides(),
@@ -160,7 +161,6 @@ noise::Mode check_noise_inputs(const char* op, const at::Tensor& x, const at::Te
                 x.sizes());
     TORCH_CHECK(grad_y->scalar_type() == dtype, op, ": grad_y has dtype ", grad_y->scalar_type(), " but x has dtype ",
                 dtype);
-    TORCH_CHECK(grad_y->device() == x.device(), op, ": grad_y is on ", grad_y->device(), " but x is on ", x.device());
     TORCH_CHECK(grad_y->is_contiguous(), op, ": grad_y must be contiguous; call .contiguous() first");
   }
   TORCH_CHECK(channels >= 1, op, ": channels must be >= 1, got ", channels);
@@ -170,11 +170,9 @@ noise::Mode check_noise_inputs(const char* op, const at::Tensor& x, const at::Te
   TORCH_CHECK(x.numel() % (channels * inner) == 0, op, ": channels·inner = ", channels, "·", inner, " = ",
               channels * inner, " does not divide the ", x.numel(), " elements of x (shape ", x.sizes(),
               "); per-unit noise of an (N, F, ...) input has channels = F and inner = the product of the dims after F");
-  const at::ScalarType compute = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType compute = compute_dtype(dtype);
   TORCH_CHECK(sigma.scalar_type() == compute, op, ": sigma has dtype ", sigma.scalar_type(), ", expected ", compute,
               " (the compute dtype of ", dtype, " x)");
-  TORCH_CHECK(sigma.device() == x.device(), op, ": sigma is on ", sigma.device(), " but x is on ", x.device(),
-              "; move both to one device");
   TORCH_CHECK(sigma.numel() == channels, op, ": sigma has ", sigma.numel(), " elements (shape ", sigma.sizes(),
               "), expected channels = ", channels);
   TORCH_CHECK(sigma.is_contiguous(), op, ": sigma must be contiguous");
@@ -183,8 +181,7 @@ noise::Mode check_noise_inputs(const char* op, const at::Tensor& x, const at::Te
 
 at::Tensor gaussian_noise_cpu(const at::Tensor& x, const at::Tensor& sigma, int64_t key, int64_t channels,
                               int64_t inner, c10::string_view mode_name) {
-  const Mode mode = check_noise_inputs(kForwardOp, x, nullptr, sigma, channels, inner, mode_name);
-  check_cpu(kForwardOp, x);
+  const Mode mode = check_noise_inputs(kForwardOp, x, nullptr, sigma, channels, inner, mode_name, at::kCPU);
   at::Tensor y = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gaussian_noise", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -198,8 +195,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_noise_backward_cpu(const at::Tensor&
                                                                const at::Tensor& sigma, int64_t key, int64_t channels,
                                                                int64_t inner, c10::string_view mode_name,
                                                                bool need_x_grad, bool need_sigma_grad) {
-  const Mode mode = check_noise_inputs(kBackwardOp, x, &grad_y, sigma, channels, inner, mode_name);
-  check_cpu(kBackwardOp, x);
+  const Mode mode = check_noise_inputs(kBackwardOp, x, &grad_y, sigma, channels, inner, mode_name, at::kCPU);
   const bool fused_x_grad = need_x_grad && mode == Mode::Multiplicative;
   at::Tensor grad_x = !need_x_grad ? x.new_empty({0})
                       : fused_x_grad ? at::empty_like(x)

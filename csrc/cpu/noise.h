@@ -21,10 +21,11 @@ std::tuple<at::Tensor, at::Tensor> gaussian_noise_backward_cpu(const at::Tensor&
                                                                int64_t inner, c10::string_view mode, bool need_x_grad,
                                                                bool need_sigma_grad);
 
-// The input checks of both ops, shared with the CUDA binding (csrc/cuda/noise_ops_cuda.cu): x (and
-// grad_y) contiguous on one device in a supported dtype, sigma with `channels` elements in the
-// compute dtype on that device, channels·inner dividing numel. Returns the mode.
+// The input checks of both ops, shared with the CUDA binding (csrc/cuda/noise_ops_cuda.cu), in the
+// style of csrc/checks.h: x (and grad_y) contiguous on a `kernel` device in a supported dtype, sigma
+// with `channels` elements in the compute dtype on that device, channels·inner dividing numel.
+// Returns the mode.
 noise::Mode check_noise_inputs(const char* op, const at::Tensor& x, const at::Tensor* grad_y, const at::Tensor& sigma,
-                               int64_t channels, int64_t inner, c10::string_view mode);
+                               int64_t channels, int64_t inner, c10::string_view mode, at::DeviceType kernel);
 
 }  // namespace t1t2

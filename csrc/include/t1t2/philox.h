@@ -119,6 +119,17 @@ T1T2_HOST_DEVICE inline float uniform(uint32_t word) {
 
 // ---- float32 log and cos, correctly rounded (see the top of the file) ----
 
+// Horner's rule, highest power first, every step rounded: p = c[0], then p = c[k] + z·p.
+template <int N>
+T1T2_HOST_DEVICE inline double horner(double z, const double (&c)[N]) {
+  double p = c[0];
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int k = 1; k < N; ++k) p = ieee::add(c[k], ieee::mul(z, p));
+  return p;
+}
+
 // log x for a positive normal float32 x: x = m·2^e with m in [√½, √2), log m = 2 atanh s =
 // 2(s + s³/3 + s⁵/5 + …) with s = (m−1)/(m+1), |s| ≤ 0.1716 (terms to s²³: truncation < 1e-19
 // relative), e·ln 2 in two parts (fdlibm's ln2_hi has 11 trailing zero bits: e·ln2_hi is exact).
@@ -132,17 +143,9 @@ T1T2_HOST_DEVICE inline float log_float(float x) {
   e += halve ? 1 : 0;
   const double s = ieee::div(ieee::sub(m, 1.0), ieee::add(m, 1.0));
   const double z = ieee::mul(s, s);
-  double p = 1.0 / 23;
-  p = ieee::add(1.0 / 21, ieee::mul(z, p));
-  p = ieee::add(1.0 / 19, ieee::mul(z, p));
-  p = ieee::add(1.0 / 17, ieee::mul(z, p));
-  p = ieee::add(1.0 / 15, ieee::mul(z, p));
-  p = ieee::add(1.0 / 13, ieee::mul(z, p));
-  p = ieee::add(1.0 / 11, ieee::mul(z, p));
-  p = ieee::add(1.0 / 9, ieee::mul(z, p));
-  p = ieee::add(1.0 / 7, ieee::mul(z, p));
-  p = ieee::add(1.0 / 5, ieee::mul(z, p));
-  p = ieee::add(1.0 / 3, ieee::mul(z, p));
+  constexpr double kSeries[] = {1.0 / 23, 1.0 / 21, 1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13,
+                                1.0 / 11, 1.0 / 9,  1.0 / 7,  1.0 / 5,  1.0 / 3};
+  const double p = horner(z, kSeries);
   const double two_s = ieee::add(s, s);
   const double log_m = ieee::add(two_s, ieee::mul(ieee::mul(two_s, z), p));
   const double ed = static_cast<double>(e);
@@ -159,26 +162,16 @@ T1T2_HOST_DEVICE inline float cos_float(float t) {
   const double kd = static_cast<double>(k);
   const double r = ieee::sub(ieee::sub(x, ieee::mul(kd, kPio2Hi)), ieee::mul(kd, kPio2Lo));
   const double z = ieee::mul(r, r);
-  // sin r = r + r·z·S(z), S = −1/3! + z/5! − …;  cos r = 1 + z·C(z), C = −1/2! + z/4! − …
-  double sp = 1.0 / 355687428096000.0;  // 1/17!
-  sp = ieee::add(-1.0 / 1307674368000.0, ieee::mul(z, sp));
-  sp = ieee::add(1.0 / 6227020800.0, ieee::mul(z, sp));
-  sp = ieee::add(-1.0 / 39916800.0, ieee::mul(z, sp));
-  sp = ieee::add(1.0 / 362880.0, ieee::mul(z, sp));
-  sp = ieee::add(-1.0 / 5040.0, ieee::mul(z, sp));
-  sp = ieee::add(1.0 / 120.0, ieee::mul(z, sp));
-  sp = ieee::add(-1.0 / 6.0, ieee::mul(z, sp));
-  const double sin_r = ieee::add(r, ieee::mul(ieee::mul(r, z), sp));
-  double cp = -1.0 / 6402373705728000.0;  // −1/18!
-  cp = ieee::add(1.0 / 20922789888000.0, ieee::mul(z, cp));
-  cp = ieee::add(-1.0 / 87178291200.0, ieee::mul(z, cp));
-  cp = ieee::add(1.0 / 479001600.0, ieee::mul(z, cp));
-  cp = ieee::add(-1.0 / 3628800.0, ieee::mul(z, cp));
-  cp = ieee::add(1.0 / 40320.0, ieee::mul(z, cp));
-  cp = ieee::add(-1.0 / 720.0, ieee::mul(z, cp));
-  cp = ieee::add(1.0 / 24.0, ieee::mul(z, cp));
-  cp = ieee::add(-1.0 / 2.0, ieee::mul(z, cp));
-  const double cos_r = ieee::add(1.0, ieee::mul(z, cp));
+  // sin r = r + r·z·S(z), S = −1/3! + z/5! − … + z⁷/17!
+  // cos r = 1 + z·C(z),   C = −1/2! + z/4! − … − z⁸/18!
+  constexpr double kSin[] = {1.0 / 355687428096000.0, -1.0 / 1307674368000.0, 1.0 / 6227020800.0,
+                             -1.0 / 39916800.0,       1.0 / 362880.0,         -1.0 / 5040.0,
+                             1.0 / 120.0,             -1.0 / 6.0};
+  constexpr double kCos[] = {-1.0 / 6402373705728000.0, 1.0 / 20922789888000.0, -1.0 / 87178291200.0,
+                             1.0 / 479001600.0,         -1.0 / 3628800.0,       1.0 / 40320.0,
+                             -1.0 / 720.0,              1.0 / 24.0,             -1.0 / 2.0};
+  const double sin_r = ieee::add(r, ieee::mul(ieee::mul(r, z), horner(z, kSin)));
+  const double cos_r = ieee::add(1.0, ieee::mul(z, horner(z, kCos)));
   const int32_t quadrant = k & 3;  // cos(r + kπ/2) = cos r, −sin r, −cos r, sin r
   const double even = quadrant == 0 ? cos_r : -cos_r;
   const double odd = quadrant == 3 ? sin_r : -sin_r;
