@@ -93,14 +93,15 @@ run_step build 240 env T1T2_CUDA=1 MAX_JOBS="$JOBS" "$PYTHON" -m pip install --n
 run_step cuda_kernels_registered 30 "$PYTHON" -c '
 import torch, t1t2_fast._extension as e
 assert e.AVAILABLE, e.LOAD_ERROR
-for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_"):
+for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_", "gaussian_noise",
+           "gaussian_noise_backward"):
     ok = torch._C._dispatch_has_kernel_for_dispatch_key(f"t1t2::{op}", "CUDA")
     print(op, "CUDA kernel:", ok)
     assert ok, f"t1t2::{op} has no CUDA kernel"'
 
 # ---- 3. GPU parity tests and the op tests ----
 run_step pytest 180 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
-  tests/test_cuda.py tests/test_ops.py tests/test_t1_step.py
+  tests/test_cuda.py tests/test_noise.py tests/test_rng.py tests/test_ops.py tests/test_t1_step.py
 
 # ---- 4. microbenchmarks on CUDA tensors ----
 mkdir -p "$OUT/bench"
