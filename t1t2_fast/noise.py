@@ -18,7 +18,7 @@ from . import _extension, reference
 from .hyper import Hyperparameter, get_transform
 from .rng import noise_key
 
-NOISE_BACKENDS = ("auto", "reference", "cpp")
+NOISE_BACKENDS = ("auto", "reference", "cpp", "triton")
 NOISE_MODES = reference.NOISE_MODES
 NOISE_PER = ("layer", "unit")
 
@@ -55,14 +55,18 @@ def noise_enabled() -> bool:
 # ---------------------------------------------------------------------------------------------
 # The differentiable op
 # ---------------------------------------------------------------------------------------------
-def use_compiled(backend: str, device: torch.device) -> bool:
-    """Whether the noise ops run compiled (torch.ops.t1t2) for tensors on ``device``: backend
-    "reference" never, "cpp" always (a clear error where it cannot), "auto" where the extension has
-    a kernel for the device."""
+def noise_impl(backend: str, device: torch.device) -> str:
+    """Which implementation runs the noise ops for tensors on ``device``: "reference", "cpp"
+    (torch.ops.t1t2, the compiled extension) or "triton" (torch.ops.t1t2_triton). ``backend``
+    "auto" takes the compiled extension where it has a kernel for the device, else the reference;
+    "cpp" and "triton" are demanded, with a clear error where they cannot run."""
     if backend not in NOISE_BACKENDS:
         raise ValueError(f"unknown noise backend={backend!r}; expected one of {NOISE_BACKENDS}")
-    if backend == "reference":
-        return False
+    if backend in ("reference", "triton"):
+        if backend == "triton":
+            from .triton_kernels import require
+            require("GaussianNoise backend='triton'")
+        return backend
     available = _extension.AVAILABLE
     has_kernel = available and (device.type == "cpu" or (
         device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("t1t2::gaussian_noise", "CUDA")))
@@ -73,15 +77,29 @@ def use_compiled(backend: str, device: torch.device) -> bool:
         raise RuntimeError(f"GaussianNoise backend='cpp': {why}; or use backend='auto' or 'reference'")
     if not available and device.type == "cpu":
         _extension.warn_if_missing()
-    return has_kernel
+    return "cpp" if has_kernel else "reference"
 
 
-def noise_backward(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, need_sigma_grad, compiled):
+def use_compiled(backend: str, device: torch.device) -> bool:
+    """Whether the noise ops run through the compiled extension (see ``noise_impl``)."""
+    return noise_impl(backend, device) == "cpp"
+
+
+def _fused_ops(impl: str):
+    """The module whose gaussian_noise / gaussian_noise_backward run implementation ``impl``."""
+    if impl == "cpp":
+        from . import ops
+        return ops
+    from .triton_kernels import noise as triton_noise
+    return triton_noise
+
+
+def noise_backward(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, need_sigma_grad, impl):
     """(∂L/∂x or None, ∂L/∂σ or None) of ``gaussian_noise`` for a backward pass. ``x`` may be None
     unless the multiplicative ∂L/∂σ is needed. Under create_graph (grad mode on in the backward and
     an input that requires grad) the reference formula built from differentiable torch ops runs, so
-    that ∂L/∂σ and ∂L/∂x can be differentiated again; otherwise the fused op (``compiled``) or the
-    reference under no_grad."""
+    that ∂L/∂σ and ∂L/∂x can be differentiated again; otherwise the fused op of ``impl`` ("cpp",
+    "triton") or the reference under no_grad."""
     grad_y = grad_y.contiguous()
     x = grad_y if x is None else x  # additive mode reads only its shape and dtype
     differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, sigma))
@@ -89,9 +107,8 @@ def noise_backward(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, ne
     op_x_grad = need_x_grad and mode == "multiplicative"
     grad_x = grad_sigma = None
     if op_x_grad or need_sigma_grad:
-        if compiled and not differentiable:
-            from . import ops
-            grad_x, grad_sigma = ops.gaussian_noise_backward(grad_y, x.contiguous(), sigma.contiguous(), key,
+        if impl != "reference" and not differentiable:
+            grad_x, grad_sigma = _fused_ops(impl).gaussian_noise_backward(grad_y, x.contiguous(), sigma.contiguous(), key,
                                                              channels, inner, mode, op_x_grad, need_sigma_grad)
         else:
             grad_x, grad_sigma = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode,
@@ -103,14 +120,11 @@ def noise_backward(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, ne
 
 class _GaussianNoiseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, sigma, key, channels, inner, mode, compiled):
-        if compiled:
-            from . import ops
-            y = ops.gaussian_noise(x, sigma, key, channels, inner, mode)
-        else:
-            y = reference.gaussian_noise(x, sigma, key, channels, inner, mode)
+    def forward(ctx, x, sigma, key, channels, inner, mode, impl):
+        ops = reference if impl == "reference" else _fused_ops(impl)
+        y = ops.gaussian_noise(x, sigma, key, channels, inner, mode)
         ctx.noise_args = (key, channels, inner, mode)
-        ctx.compiled = compiled
+        ctx.impl = impl
         keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]  # only the multiplicative ∂L/∂σ reads x
         ctx.save_for_backward(x if keep_x else None, sigma)
         return y
@@ -119,7 +133,7 @@ class _GaussianNoiseFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, sigma = ctx.saved_tensors
         grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[1], ctx.compiled)
+                                            ctx.needs_input_grad[1], ctx.impl)
         return grad_x, grad_sigma, None, None, None, None, None
 
 
@@ -129,9 +143,9 @@ def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int
     ε_i = randn(key, i) over the contiguous x and c = (i // inner) % channels. ``sigma``: ``channels``
     values in the compute dtype (float64 for float64 x, float32 otherwise). The backward regenerates
     ε (nothing but x, in multiplicative mode, is saved) and is itself differentiable (create_graph).
-    ``backend``: "auto" | "cpp" | "reference" (see ``use_compiled``)."""
-    compiled = use_compiled(backend, x.device)
-    return _GaussianNoiseFunction.apply(x.contiguous(), sigma, int(key), int(channels), int(inner), mode, compiled)
+    ``backend``: "auto" | "reference" | "cpp" | "triton" (see ``noise_impl``)."""
+    impl = noise_impl(backend, x.device)
+    return _GaussianNoiseFunction.apply(x.contiguous(), sigma, int(key), int(channels), int(inner), mode, impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +163,7 @@ class GaussianNoise(nn.Module):
         transform: φ, "linear" (default, σ = λ, as in the paper), "log" or "softplus"
             (t1t2_fast.hyper).
         bounds: (lo, hi) for σ in natural scale (None: unbounded); ``project()`` clamps λ into them.
-        backend: "auto" | "cpp" | "reference" for the noise op.
+        backend: "auto" | "reference" | "cpp" | "triton" for the noise op (``T1T2`` sets "auto" to its own).
 
     The raw λ lives in the buffer ``raw`` (shape () or (num_features,)), not in ``parameters()``:
     the T1-T2 optimizer, not the training optimizer, updates it, in place.

@@ -44,9 +44,10 @@ class NoiseBinding:
     index: int  # position among the model's noise modules: part of the noise key
 
 
-def bind_noise(model: nn.Module, seed: int) -> list[NoiseBinding]:
+def bind_noise(model: nn.Module, seed: int, backend: str) -> list[NoiseBinding]:
     """The model's GaussianNoise modules as hyperparameters ``noise.<module name>``. The raw tensor
-    is the module's own buffer, so the hyper-optimizer's in-place updates reach the module."""
+    is the module's own buffer, so the hyper-optimizer's in-place updates reach the module. A
+    module left at backend="auto" runs its noise op on the optimizer's backend."""
     out = []
     for name, module in model.named_modules():
         if isinstance(module, GaussianNoise):
@@ -55,6 +56,8 @@ def bind_noise(model: nn.Module, seed: int) -> list[NoiseBinding]:
                                    module.raw, tuple(module.bounds), [])
             out.append(NoiseBinding(hyper, module, k))
             module.seed = noise_key(seed, k)
+            if module.backend == "auto":
+                module.backend = backend
     return out
 
 

@@ -182,7 +182,7 @@ if _extension.AVAILABLE:
         from .noise import noise_backward
         x, sigma = ctx.saved_tensors
         grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[1], compiled=True)
+                                            ctx.needs_input_grad[1], impl="cpp")
         return grad_x, grad_sigma, None, None, None, None
 
     torch.library.register_autograd(_NOISE_OP, _gaussian_noise_backward_formula,

@@ -111,7 +111,7 @@ class T1T2(torch.optim.Optimizer):
         # Noise hyperparameters: the model's GaussianNoise modules (DESIGN.md §2).
         self.noise_hypergrad_mode, self.fd_eps = noise_hypergrad, float(fd_eps)
         self._model = model
-        self._noise = noise_hyper.bind_noise(model, self.seed)
+        self._noise = noise_hyper.bind_noise(model, self.seed, self.backend.name)
         self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
         self._prepare_noise()
 
