@@ -1,0 +1,307 @@
+"""Reproductions of the paper's experiments on built-in data (issue 6, experiments 1 and 2).
+
+- ``grid_experiment``: a G x G map of test error over two hyperparameters, each cell trained with
+  those hyperparameters held fixed, then T1-T2 runs from random starts whose trajectories are read
+  in the same coordinates (the paper's Fig. 1).
+- ``compare_experiment``: "before/after": random fixed hyperparameters versus retraining from
+  scratch with the hyperparameters T1-T2 ended at when started from that point.
+
+A point in hyperparameter space is a pair (x, y) on one of two axis pairs (``AXES``):
+
+- ``noise-l2``: x = input noise std n0, y = log10 of the L2 coefficient (applied to every weight
+  matrix; one coefficient for the network by default, or one per layer, whose log10 values are
+  averaged to read a trajectory's y). No hidden noise.
+- ``noise-noise``: x = n0, y = hidden noise std n1 (after every hidden ReLU; with several hidden
+  layers T1-T2 tunes each and y is their mean). No penalty.
+
+"Fixed" training runs the same T1T2 optimizer (same T1 update, same noise generator) and never
+takes a T2 step, so fixed and tuned runs differ only in the hyperparameter updates. Every run is
+seeded: the same arguments give the same numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+AXES = ("noise-l2", "noise-noise")
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str     # column name in the CSV files
+    label: str    # plot label
+    lo: float
+    hi: float
+
+
+AXIS_PAIRS = {
+    "noise-l2": (Axis("n0", "input noise std n0", 0.0, 1.0), Axis("log10_l2", "log10 L2 coefficient", -5.0, -2.0)),
+    "noise-noise": (Axis("n0", "input noise std n0", 0.0, 1.0), Axis("n1", "hidden noise std n1", 0.0, 1.0)),
+}
+
+
+@dataclass
+class Config:
+    """Everything a run depends on besides its hyperparameter point and seed."""
+
+    dataset: str = "digits"
+    axes: str = "noise-l2"
+    samples: int | None = None
+    split_seed: int = 0        # the train / T2 / test split, the same for every run
+    width: int = 128
+    depth: int = 2
+    steps: int = 1000
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    l2_per: str = "network"
+    hyper_optimizer: str = "adam"
+    hyper_lr: float = 1e-2
+    hyper_every: int = 1
+    backend: str = "auto"
+    record_points: int = 50    # trajectory points recorded per T1-T2 run (plus the start)
+
+
+@dataclass
+class RunResult:
+    start: tuple[float, float]
+    end: tuple[float, float]
+    test_error: float
+    val_error: float
+    diverged: bool
+    hyperparameters: dict = field(default_factory=dict)   # final values (mean for tensors)
+    raw: dict = field(default_factory=dict)               # final raw λ tensors (to retrain with them exactly)
+    trajectory: list = field(default_factory=list)        # [(step, x, y, {name: value}), ...]
+
+
+def _mean(value) -> float:
+    return float(value) if isinstance(value, float) else float(value.double().mean())
+
+
+def point_of(hypers: dict, axes: str) -> tuple[float, float]:
+    """The (x, y) coordinates of T1T2.hyperparameters() on ``axes``."""
+    x = _mean(hypers["noise.input"])
+    if axes == "noise-l2":
+        logs = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
+        return x, float(np.mean(logs))
+    hidden = [_mean(v) for n, v in hypers.items() if n.startswith("noise.hidden")]
+    return x, float(np.mean(hidden))
+
+
+def build(data, cfg: Config, point: tuple[float, float], seed: int):
+    """The MLP (GaussianNoise sites ``input`` and, for noise-noise, ``hidden<i>``) and its T1T2
+    optimizer with the hyperparameters at ``point``; the weights are initialized from ``seed``."""
+    import t1t2_fast as t1t2
+
+    from .cli import make_mlp
+
+    x, y = point
+    torch.manual_seed(seed)
+    if cfg.axes == "noise-l2":
+        model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input",), noise_init=x)
+        penalties = [t1t2.L2(10.0 ** y, per=cfg.l2_per)]
+    else:
+        model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input", "hidden"),
+                         noise_init=y)
+        model.input.raw.fill_(x)  # make_mlp gives every site one level; the input's is n0
+        penalties = []
+    opt = t1t2.T1T2(model, penalties, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                    hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr,
+                    # fixed runs never stash: a hyper_every beyond the run makes step() pure T1
+                    hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
+    return model, opt
+
+
+def _batches(n: int, size: int, gen: torch.Generator):
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, size):
+            yield perm[i:i + size]
+
+
+@torch.no_grad()
+def _error(model, split) -> float:
+    was = model.training
+    model.eval()
+    err = float((model(split.x).argmax(1) != split.y).double().mean())
+    model.train(was)
+    return err
+
+
+def train_run(data, cfg: Config, point: tuple[float, float], seed: int, tune: bool,
+              raw: dict | None = None) -> RunResult:
+    """Train from scratch at ``point``: hyperparameters fixed (``tune=False``) or tuned by T1-T2.
+    ``raw`` ({name: raw λ}, e.g. a T1-T2 run's ``RunResult.raw``) overrides the point's values
+    exactly, per layer or per unit where the point only holds their mean."""
+    import torch.nn.functional as F
+
+    run_cfg = cfg if tune else Config(**{**asdict(cfg), "hyper_every": cfg.steps + 1})
+    model, opt = build(data, run_cfg, point, seed)
+    if raw:
+        with torch.no_grad():
+            for name, value in opt.raw_hyperparameters().items():
+                value.copy_(raw[name])
+    gen = torch.Generator().manual_seed(seed)
+    val_gen = torch.Generator().manual_seed(seed + 1)
+    train_b = _batches(len(data.train), min(cfg.batch_size, len(data.train)), gen)
+    val_b = _batches(len(data.val), min(cfg.batch_size, len(data.val)), val_gen)
+    every = max(1, cfg.steps // max(1, cfg.record_points))
+
+    def snapshot(step):
+        hp = opt.hyperparameters()
+        return (step, *point_of(hp, cfg.axes), {n: _mean(v) for n, v in hp.items()})
+
+    trajectory = [snapshot(0)] if tune else []
+    start = point_of(opt.hyperparameters(), cfg.axes)
+    diverged = False
+    model.train()
+    for step in range(1, cfg.steps + 1):
+        idx = next(train_b)
+        xb, yb = data.train.x[idx], data.train.y[idx]
+        loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
+        if not math.isfinite(float(loss)):
+            diverged = True
+            break
+        if tune and opt.hyper_due:
+            vidx = next(val_b)
+            xv, yv = data.val.x[vidx], data.val.y[vidx]
+            opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+        if tune and (step % every == 0 or step == cfg.steps):
+            trajectory.append(snapshot(step))
+    hp = opt.hyperparameters()
+    return RunResult(start=start, end=point_of(hp, cfg.axes), test_error=_error(model, data.test),
+                     val_error=_error(model, data.val), diverged=diverged,
+                     hyperparameters={n: _mean(v) for n, v in hp.items()}, trajectory=trajectory,
+                     raw={n: v.detach().clone() for n, v in opt.raw_hyperparameters().items()})
+
+
+def fixed_error(data, cfg: Config, point, seeds, raw=None) -> tuple[float, float, list[float]]:
+    """Mean test error, mean validation error and the per-seed test errors of fixed runs at ``point``."""
+    runs = [train_run(data, cfg, point, s, tune=False, raw=raw) for s in seeds]
+    return (float(np.mean([r.test_error for r in runs])), float(np.mean([r.val_error for r in runs])),
+            [r.test_error for r in runs])
+
+
+def random_points(axes: str, n: int, seed: int, stream: int) -> list[tuple[float, float]]:
+    """``n`` points uniform over the axis box (log-uniform in L2), reproducible from (seed, stream)."""
+    ax, ay = AXIS_PAIRS[axes]
+    rng = np.random.default_rng([seed, stream])
+    return [(float(rng.uniform(ax.lo, ax.hi)), float(rng.uniform(ay.lo, ay.hi))) for _ in range(n)]
+
+
+def grid_values(axis: Axis, size: int) -> list[float]:
+    return [float(v) for v in np.linspace(axis.lo, axis.hi, size)]
+
+
+def nearest_cell(point, axes: str, size: int) -> tuple[int, int, bool]:
+    """Grid indices (i along x, j along y) of the cell nearest ``point`` in coordinates scaled to
+    the box, and whether the point lies outside the box (then the nearest cell is on its edge)."""
+    idx, outside = [], False
+    for v, axis in zip(point, AXIS_PAIRS[axes]):
+        t = (v - axis.lo) / (axis.hi - axis.lo)
+        outside |= not (-1e-9 <= t <= 1 + 1e-9)
+        idx.append(int(np.clip(round(t * (size - 1)), 0, size - 1)))
+    return idx[0], idx[1], outside
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, dynamic_ncols=True, unit="run", leave=True)
+
+
+def grid_experiment(data, cfg: Config, size: int, seeds: int, runs: int, seed: int = 0, quiet: bool = True) -> dict:
+    """Experiment 1. Returns {"cells": [...], "runs": [RunResult...], "summary": {...}}."""
+    ax, ay = AXIS_PAIRS[cfg.axes]
+    xs, ys = grid_values(ax, size), grid_values(ay, size)
+    cell_seeds = [seed + s for s in range(seeds)]
+    cells = []
+    bar = _progress(size * size * seeds + runs, f"grid {cfg.dataset} {cfg.axes}", quiet)
+    try:
+        for i, x in enumerate(xs):
+            for j, y in enumerate(ys):
+                errs, vals = [], []
+                for s in cell_seeds:
+                    r = train_run(data, cfg, (x, y), s, tune=False)
+                    errs.append(r.test_error)
+                    vals.append(r.val_error)
+                    bar.update(1)
+                cells.append({"i": i, "j": j, ax.name: x, ay.name: y, "test_error": float(np.mean(errs)),
+                              "val_error": float(np.mean(vals)), "test_errors": errs})
+                bar.set_postfix_str(f"cell ({x:.2f}, {y:.2f}) err {np.mean(errs):.3f}", refresh=False)
+        order = sorted(range(len(cells)), key=lambda k: (cells[k]["test_error"], k))
+        for rank, k in enumerate(order, 1):
+            cells[k]["rank"] = rank
+        results = []
+        for r, start in enumerate(random_points(cfg.axes, runs, seed, stream=2)):
+            res = train_run(data, cfg, start, seed + 1000 + r, tune=True)
+            results.append(res)
+            bar.update(1)
+            bar.set_postfix_str(f"T1-T2 run {r}: end ({res.end[0]:.2f}, {res.end[1]:.2f}) err {res.test_error:.3f}",
+                                refresh=False)
+    finally:
+        bar.close()
+    return {"cells": cells, "runs": results, "summary": _grid_summary(cells, results, cfg, size)}
+
+
+def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
+    ax, ay = AXIS_PAIRS[cfg.axes]
+    by_index = {(c["i"], c["j"]): c for c in cells}
+    best = min(cells, key=lambda c: c["rank"])
+    quarter = math.ceil(0.25 * len(cells))
+    runs = []
+    for k, res in enumerate(results):
+        i, j, outside = nearest_cell(res.end, cfg.axes, size)
+        c = by_index[(i, j)]
+        runs.append({"run": k, "start": {ax.name: res.start[0], ay.name: res.start[1]},
+                     "end": {ax.name: res.end[0], ay.name: res.end[1]},
+                     "end_outside_grid": outside, "test_error": res.test_error, "val_error": res.val_error,
+                     "diverged": res.diverged, "nearest_cell": [i, j], "nearest_cell_test_error": c["test_error"],
+                     "nearest_cell_rank": c["rank"], "in_best_quarter": c["rank"] <= quarter,
+                     "final_hyperparameters": res.hyperparameters})
+    errs = [c["test_error"] for c in cells]
+    return {
+        "cells": len(cells), "best_cell": {ax.name: best[ax.name], ay.name: best[ay.name],
+                                           "test_error": best["test_error"]},
+        "cell_test_error": {"min": min(errs), "median": float(np.median(errs)), "max": max(errs)},
+        "best_quarter_size": quarter,
+        "fraction_runs_in_best_quarter": float(np.mean([r["in_best_quarter"] for r in runs])) if runs else None,
+        "median_end_rank": float(np.median([r["nearest_cell_rank"] for r in runs])) if runs else None,
+        "t1t2_test_error": {"mean": float(np.mean([r.test_error for r in results])),
+                            "min": min(r.test_error for r in results),
+                            "max": max(r.test_error for r in results)} if results else None,
+        "runs": runs,
+    }
+
+
+def compare_experiment(data, cfg: Config, runs: int, seeds: int, seed: int = 0, quiet: bool = True) -> list[dict]:
+    """Experiment 2: for each of ``runs`` random points, fixed training there (before), a T1-T2 run
+    from there, and fixed training at the hyperparameters that run ended at (after). Before and
+    after are mean test errors over ``seeds`` initializations (the same ones for both)."""
+    ax, ay = AXIS_PAIRS[cfg.axes]
+    rows = []
+    bar = _progress(runs * (2 * seeds + 1), f"compare {cfg.dataset} {cfg.axes}", quiet)
+    try:
+        for r, start in enumerate(random_points(cfg.axes, runs, seed, stream=3)):
+            run_seeds = [seed + 100 * r + s for s in range(seeds)]
+            before, before_val, _ = fixed_error(data, cfg, start, run_seeds)
+            bar.update(seeds)
+            tuned = train_run(data, cfg, start, run_seeds[0], tune=True)
+            bar.update(1)
+            after, after_val, _ = fixed_error(data, cfg, tuned.end, run_seeds, raw=tuned.raw)
+            bar.update(seeds)
+            rows.append({"run": r, f"start_{ax.name}": start[0], f"start_{ay.name}": start[1],
+                         f"end_{ax.name}": tuned.end[0], f"end_{ay.name}": tuned.end[1],
+                         "test_error_before": before, "test_error_t1t2_run": tuned.test_error,
+                         "test_error_after": after, "val_error_before": before_val, "val_error_after": after_val,
+                         "diverged": tuned.diverged})
+            bar.set_postfix_str(f"run {r}: {before:.3f} -> {after:.3f}", refresh=False)
+    finally:
+        bar.close()
+    return rows
