@@ -167,7 +167,76 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=None, help="run name for the default output folder")
     g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final summary")
     tr.set_defaults(func=cmd_train)
+    _add_experiment_commands(sub)
     return parser
+
+
+# Paper-scale settings of `grid` and `compare` (--full); explicit flags still win.
+FULL = {"grid": {"size": 9, "seeds": 3, "runs": 12, "steps": 3000},
+        "compare": {"runs": 20, "seeds": 3, "steps": 3000}}
+SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
+         "compare": {"runs": 10, "seeds": 2, "steps": 1000}}
+
+
+def _add_experiment_commands(sub) -> None:
+    """`grid` (issue 6 experiment 1) and `compare` (experiment 2); their code is in experiments.py."""
+    from .experiments import AXES
+
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("problem")
+    g.add_argument("--dataset", choices=("digits", "mnist1d"), default="digits",
+                   help="digits: scikit-learn's 8x8 digits; mnist1d: MNIST-1D generated offline")
+    g.add_argument("--samples", type=_number(int, "an integer >= 30", lo=30), default=None,
+                   help="number of examples (mnist1d default 5000; digits default all 1797)")
+    g.add_argument("--axes", choices=AXES, default="noise-l2",
+                   help="noise-l2: input noise n0 in [0, 1] x log10 L2 in [-5, -2] (no hidden noise); "
+                        "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty)")
+    g.add_argument("--l2-per", choices=("network", "layer"), default="network",
+                   help="noise-l2: one L2 coefficient for all weight matrices, or one per matrix (T1-T2 "
+                        "then tunes each; the map's y is the mean of their log10)")
+    g.add_argument("--width", type=positive_int, default=128, help="units per hidden layer")
+    g.add_argument("--depth", type=positive_int, default=2, help="number of hidden layers (ReLU)")
+    g = common.add_argument_group("training")
+    g.add_argument("--steps", type=positive_int, default=None, help="T1 steps per run (default 1000, --full 3000)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="training and validation batch size")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the weights")
+    g.add_argument("--lr", type=positive_float, default=None,
+                   help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
+    g.add_argument("--momentum", type=unit_interval, default=0.9, help="sgd momentum")
+    g.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default="adam", help="optimizer of the hyperparameters")
+    g.add_argument("--hyper-lr", type=positive_float, default=1e-2,
+                   help="hyper-optimizer learning rate on the raw hyperparameters (log L2, noise std)")
+    g.add_argument("--hyper-every", type=positive_int, default=1, help="a T2 step every this many T1 steps")
+    g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="implementation of the fused ops")
+    g = common.add_argument_group("run")
+    g.add_argument("--seeds", type=positive_int, default=None,
+                   help="initializations averaged per fixed-hyperparameter point (default 2, --full 3)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="base seed: data split, initializations, random starts")
+    g.add_argument("--full", action="store_true", help="the paper-scale setting (see the defaults of each flag)")
+    g.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
+    g.add_argument("--out", default=None, help="output folder (default: runs/<command>-<dataset>-<axes>-<time>)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    gr = sub.add_parser(
+        "grid", parents=[common], formatter_class=_HelpFormatter,
+        help="hyperparameter map by grid search, with T1-T2 trajectories over it (the paper's Fig. 1)",
+        description="Train a G x G grid of fixed hyperparameters (mean test error over --seeds "
+                    "initializations), then --runs T1-T2 runs from random starts tuning both axes, and "
+                    "draw their trajectories over the map. Writes grid.csv, trajectories.csv, map.png, "
+                    "summary.json; prints where the runs ended relative to the grid's best cells.")
+    gr.add_argument("--size", type=_number(int, "an integer >= 2", lo=2), default=None,
+                    help="grid points per axis (default 5, --full 9)")
+    gr.add_argument("--runs", type=positive_int, default=None, help="T1-T2 runs from random starts (default 8, --full 12)")
+    gr.set_defaults(func=cmd_grid)
+
+    cp = sub.add_parser(
+        "compare", parents=[common], formatter_class=_HelpFormatter,
+        help="before/after: random fixed hyperparameters vs retraining with those T1-T2 found",
+        description="For --runs random hyperparameter points: train with them fixed (before), run T1-T2 "
+                    "from there, and retrain from scratch with the hyperparameters that run ended at "
+                    "(after). Writes compare.csv, compare.png, summary.json and prints the table.")
+    cp.add_argument("--runs", type=positive_int, default=None, help="random starts (default 10, --full 20)")
+    cp.set_defaults(func=cmd_compare)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +254,152 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# grid, compare
+# ---------------------------------------------------------------------------------------------
+def _experiment_setup(args):
+    """Resolve --full / defaults, load the data and build the experiments.Config."""
+    from .data import load_data
+    from .experiments import Config
+
+    for key, value in (FULL if args.full else SMALL)[args.command].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.l2_per != "network" and args.axes != "noise-l2":
+        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty)")
+    if args.hyper_every > args.steps:
+        raise UsageError(f"--hyper-every {args.hyper_every} exceeds --steps {args.steps}: T1-T2 would never tune")
+    try:
+        data = load_data(args.dataset, seed=args.seed, samples=args.samples)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    cfg = Config(dataset=args.dataset, axes=args.axes, samples=args.samples, split_seed=args.seed,
+                 width=args.width, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
+                 optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, l2_per=args.l2_per,
+                 hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every,
+                 backend=args.backend)
+    out = args.out or _timestamped(os.path.join("runs", f"{args.command}-{args.dataset}-{args.axes}"))
+    os.makedirs(out, exist_ok=True)
+    return data, cfg, out
+
+
+def _timestamped(base: str) -> str:
+    base = f"{base}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out, k = base, 1
+    while os.path.exists(out):
+        out, k = f"{base}-{k}", k + 1
+    return out
+
+
+def _run_experiment(args, body) -> int:
+    """Common frame of grid and compare: threads (restored afterwards), data errors, timing."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        try:
+            data, cfg, out = _experiment_setup(args)
+        except RuntimeError as exc:  # e.g. mnist1d not installed
+            print(f"t1t2 {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        if not args.quiet:
+            print(f"{data.describe()}; MLP width {cfg.width} depth {cfg.depth}; {cfg.steps} steps per run; "
+                  f"axes {cfg.axes}")
+        return body(args, data, cfg, out, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_summary(path: str, summary: dict, args, cfg, t0: float) -> None:
+    import dataclasses
+
+    config = dict(vars(args))
+    config.pop("func", None)
+    summary = {**summary, "config": {**config, **dataclasses.asdict(cfg)}, "wall_time_s": time.perf_counter() - t0}
+    with open(path, "w") as f:
+        json.dump(_strict_json(summary), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+
+def cmd_grid(args) -> int:
+    return _run_experiment(args, _grid)
+
+
+def _grid(args, data, cfg, out, t0) -> int:
+    from . import experiments as ex
+
+    result = ex.grid_experiment(data, cfg, size=args.size, seeds=args.seeds, runs=args.runs, seed=args.seed,
+                                quiet=args.quiet)
+    s = result["summary"]
+    ax, ay = ex.AXIS_PAIRS[cfg.axes]
+    paths = ex.write_grid_csvs(out, result, cfg)
+    paths["map"] = os.path.join(out, "map.png")
+    paths["summary"] = os.path.join(out, "summary.json")
+    ex.plot_map(paths["map"], result, cfg, args.size, title=(
+        f"{cfg.dataset}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps: test error % per cell; "
+        f"{args.runs} T1-T2 runs\n{s['fraction_runs_in_best_quarter']:.0%} end nearest a best-quarter cell"
+        if args.runs else f"{cfg.dataset}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps: test error % per cell"))
+    _write_summary(paths["summary"], s, args, cfg, t0)
+
+    best = s["best_cell"]
+    print(f"grid {args.size}x{args.size}, {args.seeds} seed(s) per cell: test error {s['cell_test_error']['min']:.4f} "
+          f"(best, at {ax.name}={best[ax.name]:.3g}, {ay.name}={best[ay.name]:.3g}) .. median "
+          f"{s['cell_test_error']['median']:.4f} .. {s['cell_test_error']['max']:.4f}")
+    if s["runs"]:
+        print(f"T1-T2 runs (end point's nearest cell: its test error and rank of {s['cells']}; "
+              f"best quarter = rank <= {s['best_quarter_size']}):")
+        print(f"  run  start ({ax.name}, {ay.name})   end ({ax.name}, {ay.name})     run test err  "
+              f"cell err  rank")
+        for r in s["runs"]:
+            st, en = r["start"], r["end"]
+            print(f"  {r['run']:>3}  ({st[ax.name]:6.3f}, {st[ay.name]:6.3f})  ({en[ax.name]:6.3f}, {en[ay.name]:6.3f})"
+                  f"{'*' if r['end_outside_grid'] else ' '}  {r['test_error']:12.4f}  {r['nearest_cell_test_error']:8.4f}"
+                  f"  {r['nearest_cell_rank']:>4}")
+        print(f"{s['fraction_runs_in_best_quarter']:.0%} of runs end nearest a best-quarter cell; median rank "
+              f"{s['median_end_rank']:g}; T1-T2 runs' own test error mean {s['t1t2_test_error']['mean']:.4f} "
+              f"(* = ended outside the grid)")
+    print(f"run time {time.perf_counter() - t0:.1f} s")
+    print("wrote " + "\n      ".join(paths.values()))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    return _run_experiment(args, _compare)
+
+
+def _compare(args, data, cfg, out, t0) -> int:
+    from . import experiments as ex
+
+    rows = ex.compare_experiment(data, cfg, runs=args.runs, seeds=args.seeds, seed=args.seed, quiet=args.quiet)
+    s = ex.compare_summary(rows)
+    paths = {"table": os.path.join(out, "compare.csv"), "plot": os.path.join(out, "compare.png"),
+             "summary": os.path.join(out, "summary.json")}
+    header = list(rows[0])
+    ex.write_csv(paths["table"], header, [[r[k] for k in header] for r in rows])
+    ex.plot_compare(paths["plot"], rows, title=(
+        f"{cfg.dataset} {cfg.axes}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps, {args.seeds} seed(s)\n"
+        f"mean test error {100 * s['mean_test_error_before']:.2f}% -> {100 * s['mean_test_error_after']:.2f}%; "
+        f"improved {s['improved']}/{s['runs']}"))
+    _write_summary(paths["summary"], {**s, "rows": rows}, args, cfg, t0)
+
+    ax, ay = ex.AXIS_PAIRS[cfg.axes]
+    print(f"  run  start ({ax.name}, {ay.name})   T1-T2 end ({ax.name}, {ay.name})  before   after  T1-T2 run")
+    for r in rows:
+        print(f"  {r['run']:>3}  ({r['start_' + ax.name]:6.3f}, {r['start_' + ay.name]:6.3f})  "
+              f"({r['end_' + ax.name]:6.3f}, {r['end_' + ay.name]:6.3f})        {r['test_error_before']:.4f}  "
+              f"{r['test_error_after']:.4f}  {r['test_error_t1t2_run']:.4f}")
+    print(f"mean test error before {s['mean_test_error_before']:.4f}, after {s['mean_test_error_after']:.4f} "
+          f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
+          f"worse {s['worse']} of {s['runs']}")
+    print(f"run time {time.perf_counter() - t0:.1f} s")
+    print("wrote " + "\n      ".join(paths.values()))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

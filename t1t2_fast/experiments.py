@@ -305,3 +305,116 @@ def compare_experiment(data, cfg: Config, runs: int, seeds: int, seed: int = 0, 
     finally:
         bar.close()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs: CSV, PNG (a bare matplotlib Figure, as in the CLI's train plot), summaries
+# ---------------------------------------------------------------------------------------------
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def write_csv(path: str, header: list[str], rows: list[list]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([[_fmt(v) for v in r] for r in rows])
+
+
+def write_grid_csvs(out: str, result: dict, cfg: Config) -> dict[str, str]:
+    """grid.csv (a row per cell) and trajectories.csv (a row per recorded point of each T1-T2 run)."""
+    import os
+
+    ax, ay = AXIS_PAIRS[cfg.axes]
+    cells, runs = result["cells"], result["runs"]
+    seeds = len(cells[0]["test_errors"])
+    paths = {"grid": os.path.join(out, "grid.csv"), "trajectories": os.path.join(out, "trajectories.csv")}
+    write_csv(paths["grid"], ["i", "j", ax.name, ay.name, "test_error", "val_error", "rank"]
+               + [f"test_error_seed{s}" for s in range(seeds)],
+               [[c["i"], c["j"], c[ax.name], c[ay.name], c["test_error"], c["val_error"], c["rank"], *c["test_errors"]]
+                for c in cells])
+    names = list(runs[0].trajectory[0][3]) if runs else []
+    write_csv(paths["trajectories"], ["run", "step", ax.name, ay.name] + names,
+               [[k, step, x, y, *[hp[n] for n in names]] for k, r in enumerate(runs)
+                for step, x, y, hp in r.trajectory])
+    return paths
+
+
+def plot_map(path: str, result: dict, cfg: Config, size: int, title: str) -> None:
+    """Heat map of the cells' mean test error with the T1-T2 trajectories over it: start square,
+    end star (the paper's Fig. 1). The view widens to show trajectories that leave the grid."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    ax_x, ax_y = AXIS_PAIRS[cfg.axes]
+    xs, ys = grid_values(ax_x, size), grid_values(ax_y, size)
+    err = np.full((size, size), np.nan)
+    for c in result["cells"]:
+        err[c["j"], c["i"]] = c["test_error"]
+    dx, dy = (xs[1] - xs[0]) / 2, (ys[1] - ys[0]) / 2
+    fig = Figure(figsize=(7.2, 5.6))
+    ax = fig.subplots()
+    mesh = ax.imshow(err, origin="lower", extent=(xs[0] - dx, xs[-1] + dx, ys[0] - dy, ys[-1] + dy),
+                     aspect="auto", cmap="viridis_r", interpolation="nearest")
+    fig.colorbar(mesh, ax=ax, label=f"test error (fixed hyperparameters, mean of {len(result['cells'][0]['test_errors'])} seeds)")
+    for c in result["cells"]:
+        ax.text(c[ax_x.name], c[ax_y.name], f"{100 * c['test_error']:.1f}", ha="center", va="center",
+                fontsize=7 if size <= 6 else 5, color="white" if c["rank"] > len(result["cells"]) / 2 else "black")
+    best = min(result["cells"], key=lambda c: c["rank"])
+    ax.plot(best[ax_x.name], best[ax_y.name], "o", mfc="none", mec="red", ms=16, mew=2, label="best cell")
+    palette = matplotlib.colormaps["tab10"]
+    for k, r in enumerate(result["runs"]):
+        tx = [p[1] for p in r.trajectory]
+        ty = [p[2] for p in r.trajectory]
+        color = palette(k % 10)
+        ax.plot(tx, ty, "-", color=color, lw=1.5, alpha=0.9)
+        ax.plot(tx[0], ty[0], "s", color=color, mec="black", ms=7)
+        ax.plot(tx[-1], ty[-1], "*", color=color, mec="black", ms=13)
+    ax.plot([], [], "s", color="gray", mec="black", label="T1-T2 start")
+    ax.plot([], [], "*", color="gray", mec="black", ms=11, label="T1-T2 end")
+    ax.set_xlabel(ax_x.label)
+    ax.set_ylabel(ax_y.label)
+    ax.legend(fontsize=8, loc="best", framealpha=0.8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def compare_summary(rows: list[dict]) -> dict:
+    before = np.array([r["test_error_before"] for r in rows])
+    after = np.array([r["test_error_after"] for r in rows])
+    return {"runs": len(rows), "mean_test_error_before": float(before.mean()),
+            "mean_test_error_after": float(after.mean()),
+            "median_test_error_before": float(np.median(before)), "median_test_error_after": float(np.median(after)),
+            "mean_test_error_t1t2_run": float(np.mean([r["test_error_t1t2_run"] for r in rows])),
+            "improved": int((after < before).sum()), "tied": int((after == before).sum()),
+            "worse": int((after > before).sum()), "mean_change": float((after - before).mean())}
+
+
+def plot_compare(path: str, rows: list[dict], title: str) -> None:
+    """Scatter of test error before (random fixed hyperparameters) vs after (retrained from scratch
+    with the hyperparameters T1-T2 found from there); points below the diagonal improved."""
+    from matplotlib.figure import Figure
+
+    before = [100 * r["test_error_before"] for r in rows]
+    after = [100 * r["test_error_after"] for r in rows]
+    lo, hi = min(before + after), max(before + after)
+    pad = 0.05 * (hi - lo) + 0.1
+    fig = Figure(figsize=(5.6, 5.4))
+    ax = fig.subplots()
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "--", color="gray", lw=1, label="no change")
+    ax.scatter(before, after, s=36, color="tab:blue", edgecolor="black", zorder=3, label="one random start")
+    for r, b, a in zip(rows, before, after):
+        ax.annotate(str(r["run"]), (b, a), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_aspect("equal")
+    ax.set_xlabel("test error % before (random fixed hyperparameters)")
+    ax.set_ylabel("test error % after (retrained with T1-T2's final ones)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
