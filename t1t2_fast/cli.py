@@ -296,7 +296,8 @@ def _timestamped(base: str) -> str:
 
 
 def _run_experiment(args, body) -> int:
-    """Common frame of grid and compare: threads (restored afterwards), data errors, timing."""
+    """Common frame of grid and compare: threads (restored afterwards), data errors, timing, and the
+    list of files ``body`` wrote (it returns {what: path})."""
     import torch
 
     threads = torch.get_num_threads()
@@ -311,7 +312,10 @@ def _run_experiment(args, body) -> int:
         if not args.quiet:
             print(f"{data.describe()}; MLP width {cfg.width} depth {cfg.depth}; {cfg.steps} steps per run; "
                   f"axes {cfg.axes}")
-        return body(args, data, cfg, out, t0)
+        paths = body(args, data, cfg, out, t0)
+        print(f"run time {time.perf_counter() - t0:.1f} s")
+        print("wrote " + "\n      ".join(paths.values()))
+        return 0
     finally:
         torch.set_num_threads(threads)
 
@@ -331,7 +335,7 @@ def cmd_grid(args) -> int:
     return _run_experiment(args, _grid)
 
 
-def _grid(args, data, cfg, out, t0) -> int:
+def _grid(args, data, cfg, out, t0) -> dict[str, str]:
     from . import experiments as ex
 
     result = ex.grid_experiment(data, cfg, size=args.size, seeds=args.seeds, runs=args.runs, seed=args.seed,
@@ -364,16 +368,14 @@ def _grid(args, data, cfg, out, t0) -> int:
         print(f"{s['fraction_runs_in_best_quarter']:.0%} of runs end nearest a best-quarter cell; median rank "
               f"{s['median_end_rank']:g}; T1-T2 runs' own test error mean {s['t1t2_test_error']['mean']:.4f} "
               f"(* = ended outside the grid)")
-    print(f"run time {time.perf_counter() - t0:.1f} s")
-    print("wrote " + "\n      ".join(paths.values()))
-    return 0
+    return paths
 
 
 def cmd_compare(args) -> int:
     return _run_experiment(args, _compare)
 
 
-def _compare(args, data, cfg, out, t0) -> int:
+def _compare(args, data, cfg, out, t0) -> dict[str, str]:
     from . import experiments as ex
 
     rows = ex.compare_experiment(data, cfg, runs=args.runs, seeds=args.seeds, seed=args.seed, quiet=args.quiet)
@@ -397,9 +399,7 @@ def _compare(args, data, cfg, out, t0) -> int:
     print(f"mean test error before {s['mean_test_error_before']:.4f}, after {s['mean_test_error_after']:.4f} "
           f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
           f"worse {s['worse']} of {s['runs']}")
-    print(f"run time {time.perf_counter() - t0:.1f} s")
-    print("wrote " + "\n      ".join(paths.values()))
-    return 0
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------
