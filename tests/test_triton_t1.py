@@ -1,0 +1,200 @@
+"""The Triton T1 step (torch.ops.t1t2_triton) against the reference and the C++
+ops. Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
+here before triton is imported); sizes stay small because the interpreter is slow."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import t1t2_fast.triton_kernels as triton_kernels  # noqa: E402
+from t1t2_fast import _extension, reference  # noqa: E402
+
+if not triton_kernels.available():
+    pytest.skip(f"triton is not importable ({triton_kernels.unavailable_reason()})", allow_module_level=True)
+
+from problems import OPTIMIZERS, assert_t1_parity, make_problem, moved  # noqa: E402
+
+from t1t2_fast.triton_kernels import _common, t1_step  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# On a GPU the kernels contract into FMA where the reference rounds every step (as tests/test_cuda.py).
+COMPUTE_ULPS = 32 if DEVICE == "cuda" else 4
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1,), (7,), (1023,), (1025,), (65537,), (33, 31), (0,), (4, 0)]
+# Masked-off lanes of adam's Jacobian divide 0 by 0 before the select drops them; numpy says so.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason=f"C++ extension not built ({_extension.LOAD_ERROR})")
+
+
+def triton_t1_step(*args):
+    torch.ops.t1t2_triton.t1_step_(*args)
+
+
+def t1_parity(args, dtype, baseline=reference.t1_step_, fused=triton_t1_step):
+    return assert_t1_parity(fused, args, dtype, DEVICE, baseline=baseline, compute_ulps=COMPUTE_ULPS)
+
+
+class LaunchCounter:
+    """Stands in for a kernel object and counts launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+# ------------------------------------------------------------------------------------------------
+# t1_step_
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stash", [False, True])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_t1_step_matches_reference(dtype, opt_name, stash):
+    args = make_problem(SHAPES, dtype, OPTIMIZERS[opt_name], stash)
+    ours = t1_parity(args, dtype)
+    if stash:  # the stash holds the pre-step θ exactly
+        for before, stashed in zip(args[0], ours[7]):
+            assert torch.equal(stashed.cpu(), before.to(stashed.dtype))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_t1_step_matches_the_cpp_op(dtype):
+    from t1t2_fast import ops
+    for opt in OPTIMIZERS.values():
+        t1_parity(make_problem(SHAPES[:4], dtype, opt, True, seed=7), dtype, baseline=ops.t1_step_)
+
+
+@pytest.mark.parametrize("l2, l1, decay", [(None, None, None), ("layer", None, None), (None, "element", None),
+                                           (None, None, "unit"), ("unit", "layer", "layer"),
+                                           ("element", "unit", "layer")])
+def test_t1_step_penalty_granularities(l2, l1, decay):
+    for opt in OPTIMIZERS.values():
+        t1_parity(make_problem([(16, 9), (9,), (3, 4, 5), (5000, 3)], torch.float64, opt, True, l2=l2, l1=l1,
+                               decay=decay), torch.float64)
+
+
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_t1_step_hundreds_of_small_tensors_in_one_launch(opt_name, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(int(n),) for n in torch.randint(1, 300, (200,), generator=g)] + [(0,), (9000,)]
+    args = make_problem(shapes, torch.float32, OPTIMIZERS[opt_name], True, seed=4)
+    triton_t1_step(*moved(args, DEVICE))  # on a GPU: tune first, so that only the call below is counted
+    counter = LaunchCounter(t1_step.KERNELS.table_kernel)
+    monkeypatch.setattr(t1_step.KERNELS, "table_kernel", counter)
+    t1_parity(args, torch.float32)
+    assert counter.launches == 1
+
+
+def test_t1_step_unaligned_tensors():
+    """Views 4 bytes past an aligned address: the kernel must not promise aligned pointers then."""
+    args = make_problem([(1000,), (37,)], torch.float32, OPTIMIZERS["adam"], True)
+    for k in (0, 1, 2, 3):
+        args[k] = [torch.cat([t.new_zeros(1), t])[1:] for t in args[k]]
+    assert args[0][0].data_ptr() % 16 != 0
+    t1_parity(args, torch.float32)
+
+
+def test_t1_step_per_tensor_path_of_torch_compile():
+    """The launches torch.compile traces (one kernel per tensor, buffers as arguments), run eagerly."""
+    def per_tensor(*args):
+        t1_step._run(*args, kind="functional")
+    for dtype in (torch.float64, torch.bfloat16):
+        for opt in OPTIMIZERS.values():
+            t1_parity(make_problem([(7,), (33, 31), (5000,), (0,)], dtype, opt, True), dtype, fused=per_tensor)
+
+
+def test_t1_step_adam_jacobian_limit_where_s_is_zero():
+    """ĝ = 0 on zero moments gives ŝ = 0: the second term of D is taken as its limit 0, not NaN."""
+    args = make_problem([(5,)], torch.float32, OPTIMIZERS["adam"], True, l2=None, l1=None, decay=None)
+    for k in (1, 2, 3):
+        args[k][0].zero_()
+    ours = moved(args, DEVICE)
+    triton_t1_step(*ours)
+    jac = ours[8][0].cpu()
+    assert torch.isfinite(jac).all()
+    torch.testing.assert_close(jac, torch.full_like(jac, -0.05 * (1 - 0.9) / args[16][0] / 1e-8), rtol=1e-6, atol=0)
+
+
+class FakeAutotune:
+    """Stands in for triton.autotune in the interpreter: runs the kernel several times per tuning, as
+    the real one does, then "chooses" the first config."""
+
+    def __init__(self):
+        self.tunings = self.kernel_runs = 0
+
+    def __call__(self, configs, key):
+        def decorate(kernel):
+            tuner = self
+
+            class Tuner:
+                def __getitem__(self, grid):
+                    def run(*args, **kwargs):
+                        tuner.tunings += 1
+                        for config in configs[:3]:
+                            tuner.kernel_runs += 1
+                            kernel[grid](*args, **kwargs, **config.all_kwargs())
+                        self.best_config = configs[0]
+                    return run
+            return Tuner()
+        return decorate
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the real autotuner runs on a GPU")
+def test_gpu_tuning_runs_on_scratch_buffers_only(monkeypatch):
+    """The GPU launch path, with a stand-in autotuner: tuning re-runs the kernel, so it must happen on
+    scratch buffers, once per kernel variant; the caller's tensors are updated exactly once per call."""
+    fake = FakeAutotune()
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common.triton, "autotune", fake)
+    monkeypatch.setattr(t1_step.KERNELS, "_tuner", None)
+    monkeypatch.setattr(t1_step.KERNELS, "_configs", {})
+    monkeypatch.setattr(t1_step.KERNELS, "scratch_numel", 5000)
+    for _ in range(2):
+        t1_parity(make_problem([(7,), (3000,)], torch.float32, OPTIMIZERS["adam"], True), torch.float32)
+    assert (fake.tunings, fake.kernel_runs) == (1, 3)
+    t1_parity(make_problem([(7,)], torch.float32, OPTIMIZERS["nesterov"], False), torch.float32)
+    assert fake.tunings == 2
+
+
+def test_t1_step_without_tensors_is_a_no_op():
+    triton_t1_step([], [], [], [], [], [], [], [], [], "sgd", 0.1, 0.0, False, 0.9, 0.999, 1e-8, [], [])
+
+
+# The interpreter cannot trace (wrap_triton hands back the interpreted kernel), so AOT dispatch is
+# checked on a GPU only; test_faketensor runs the op body on FakeTensors, which skips the launch.
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor") + \
+    (("test_aot_dispatch_dynamic",) if DEVICE == "cuda" else ())
+
+
+def test_t1_step_opcheck():
+    for opt in OPTIMIZERS.values():
+        for stash in (False, True):
+            args = moved(make_problem([(7, 3), (5,)], torch.float32, opt, stash), DEVICE)
+            torch.library.opcheck(torch.ops.t1t2_triton.t1_step_.default, tuple(args), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a.__setitem__(0, [a[0][0].t(), *a[0][1:]]), r"params\[0\] must be contiguous"),
+    (lambda a: a.__setitem__(1, a[1][:-1]), "got 2 params but 1 grads"),
+    (lambda a: a.__setitem__(2, [a[2][0].double(), *a[2][1:]]),
+     r"state1\[0\] has dtype torch.float64, expected torch.float32"),
+    (lambda a: a.__setitem__(4, [torch.ones(5), torch.ones(2)]), r"l2\[0\] has 5 coefficients"),
+    (lambda a: a.__setitem__(9, "rmsprop"), "unknown optimizer 'rmsprop'"),
+    (lambda a: a.__setitem__(0, [a[0][0], a[0][1].double()]), r"params\[1\] has dtype torch.float64"),
+    (lambda a: a.__setitem__(0, [a[0][0], a[0][1].to("meta")]), r"params\[1\] is on meta"),
+    (lambda a: a.__setitem__(8, [torch.empty(12), torch.empty(3)]), "stash_jac is only written by adam"),
+])
+def test_t1_step_clear_errors(mutate, match):
+    args = make_problem([(4, 3), (3,)], torch.float32, OPTIMIZERS["momentum"], False)
+    params, before = list(args[0]), [p.clone() for p in args[0]]
+    mutate(args)
+    with pytest.raises(RuntimeError, match="t1t2_triton::t1_step_: " + match):
+        triton_t1_step(*args)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # checked before anything is written
