@@ -1,4 +1,4 @@
-"""The Triton T1 step (torch.ops.t1t2_triton) against the reference and the C++
+"""The Triton T1 step and perturb / restore (torch.ops.t1t2_triton) against the reference and the C++
 ops. Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
 here before triton is imported); sizes stay small because the interpreter is slow."""
 import os
@@ -17,7 +17,7 @@ if not triton_kernels.available():
 
 from problems import OPTIMIZERS, assert_t1_parity, make_problem, moved  # noqa: E402
 
-from t1t2_fast.triton_kernels import _common, t1_step  # noqa: E402
+from t1t2_fast.triton_kernels import _common, perturb, t1_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # On a GPU the kernels contract into FMA where the reference rounds every step (as tests/test_cuda.py).
@@ -198,3 +198,129 @@ def test_t1_step_clear_errors(mutate, match):
     with pytest.raises(RuntimeError, match="t1t2_triton::t1_step_: " + match):
         triton_t1_step(*args)
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # checked before anything is written
+
+
+# ------------------------------------------------------------------------------------------------
+# perturb_ / restore_
+# ------------------------------------------------------------------------------------------------
+
+def make_perturb(dtype, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acc = reference.accumulate_dtype(dtype)
+    randn = lambda s, dt: torch.randn(s, generator=g, dtype=torch.float64).to(dt)  # noqa: E731
+    params = [randn(s, dtype) for s in shapes]
+    return params, [torch.empty_like(p) for p in params], [randn(s, acc) for s in shapes], \
+        [randn(s, acc) for s in shapes]
+
+
+def on_device(tensors):
+    return [t.to(DEVICE, copy=True) for t in tensors]
+
+
+def assert_perturbed(ours, want, dtype):
+    """Both compute base + r·d in the compute dtype and round once to the storage dtype; the
+    interpreter does it exactly as torch does, a GPU may contract into an FMA (one rounding less)."""
+    for a, b in zip(ours, want):
+        if DEVICE == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a.cpu(), b, atol=0, rtol=torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_perturb_matches_reference_and_restore_is_exact(dtype):
+    params, save, base, direction = make_perturb(dtype)
+    ours, save = on_device(params), on_device(save)
+    torch.ops.t1t2_triton.perturb_(ours, save, on_device(base), on_device(direction), 1e-3)
+    want = [p.clone() for p in params]
+    reference.perturb_(want, [], base, direction, 1e-3)
+    assert_perturbed(ours, want, dtype)
+    assert all(torch.equal(s.cpu(), p) for s, p in zip(save, params))
+    torch.ops.t1t2_triton.restore_(ours, save)
+    assert all(torch.equal(a.cpu(), p) for a, p in zip(ours, params))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_perturb_matches_the_cpp_op(dtype):
+    from t1t2_fast import ops
+    params, save, base, direction = make_perturb(dtype, seed=2)
+    ours = on_device(params)
+    torch.ops.t1t2_triton.perturb_(ours, on_device(save), on_device(base), on_device(direction), -0.25)
+    theirs = [p.clone() for p in params]
+    ops.perturb_(theirs, save, base, direction, -0.25)
+    assert_perturbed(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.float32, torch.int32), (torch.bfloat16, torch.int16),
+                                         (torch.float64, torch.int64)], ids=str)
+def test_save_and_restore_move_bits_unchanged(dtype, bits):
+    """NaN payloads, signed zeros, subnormals and infinities survive save and restore bit for bit."""
+    n_bits = torch.finfo(dtype).bits
+    special = {32: [0x7FC00001, 0x7F800001, -0x80000000, 1, 0x7F800000, -1], 16: [0x7FC1, 0x7F81, -0x8000, 1, 0x7F80, -1],
+               64: [0x7FF8000000000001, 0x7FF0000000000001, -0x8000000000000000, 1, 0x7FF0000000000000, -1]}[n_bits]
+    original = torch.tensor(special * 700, dtype=bits).view(dtype)
+    params, save = on_device([original]), on_device([torch.empty_like(original)])
+    zeros = on_device([torch.zeros(original.shape, dtype=reference.accumulate_dtype(dtype))])
+    torch.ops.t1t2_triton.perturb_(params, save, zeros, zeros, 1.0)
+    assert torch.equal(save[0].cpu().view(bits), original.view(bits))
+    assert not params[0].cpu().view(bits).equal(original.view(bits))
+    torch.ops.t1t2_triton.restore_(params, save)
+    assert torch.equal(params[0].cpu().view(bits), original.view(bits))
+
+
+def test_perturb_hundreds_of_small_tensors_in_one_launch_and_no_save(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(int(n),) for n in torch.randint(1, 100, (200,), generator=g)]
+    params, _, base, direction = make_perturb(torch.float32, shapes)
+    ours = on_device(params)
+    torch.ops.t1t2_triton.perturb_(on_device(params), [], on_device(base), on_device(direction), 0.5)  # tunes
+    counter = LaunchCounter(perturb.KERNELS.table_kernel)
+    monkeypatch.setattr(perturb.KERNELS, "table_kernel", counter)
+    torch.ops.t1t2_triton.perturb_(ours, [], on_device(base), on_device(direction), -0.5)
+    reference.perturb_(params, [], base, direction, -0.5)
+    assert_perturbed(ours, params, torch.float32)
+    torch.ops.t1t2_triton.restore_(ours, on_device(params))
+    assert counter.launches == 2
+
+
+def test_perturb_and_restore_per_tensor_path_of_torch_compile():
+    params, save, base, direction = make_perturb(torch.bfloat16, [(7,), (0,), (5000,)])
+    ours, save = on_device(params), on_device(save)
+    perturb._run(ours, save, on_device(base), on_device(direction), 1e-2, kind="functional")
+    want = [p.clone() for p in params]
+    reference.perturb_(want, [], base, direction, 1e-2)
+    assert_perturbed(ours, want, torch.bfloat16)
+    perturb._run(ours, save, None, None, 0.0, kind="functional")
+    assert all(torch.equal(a.cpu(), p) for a, p in zip(ours, params))
+
+
+def test_perturb_and_restore_opcheck():
+    params, save, base, direction = (on_device(t) for t in make_perturb(torch.float32, [(7, 3), (5,)]))
+    torch.library.opcheck(torch.ops.t1t2_triton.perturb_.default, (params, save, base, direction, 0.25),
+                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.t1t2_triton.perturb_.default, (params, [], base, direction, 0.25),
+                          test_utils=OPCHECK_UTILS)
+    torch.library.opcheck(torch.ops.t1t2_triton.restore_.default, (params, save), test_utils=OPCHECK_UTILS)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda a: a.__setitem__(2, a[2][:-1]), "got 2 params, 1 base and 2 direction tensors"),
+    (lambda a: a.__setitem__(2, [a[2][0].double(), a[2][1]]), r"base\[0\] has dtype torch.float64, expected torch.float32"),
+    (lambda a: a.__setitem__(0, [a[0][0].t(), a[0][1]]), r"params\[0\] must be contiguous"),
+    (lambda a: a.__setitem__(1, [a[1][0][:2], a[1][1]]), r"save\[0\] has shape \[2, 3\] but params\[0\] has \[4, 3\]"),
+    (lambda a: a.__setitem__(3, [a[3][0], a[3][1].to("meta")]), r"direction\[1\] is on meta, expected cpu like params\[1\]"),
+])
+def test_perturb_clear_errors(mutate, match):
+    args = list(make_perturb(torch.float32, [(4, 3), (3,)])) + [0.1]
+    mutate(args)
+    with pytest.raises(RuntimeError, match="t1t2_triton::perturb_: " + match):
+        torch.ops.t1t2_triton.perturb_(*args)
+
+
+def test_restore_clear_errors():
+    params, save, _, _ = make_perturb(torch.float32, [(4, 3), (3,)])
+    with pytest.raises(RuntimeError, match=r"t1t2_triton::restore_: got 2 params but 1 saved"):
+        torch.ops.t1t2_triton.restore_(params, save[:1])
+    with pytest.raises(RuntimeError, match=r"t1t2_triton::restore_: save\[1\] has dtype torch.float64"):
+        torch.ops.t1t2_triton.restore_(params, [save[0], save[1].double()])

@@ -9,6 +9,7 @@ from ._common import available, interpreting, require, unavailable_reason
 __all__ = ["available", "interpreting", "require", "unavailable_reason"]
 
 if available():
+    from .perturb import perturb_, restore_
     from .t1_step import t1_step_
 
-    __all__ += ["t1_step_"]
+    __all__ += ["t1_step_", "perturb_", "restore_"]
