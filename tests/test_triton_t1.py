@@ -2,6 +2,10 @@
 ops. Without a GPU the kernels run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set
 here before triton is imported); sizes stay small because the interpreter is slow."""
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +28,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COMPUTE_ULPS = 32 if DEVICE == "cuda" else 4
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (7,), (1023,), (1025,), (65537,), (33, 31), (0,), (4, 0)]
+ROOT = Path(__file__).resolve().parents[1]
 # Masked-off lanes of adam's Jacobian divide 0 by 0 before the select drops them; numpy says so.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason=f"C++ extension not built ({_extension.LOAD_ERROR})")
@@ -46,6 +51,16 @@ class LaunchCounter:
     def __getitem__(self, grid):
         self.launches += 1
         return self.kernel[grid]
+
+
+def run_python(code: str, timeout: int = 300) -> str:
+    """Run code in a fresh Python with this checkout importable and Triton compiling, not interpreting."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,3 +339,88 @@ def test_restore_clear_errors():
         torch.ops.t1t2_triton.restore_(params, save[:1])
     with pytest.raises(RuntimeError, match=r"t1t2_triton::restore_: save\[1\] has dtype torch.float64"):
         torch.ops.t1t2_triton.restore_(params, [save[0], save[1].double()])
+
+
+# ------------------------------------------------------------------------------------------------
+# What the interpreter cannot show: tracing for torch.compile, compiling for a GPU, no triton
+# ------------------------------------------------------------------------------------------------
+
+def test_torch_compile_traces_one_kernel_per_tensor_with_its_buffers():
+    """AOT tracing on FakeTensors (no GPU needed, no kernel runs): the graph holds one Triton kernel
+    per non-empty tensor, each with that tensor's buffers as arguments, and returns the updated params."""
+    out = run_python("""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch._functorch.aot_autograd import aot_export_module
+        import t1t2_fast.triton_kernels
+        from problems import OPTIMIZERS, make_problem
+
+        args = make_problem([(7, 3), (0,), (5,)], torch.float32, OPTIMIZERS["adam"], True)
+
+        class Step(torch.nn.Module):
+            def forward(self, *tensors):
+                lists = [list(tensors[3 * k:3 * k + 3]) for k in range(9)]
+                torch.ops.t1t2_triton.t1_step_(*lists, *args[9:])
+                torch.ops.t1t2_triton.perturb_(lists[0], lists[7][:0], lists[2], lists[3], 0.5)
+                return tuple(p + 0 for p in lists[0])
+
+        with FakeTensorMode() as mode:
+            flat = [mode.from_tensor(t) for a in args[:9] for t in a]
+            graph, _ = aot_export_module(Step(), flat, trace_joint=False)
+        calls = [n for n in graph.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        print(len(calls), sorted(calls[0].kwargs["kwargs"]))
+    """)
+    count, names = out.strip().split(" ", 1)
+    assert count == "4"  # t1_step_ and perturb_ on the two non-empty tensors
+    assert "param" in names and "stash_jac" in names and "table" in names
+
+
+def test_kernels_compile_for_a_gpu():
+    """Compile the pointer-table kernels for sm_90 with Triton's own ptxas (no GPU needed): catches
+    what the lenient interpreter accepts but the compiler rejects, and checks that aligned tables give
+    vector loads."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    out = run_python("""
+        import re
+        import triton, triton.language as tl
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from t1t2_fast.triton_kernels import perturb, t1_step
+
+        def compile(fn, **constants):
+            names = fn.arg_names
+            signature = {"table": "*i64", "work_at": "i32", **{k: "constexpr" for k in constants}}
+            source = ASTSource(fn=fn, signature=signature,
+                               constexprs={(names.index(k),): v for k, v in constants.items()})
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+            return len(re.findall(r"ld\\.global(\\.\\w+)*\\.v[24]", ptx))
+
+        common = dict(CHUNK=4096, BLOCK=2048, EMULATE_RTNE=False)
+        for P, opt, stash, aligned in [(tl.float32, "adam", True, True), (tl.bfloat16, "nesterov", True, True),
+                                       (tl.float16, "momentum", False, False), (tl.float64, "sgd", True, True),
+                                       (tl.float64, "adam", False, True)]:
+            adam = opt == "adam"
+            vector_loads = compile(t1_step._t1_step_table_kernel, P=P, ALIGNED=aligned, FP64=P == tl.float64,
+                                   ADAM=adam, MOMENTUM=not adam and opt != "sgd", NESTEROV=opt == "nesterov",
+                                   STASH_THETA=stash, STASH_JAC=adam and stash, **common)
+            assert (vector_loads > 0) == aligned, (P, opt, aligned, vector_loads)
+        for save, restore in [(True, False), (False, False), (True, True)]:
+            assert compile(perturb._perturb_table_kernel, P=tl.bfloat16, ALIGNED=True, FP64=False, SAVE=save,
+                           RESTORE=restore, **common) > 0
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+def test_package_imports_without_triton():
+    out = run_python("""
+        import sys
+        sys.modules["triton"] = None  # what an environment without triton looks like to an import
+        import t1t2_fast.triton_kernels as tk
+        assert not tk.available() and "triton" in tk.unavailable_reason()
+        try:
+            tk.require("backend='triton'")
+        except RuntimeError as exc:
+            print(exc)
+    """)
+    assert "needs Triton" in out and "pip install t1t2_fast[triton]" in out
