@@ -53,9 +53,15 @@ def require(what: str) -> None:
                            f"`pip install t1t2_fast[triton]` (GPU), or use backend='cpp' or 'reference'")
 
 
+# Read once, when the kernel modules import this one and just before @triton.jit reads the same
+# variable to decide whether their kernels are interpreted: setting it later changes neither.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its numpy interpreter (TRITON_INTERPRET=1, CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether the kernels run in Triton's numpy interpreter (TRITON_INTERPRET=1 when they were
+    defined; CPU tensors only)."""
+    return _INTERPRETING
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
