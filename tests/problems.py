@@ -63,9 +63,12 @@ def assert_t1_parity(fused, args, dtype, device="cpu", baseline=reference.t1_ste
     Lower precision, as in STYLE.md: the error of ``fused`` against a float64 run of the reference may
     be at most twice the baseline's own error, plus a few ulps of the result's scale (compute_ulps
     for the float32 state and stash, where a GPU kernel contracts into FMA; 4 for bfloat16/float16
-    storage, which only sees rounding flips). Returns the fused results."""
+    storage, which only sees rounding flips). The stash must hold the pre-step θ exactly. Returns the
+    fused results."""
     ours = moved(args, device)
     fused(*ours)
+    for before, stashed in zip(args[0], ours[7]):
+        assert torch.equal(stashed.cpu(), before.to(stashed.dtype))
     same = moved(args)
     baseline(*same)
     if dtype == torch.float64:

@@ -71,11 +71,7 @@ def run_python(code: str, timeout: int = 300) -> str:
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_t1_step_matches_reference(dtype, opt_name, stash):
-    args = make_problem(SHAPES, dtype, OPTIMIZERS[opt_name], stash)
-    ours = t1_parity(args, dtype)
-    if stash:  # the stash holds the pre-step θ exactly
-        for before, stashed in zip(args[0], ours[7]):
-            assert torch.equal(stashed.cpu(), before.to(stashed.dtype))
+    t1_parity(make_problem(SHAPES, dtype, OPTIMIZERS[opt_name], stash), dtype)
 
 
 @needs_cpp
