@@ -42,3 +42,49 @@ def make_problem(shapes, dtype, opt, stash, seed=0, l2="layer", l1="unit", decay
     bc2 = [1 - 0.999 ** (3 + k % 5) for k in range(n)] if opt["optimizer"] == "adam" else []
     return [params, grads, state1, state2, *coefs, stash_theta, stash_jac, opt["optimizer"], 0.05,
             opt["momentum"], opt["nesterov"], 0.9, 0.999, 1e-8, bc1, bc2]
+
+
+def is_tensor_list(a):
+    return isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+
+
+def moved(args, device=None, dtype=None):
+    """Copies of the tensor arguments (on device, in dtype): t1_step_ updates its arguments in place."""
+    return [[t.to(device=device or t.device, dtype=dtype or t.dtype, copy=True) for t in a] if is_tensor_list(a)
+            else a for a in args]
+
+
+FLOAT64_TOL = dict(atol=1e-13, rtol=1e-12)
+
+
+def assert_t1_parity(fused, args, dtype, device="cpu", baseline=reference.t1_step_, compute_ulps=4):
+    """Run ``fused`` on copies of args (on device) and check every in-place result against ``baseline``
+    (the reference, or another fused op) run on CPU in the same dtype. float64: equal to rounding.
+    Lower precision, as in STYLE.md: the error of ``fused`` against a float64 run of the reference may
+    be at most twice the baseline's own error, plus a few ulps of the result's scale (compute_ulps
+    for the float32 state and stash, where a GPU kernel contracts into FMA; 4 for bfloat16/float16
+    storage, which only sees rounding flips). The stash must hold the pre-step θ exactly. Returns the
+    fused results."""
+    ours = moved(args, device)
+    fused(*ours)
+    for before, stashed in zip(args[0], ours[7]):
+        assert torch.equal(stashed.cpu(), before.to(stashed.dtype))
+    same = moved(args)
+    baseline(*same)
+    if dtype == torch.float64:
+        for k in MUTATED:
+            for a, b in zip(ours[k], same[k]):
+                torch.testing.assert_close(a.cpu(), b, **FLOAT64_TOL)
+        return ours
+    gold = moved(args, dtype=torch.float64)
+    reference.t1_step_(*gold)
+    for k in MUTATED:
+        for i, (a, b, want) in enumerate(zip(ours[k], same[k], gold[k])):
+            if want.numel() == 0:
+                continue
+            err_ours = (a.cpu().double() - want).abs().max().item()
+            err_base = (b.double() - want).abs().max().item()
+            ulps = compute_ulps if a.dtype == torch.float32 else 4
+            bound = 2 * err_base + ulps * torch.finfo(a.dtype).eps * want.abs().max().item()
+            assert err_ours <= bound, (k, i, err_ours, err_base, bound)
+    return ours

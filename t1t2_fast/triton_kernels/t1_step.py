@@ -1,0 +1,268 @@
+"""Fused T1 step in Triton: ``torch.ops.t1t2_triton.t1_step_``, the twin of ``reference.t1_step_``
+and of the C++/CUDA ``torch.ops.t1t2.t1_step_`` (same signature, arguments and semantics; contract
+in csrc/ops.cpp). The element math follows csrc/include/t1t2/math.h line by line.
+
+One call = one launch over a pointer table (``_common``), whatever the number of tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import divide, load, row_pointer, square_root, store, table_float, to_storage, upcast, work_item
+
+OP = "t1t2_triton::t1_step_"
+
+# Columns of one tensor's row in the pointer table (layout: _common's docstring), as _run writes them:
+# 9 buffer addresses, then numel and the three group sizes, then three floats.
+(_PARAM, _GRAD, _STATE1, _STATE2, _L2, _L1, _DECAY, _STASH_THETA, _STASH_JAC, _NUMEL, _L2_INNER, _L1_INNER,
+ _DECAY_INNER, _BC1, _BC2, _ADAM_A) = (tl.constexpr(c) for c in range(16))
+# The call's scalars, in the order _run lists them.
+_LR, _MOMENTUM, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS = (tl.constexpr(c) for c in range(7))
+_NUM_SCALARS = tl.constexpr(_common.NUM_SCALARS)
+_ROW_WIDTH = tl.constexpr(16)
+
+
+@triton.jit
+def _coefficient(c, inner, offs, mask, numel, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """c[i // inner] for the elements offs: one coefficient per tensor, per element or per group."""
+    if inner >= numel:
+        value = tl.broadcast_to(tl.load(c), [BLOCK])
+    elif inner == 1:
+        value = load(c + offs, mask, MASKED)
+    else:
+        value = load(c + offs // inner, mask, MASKED)
+    return value
+
+
+@triton.jit
+def _sign(x):
+    """sign(±0) = sign(NaN) = 0, as torch.sign."""
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(x.dtype)
+
+
+@triton.jit
+def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, mask, numel,
+                   l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+                   bc1, bc2, adam_a, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, BLOCK: tl.constexpr,
+                   MASKED: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """The T1 update of the elements offs (csrc/include/t1t2/math.h in the same operation order)."""
+    theta = upcast(load(param + offs, mask, MASKED), FP64)
+    ghat = upcast(load(grad + offs, mask, MASKED), FP64)
+    if l2_inner > 0:
+        ghat += 2.0 * _coefficient(l2, l2_inner, offs, mask, numel, BLOCK, MASKED) * theta
+    if l1_inner > 0:
+        ghat += _coefficient(l1, l1_inner, offs, mask, numel, BLOCK, MASKED) * _sign(theta)
+    if ADAM:
+        exp_avg = load(state1 + offs, mask, MASKED) * beta1 + one_minus_beta1 * ghat
+        exp_avg_sq = load(state2 + offs, mask, MASKED) * beta2 + one_minus_beta2 * ghat * ghat
+        store(state1 + offs, exp_avg, mask, MASKED)
+        store(state2 + offs, exp_avg_sq, mask, MASKED)
+        m_hat = divide(exp_avg, bc1)
+        sqrt_s = square_root(divide(exp_avg_sq, bc2))
+        denom = sqrt_s + eps
+        direction = divide(m_hat, denom)
+        if STASH_JAC:
+            # ∂θ⁺/∂ĝ = −η(a/(√ŝ+ε) − m̂(1−β2)ĝ/((1−β2ᵗ)√ŝ(√ŝ+ε)²)), the second term → 0 where ŝ = 0
+            raw = divide(m_hat * one_minus_beta2 * ghat, bc2 * sqrt_s * denom * denom)
+            second = tl.where(sqrt_s > 0, raw, 0.0)
+            store(stash_jac + offs, -lr * (divide(adam_a, denom) - second), mask, MASKED)
+    elif MOMENTUM:
+        buf = momentum * load(state1 + offs, mask, MASKED) + ghat
+        store(state1 + offs, buf, mask, MASKED)
+        if NESTEROV:
+            direction = ghat + momentum * buf
+        else:
+            direction = buf
+    else:
+        direction = ghat
+    updated = theta - lr * direction
+    if decay_inner > 0:
+        updated = updated - lr * (2.0 * _coefficient(decay, decay_inner, offs, mask, numel, BLOCK, MASKED) * theta)
+    if STASH_THETA:
+        store(stash_theta + offs, theta, mask, MASKED)
+    store(param + offs, to_storage(updated, param.dtype.element_ty, EMULATE_RTNE), mask, MASKED)
+
+
+@triton.jit
+def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, row, start, table,
+                   FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                   STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   EMULATE_RTNE: tl.constexpr):
+    """One chunk [start, start + CHUNK) of one tensor; the buffers are typed pointers, the row holds
+    its sizes and per-tensor floats, the table's head the call's scalars. Whole blocks go unmasked
+    (a mask against a bound of unknown alignment keeps the GPU from vectorizing), then one masked tail."""
+    numel = tl.load(row + _NUMEL)
+    l2_inner = tl.load(row + _L2_INNER)
+    l1_inner = tl.load(row + _L1_INNER)
+    decay_inner = tl.load(row + _DECAY_INNER)
+    lr = table_float(table, _LR, FP64)
+    momentum = table_float(table, _MOMENTUM, FP64)
+    beta1 = table_float(table, _BETA1, FP64)
+    one_minus_beta1 = table_float(table, _ONE_MINUS_BETA1, FP64)
+    beta2 = table_float(table, _BETA2, FP64)
+    one_minus_beta2 = table_float(table, _ONE_MINUS_BETA2, FP64)
+    eps = table_float(table, _EPS, FP64)
+    bc1 = table_float(row, _BC1, FP64)
+    bc2 = table_float(row, _BC2, FP64)
+    adam_a = table_float(row, _ADAM_A, FP64)
+    end = tl.minimum(start + CHUNK, numel)
+    whole_end = start + (end - start) // BLOCK * BLOCK
+    for block_start in range(start, whole_end, BLOCK):
+        offs = block_start + tl.arange(0, BLOCK)
+        _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, offs < end, numel,
+                       l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2,
+                       one_minus_beta2, eps, bc1, bc2, adam_a, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
+                       STASH_JAC, BLOCK, False, EMULATE_RTNE)
+    if whole_end < end:
+        offs = whole_end + tl.arange(0, BLOCK)
+        _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, offs < end, numel,
+                       l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2,
+                       one_minus_beta2, eps, bc1, bc2, adam_a, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
+                       STASH_JAC, BLOCK, True, EMULATE_RTNE)
+
+
+@triton.jit
+def _t1_step_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr, FP64: tl.constexpr,
+                          ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                          STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """Program p updates work item p of the pointer table: any number of tensors in one launch."""
+    t, start = work_item(table, work_at, CHUNK)
+    row = table + _NUM_SCALARS + t * _ROW_WIDTH
+    T: tl.constexpr = tl.float64 if FP64 else tl.float32
+    _t1_step_chunk(row_pointer(row, _PARAM, P, ALIGNED), row_pointer(row, _GRAD, P, ALIGNED),
+                   row_pointer(row, _STATE1, T, ALIGNED), row_pointer(row, _STATE2, T, ALIGNED),
+                   row_pointer(row, _L2, T, ALIGNED), row_pointer(row, _L1, T, ALIGNED),
+                   row_pointer(row, _DECAY, T, ALIGNED), row_pointer(row, _STASH_THETA, T, ALIGNED),
+                   row_pointer(row, _STASH_JAC, T, ALIGNED),
+                   row, start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, CHUNK, BLOCK,
+                   EMULATE_RTNE)
+
+
+@triton.jit
+def _t1_step_tensor_kernel(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, table, t,
+                           FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                           STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, CHUNK: tl.constexpr,
+                           BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    """One tensor, its buffers as arguments (the traced path: torch.compile sees what is written);
+    the table holds the scalars and row t but no addresses."""
+    row = table + _NUM_SCALARS + t * _ROW_WIDTH
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, row, start, table, FP64,
+                   ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, CHUNK, BLOCK, EMULATE_RTNE)
+
+
+# ---- host side -------------------------------------------------------------------------------------
+
+def _fail(message: str):
+    raise RuntimeError(f"{OP}: {message}")
+
+
+def _check_list(lst, n: int, name: str) -> None:
+    if lst and len(lst) != n:
+        _fail(f"{name} must be empty or have one tensor per parameter ({n}), got {len(lst)}")
+
+
+def _check_coef(lst, p: torch.Tensor, compute: torch.dtype, name: str, i: int) -> int:
+    """Elements per coefficient of an optional penalty (0: none for this tensor)."""
+    c = lst[i] if lst else None
+    if c is None or c.numel() == 0:
+        return 0
+    _common.check_buffer(OP, c, p, compute, name, i, size=None)
+    if p.numel() % c.numel() != 0:
+        _fail(f"{name}[{i}] has {c.numel()} coefficients, which do not divide the {p.numel()} elements of "
+              f"params[{i}]")
+    return p.numel() // c.numel()
+
+
+def _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, momentum,
+                  bias_correction1, bias_correction2):
+    """The checks and messages of the C++ op (csrc/checks.cpp, check_t1_step_inputs); returns the
+    contiguous grads and the group sizes of the three penalties per tensor."""
+    n = len(params)
+    if optimizer not in ("sgd", "adam"):
+        _fail(f"unknown optimizer '{optimizer}'; expected 'sgd' or 'adam'")
+    adam = optimizer == "adam"
+    uses_state1 = adam or momentum != 0
+    if len(grads) != n:
+        _fail(f"got {n} params but {len(grads)} grads")
+    for lst, name in ((state1, "state1"), (state2, "state2"), (l2, "l2"), (l1, "l1"), (decay, "decay"),
+                      (stash_theta, "stash_theta"), (stash_jac, "stash_jac")):
+        _check_list(lst, n, name)
+    if adam:
+        if not state1 or not state2:
+            _fail("adam needs state1 (exp_avg) and state2 (exp_avg_sq)")
+        if len(bias_correction1) != n or len(bias_correction2) != n:
+            _fail(f"adam needs one bias correction per parameter, got {len(bias_correction1)} and "
+                  f"{len(bias_correction2)} for {n} params")
+    else:
+        if momentum != 0 and not state1:
+            _fail("sgd with momentum needs state1 (momentum buffers)")
+        if stash_jac:
+            _fail("stash_jac is only written by adam (sgd's Jacobian is a scalar)")
+    if n == 0:
+        return [], []
+    _common.check_params(OP, params)
+    dtype, device = params[0].dtype, params[0].device
+    compute = _common.compute_dtype(dtype)
+    contiguous_grads, inners = [], []
+    for i, p in enumerate(params):
+        g = grads[i]
+        if g.shape != p.shape:
+            _fail(f"grads[{i}] has shape {list(g.shape)} but params[{i}] has {list(p.shape)}")
+        if g.dtype != dtype or g.device != device:
+            _fail(f"grads[{i}] is {g.dtype} on {g.device}, expected {dtype} on {device}")
+        contiguous_grads.append(g.contiguous())
+        for lst, name, used in ((state1, "state1", uses_state1), (state2, "state2", adam),
+                                (stash_theta, "stash_theta", True), (stash_jac, "stash_jac", True)):
+            if lst and used:
+                _common.check_buffer(OP, lst[i], p, compute, name, i, size="numel")
+        inners.append(tuple(_check_coef(lst, p, compute, name, i) for lst, name in ((l2, "l2"), (l1, "l1"),
+                                                                                     (decay, "decay"))))
+    return contiguous_grads, inners
+
+
+KERNELS = _common.MultiTensorKernels(_t1_step_table_kernel, _t1_step_tensor_kernel,
+                                     compute_columns=(False, False) + (True,) * 7, row_width=_ROW_WIDTH.value)
+
+
+@torch.library.triton_op(OP, mutates_args=("params", "state1", "state2", "stash_theta", "stash_jac"))
+def t1_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state1: list[torch.Tensor],
+             state2: list[torch.Tensor], l2: list[torch.Tensor], l1: list[torch.Tensor], decay: list[torch.Tensor],
+             stash_theta: list[torch.Tensor], stash_jac: list[torch.Tensor], optimizer: str, lr: float,
+             momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
+             bias_correction1: list[float], bias_correction2: list[float]) -> None:
+    """Fused T1 step over many tensors, in place: ĝ = g + coupled L2/L1 penalty gradients, the sgd
+    (momentum, Nesterov) or adam update, decoupled L2, and the stash of the pre-step θ and adam's
+    ∂θ⁺/∂ĝ. Arguments and semantics: ``reference.t1_step_`` / the schema in csrc/ops.cpp."""
+    kind = _common.tensor_kind(OP, [*params, *grads])
+    _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum, nesterov,
+         beta1, beta2, eps, bias_correction1, bias_correction2, kind)
+
+
+def _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum, nesterov,
+         beta1, beta2, eps, bias_correction1, bias_correction2, kind: str) -> None:
+    """The op's body: checks, then launches (``MultiTensorKernels.launch``; kind from
+    ``_common.tensor_kind``, tests force "functional" on real tensors)."""
+    grads, inners = _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer,
+                                  momentum, bias_correction1, bias_correction2)
+    if not params or kind == "fake":
+        return
+    adam = optimizer == "adam"
+    sgd_momentum = not adam and momentum != 0
+    flags = dict(FP64=params[0].dtype == torch.float64, ADAM=adam, MOMENTUM=sgd_momentum,
+                 NESTEROV=sgd_momentum and bool(nesterov), STASH_THETA=bool(stash_theta), STASH_JAC=bool(stash_jac))
+    live = [i for i, p in enumerate(params) if p.numel() > 0]
+    buffers = [(params[i], grads[i], state1[i] if adam or sgd_momentum else None, state2[i] if adam else None,
+                l2[i] if inners[i][0] else None, l1[i] if inners[i][1] else None, decay[i] if inners[i][2] else None,
+                stash_theta[i] if stash_theta else None, stash_jac[i] if stash_jac else None) for i in live]
+    extras = []
+    for i in live:
+        bc1, bc2 = (bias_correction1[i], bias_correction2[i]) if adam else (1.0, 1.0)
+        extras.append([params[i].numel(), *inners[i], *map(_common.float_bits, (bc1, bc2, (1.0 - beta1) / bc1))])
+    scalars = [lr, momentum, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps]  # 1 − β in double, as math.h asks
+    KERNELS.launch(kind, params[0].dtype, params[0].device, scalars, buffers, extras, flags)
