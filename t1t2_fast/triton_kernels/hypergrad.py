@@ -134,6 +134,7 @@ CHUNK = 16 * BLOCK  # columns one stage-1 item covers; longer groups get partial
 FINISH_ROWS, FINISH_COLS = 8, 128  # stage-2 tile: groups × partials
 SEG_FIELDS = 11    # t, kind, inner, groups, out_off, partial_base, chunks, cls, has_jac, js bits, scale bits
 TEN_FIELDS = 3     # v, theta, jac: data pointers (or element offsets into flat buffers)
+FORCE_FLAT = False  # tests set it to run the flat (traced) addressing on real tensors
 
 
 @triton.jit
@@ -388,7 +389,7 @@ def penalty_hypergrad(v: list[torch.Tensor], theta: list[torch.Tensor], jac: lis
         js.append(1.0 if decoupled else float(jac_scalar[t]))
         scales.append(-float(lr) if decoupled else 1.0)
         has_jac.append(not decoupled and bool(jac) and jac[t].numel() > 0)
-    flat = kind == "traced" or len(theta) == 1
+    flat = kind == "traced" or len(theta) == 1 or FORCE_FLAT
     _launch(v, theta, jac, js, segments, scales, has_jac, out, flat, dtype)
     return out
 
