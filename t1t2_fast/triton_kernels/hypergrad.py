@@ -46,6 +46,10 @@ from .. import reference
 # (numpy, CPU tensors) kernel; read the same switch once.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+# Launch option: every multiply and add rounded on its own, as in the C++ kernels. A GPU would
+# otherwise fuse a*b + c into one FMA (Triton's default, which 3.10 means to change): the noise
+# would lose the C++ op's bits, and float64 sums would depend on the Triton version.
+NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -355,10 +359,10 @@ def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_
     wrap_triton(_stage1)[(n1,)](
         meta, v_base, theta_base, jac_base, out, partial, segs, tens, size_bucket(n1),
         DTYPE=tl_dtype(load_dtype), CT=tl.float64 if load_dtype == torch.float64 else tl.float32,
-        BF16=load_dtype == torch.bfloat16, FLAT=flat, BLOCK=BLOCK, LOG_CMAX=LOG_CMAX, CHUNK=CHUNK)
+        BF16=load_dtype == torch.bfloat16, FLAT=flat, BLOCK=BLOCK, LOG_CMAX=LOG_CMAX, CHUNK=CHUNK, **NO_FMA)
     if work2.shape[0]:
         wrap_triton(_hypergrad_stage2)[(work2.shape[0],)](meta, out, partial, items2, segs, ROWS=FINISH_ROWS,
-                                                          COLS=FINISH_COLS)
+                                                          COLS=FINISH_COLS, **NO_FMA)
 
 
 @triton_op(_HG, mutates_args=())

@@ -28,22 +28,20 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
-from .hypergrad import (INTERPRET, _load_ct, _store_cast, as_kernel_arg, autotuned, call_kind, check_device,
-                        compute_dtype, size_bucket)
+from .hypergrad import (INTERPRET, NO_FMA, _load_ct, _store_cast, as_kernel_arg, autotuned, call_kind,
+                        check_device, compute_dtype, size_bucket)
 
 _SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _FWD = "t1t2_triton::gaussian_noise"
 _BWD = "t1t2_triton::gaussian_noise_backward"
-# A GPU would fuse x + σ·ε (and the polynomial steps) into FMAs, which round once instead of twice.
-_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
 
 # philox.h's double constants (fdlibm's two-part ln 2 and π/2).
-_LN2_HI: tl.constexpr = float.fromhex("0x1.62e42feep-1")
-_LN2_LO: tl.constexpr = float.fromhex("0x1.a39ef35793c76p-33")
-_SQRT2: tl.constexpr = float.fromhex("0x1.6a09e667f3bcdp+0")
-_TWO_OVER_PI: tl.constexpr = float.fromhex("0x1.45f306dc9c883p-1")
-_PIO2_HI: tl.constexpr = float.fromhex("0x1.921fb544p+0")
-_PIO2_LO: tl.constexpr = float.fromhex("0x1.0b4611a626331p-34")
+_LN2_HI = tl.constexpr(float.fromhex("0x1.62e42feep-1"))
+_LN2_LO = tl.constexpr(float.fromhex("0x1.a39ef35793c76p-33"))
+_SQRT2 = tl.constexpr(float.fromhex("0x1.6a09e667f3bcdp+0"))
+_TWO_OVER_PI = tl.constexpr(float.fromhex("0x1.45f306dc9c883p-1"))
+_PIO2_HI = tl.constexpr(float.fromhex("0x1.921fb544p+0"))
+_PIO2_LO = tl.constexpr(float.fromhex("0x1.0b4611a626331p-34"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,6 +55,23 @@ def _uniform(word):
     return i.to(tl.float32) * 4.6566127342e-10
 
 
+# philox.h's series, highest power first (the coefficients as C++ computes them, in double).
+_LOG_SERIES = tl.constexpr(tuple(1.0 / n for n in (23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3)))
+_SIN_SERIES = tl.constexpr((1.0 / 355687428096000.0, -1.0 / 1307674368000.0, 1.0 / 6227020800.0, -1.0 / 39916800.0,
+                            1.0 / 362880.0, -1.0 / 5040.0, 1.0 / 120.0, -1.0 / 6.0))
+_COS_SERIES = tl.constexpr((-1.0 / 6402373705728000.0, 1.0 / 20922789888000.0, -1.0 / 87178291200.0,
+                            1.0 / 479001600.0, -1.0 / 3628800.0, 1.0 / 40320.0, -1.0 / 720.0, 1.0 / 24.0, -1.0 / 2.0))
+
+
+@triton.jit
+def _horner(z, C: tl.constexpr, N: tl.constexpr):
+    """philox::horner over the N coefficients C: p = C[0], then p = C[k] + z·p, every step rounded."""
+    p = C[1] + z * C[0]
+    for k in tl.static_range(2, N):
+        p = C[k] + z * p
+    return p
+
+
 @triton.jit
 def _log_float(x):
     """philox::log_float: x = m·2^e, m in [√½, √2); log m = 2 atanh s, s = (m−1)/(m+1), in double."""
@@ -68,16 +83,7 @@ def _log_float(x):
     e = e + halve.to(tl.int32)
     s = (m - 1.0) / (m + 1.0)  # float64 division is IEEE-rounded (div.rn.f64 on NVIDIA GPUs)
     z = s * s
-    p = 1.0 / 21 + z * (1.0 / 23)
-    p = 1.0 / 19 + z * p
-    p = 1.0 / 17 + z * p
-    p = 1.0 / 15 + z * p
-    p = 1.0 / 13 + z * p
-    p = 1.0 / 11 + z * p
-    p = 1.0 / 9 + z * p
-    p = 1.0 / 7 + z * p
-    p = 1.0 / 5 + z * p
-    p = 1.0 / 3 + z * p
+    p = _horner(z, _LOG_SERIES, 11)
     two_s = s + s
     log_m = two_s + (two_s * z) * p
     ed = e.to(tl.float64)
@@ -92,23 +98,8 @@ def _cos_float(t):
     kd = k.to(tl.float64)
     r = (x - kd * _PIO2_HI) - kd * _PIO2_LO
     z = r * r
-    ps = -1.0 / 1307674368000.0 + z * (1.0 / 355687428096000.0)
-    ps = 1.0 / 6227020800.0 + z * ps
-    ps = -1.0 / 39916800.0 + z * ps
-    ps = 1.0 / 362880.0 + z * ps
-    ps = -1.0 / 5040.0 + z * ps
-    ps = 1.0 / 120.0 + z * ps
-    ps = -1.0 / 6.0 + z * ps
-    pc = 1.0 / 20922789888000.0 + z * (-1.0 / 6402373705728000.0)
-    pc = -1.0 / 87178291200.0 + z * pc
-    pc = 1.0 / 479001600.0 + z * pc
-    pc = -1.0 / 3628800.0 + z * pc
-    pc = 1.0 / 40320.0 + z * pc
-    pc = -1.0 / 720.0 + z * pc
-    pc = 1.0 / 24.0 + z * pc
-    pc = -1.0 / 2.0 + z * pc
-    sin_r = r + (r * z) * ps
-    cos_r = 1.0 + z * pc
+    sin_r = r + (r * z) * _horner(z, _SIN_SERIES, 8)
+    cos_r = 1.0 + z * _horner(z, _COS_SERIES, 9)
     quadrant = k & 3  # cos(r + kπ/2) = cos r, −sin r, −cos r, sin r
     even = tl.where(quadrant == 0, cos_r, -cos_r)
     odd = tl.where(quadrant == 3, sin_r, -sin_r)
@@ -274,7 +265,7 @@ def _apply_launch(src, sigma, dst, key, channels, inner, multiplicative):
     grid = (triton.cdiv(numel, APPLY_BLOCK),)
     wrap_triton(_apply)[grid](as_kernel_arg(src), sigma, as_kernel_arg(dst), key, numel, channels, inner,
                               size_bucket(numel), MULTIPLICATIVE=multiplicative, CT=_ct(src.dtype),
-                              BF16=src.dtype == torch.bfloat16, BLOCK=APPLY_BLOCK, **_NO_FMA)
+                              BF16=src.dtype == torch.bfloat16, BLOCK=APPLY_BLOCK, **NO_FMA)
 
 
 @triton_op(_FWD, mutates_args=())
@@ -335,9 +326,9 @@ def gaussian_noise_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.
         as_kernel_arg(grad_y), as_kernel_arg(x), sigma, as_kernel_arg(grad_x if fused_x_grad else grad_y), partial,
         key, p["rows"], channels, inner, p["rows_per_program"], p["channel_blocks"], size_bucket(grid1),
         MULTIPLICATIVE=multiplicative, FUSED_X_GRAD=fused_x_grad, CT=_ct(x.dtype), BF16=bf16, RR=p["RR"],
-        CH=p["CH"], IC=p["IC"], **_NO_FMA)
+        CH=p["CH"], IC=p["IC"], **NO_FMA)
     wrap_triton(_sigma_stage2)[(triton.cdiv(channels, p["CB"]),)](partial, grad_sigma, p["row_blocks"], channels,
-                                                                   RB=p["RB"], CB=p["CB"])
+                                                                   RB=p["RB"], CB=p["CB"], **NO_FMA)
     return grad_x, grad_sigma
 
 
