@@ -1,0 +1,290 @@
+"""The Triton noise ops (t1t2_fast/triton_kernels/noise.py) against their reference twins, the C++
+ops and the PyTorch twin of the generator: the same ε bit for bit, y and ∂L/∂x bit for bit, ∂L/∂σ
+to float64 summation order, determinism, autograd, opcheck, errors. Without a GPU the kernels run
+on CPU tensors under TRITON_INTERPRET=1 (sizes kept small: the interpreter is slow)."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors through the interpreter
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install t1t2_fast[triton])")
+
+import triton.language as tl  # noqa: E402
+
+from t1t2_fast import _extension, reference, rng  # noqa: E402
+from t1t2_fast.triton_kernels import noise  # noqa: E402
+from t1t2_fast.triton_kernels.noise import _randn  # noqa: E402
+from test_triton_t2 import run_without_interpreter  # noqa: E402  (tests/ is on sys.path under pytest)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+T = torch.ops.t1t2_triton
+MODES = ["additive", "multiplicative"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+# (shape, per) as in test_noise.py: DESIGN.md §5 sizes with one σ, per-unit (N, F) and (N, C, H, W)
+# layouts, rows wider than a tile, channels straddling tiles.
+LAYOUTS = [((0,), "layer"), ((1,), "layer"), ((7,), "layer"), ((1023,), "layer"), ((1025,), "layer"),
+           ((65537,), "layer"), ((0, 5), "unit"), ((7, 3), "unit"), ((33, 31), "unit"), ((40, 2000), "unit"),
+           ((2, 3, 4, 5), "unit"), ((3, 4, 17, 19), "unit"), ((2, 3, 1000), "unit"), ((1, 5, 64, 64), "unit")]
+SMALL_LAYOUTS = [lay for lay in LAYOUTS if torch.Size(lay[0]).numel() <= 5000]
+SEEDS = [0, 1, 12345, 2**32 - 1, 2**32 + 7, 2**63 - 1, -1, -(2**63), rng.noise_key(3, 1, 4)]
+
+
+def layout(shape, per):
+    if per == "layer":
+        return 1, 1
+    return shape[1], torch.Size(shape[2:]).numel()
+
+
+def make(shape, per, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    channels, inner = layout(shape, per)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    grad_y = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    sigma = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.1).to(reference.accumulate_dtype(dtype))
+    return x.to(DEVICE), grad_y.to(DEVICE), sigma.to(DEVICE), channels, inner
+
+
+def sigma_terms(grad_y, x, mode):
+    """Σ|terms| of ∂L/∂σ per channel's scale (|ε| < 6): the size float64 summation error is relative to."""
+    g = grad_y.double().abs()
+    return 6 * (g if mode == "additive" else g * x.double().abs()).sum().item()
+
+
+@triton.jit
+def _draw(offsets_ptr, out_ptr, key, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    offsets = tl.load(offsets_ptr + i, mask=i < n, other=0)
+    tl.store(out_ptr + i, _randn(key, offsets), mask=i < n)
+
+
+def test_eps_is_the_generator_twin_bit_for_bit():
+    """x = 0, σ = 1, additive: the op returns ε; philox.h's words, uniforms, log, cos and sqrt are
+    reproduced exactly (max |difference| = 0 for every seed). Offsets past 32 bits (Philox's second
+    counter word) through the device function itself."""
+    n = 3000
+    for seed in SEEDS:
+        eps = T.gaussian_noise(torch.zeros(n, device=DEVICE), torch.ones(1, device=DEVICE), seed, 1, 1, "additive")
+        assert torch.equal(eps.cpu(), rng.philox_randn(seed, torch.arange(n))), seed
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.cat([torch.arange(2**32 - 100, 2**32 + 100), torch.tensor([2**63 - 1]),
+                         torch.randint(0, 2**63 - 1, (300,), generator=g)])
+    for seed in SEEDS[::2]:
+        out = torch.empty(offsets.numel(), device=DEVICE)
+        _draw[(1,)](offsets.to(DEVICE), out, seed, offsets.numel(), BLOCK=512)
+        assert torch.equal(out.cpu(), rng.philox_randn(seed, offsets)), seed
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_matches_reference_and_cpp(dtype):
+    """y and ∂L/∂x: the same ε and roundings → the twins' bits in every dtype. ∂L/∂σ: float64 sums
+    in another order → float32 within one ulp of the C++ op, float64 within summation error."""
+    layouts = LAYOUTS if dtype == torch.float32 else SMALL_LAYOUTS
+    for shape, per in layouts:
+        x, grad_y, sigma, channels, inner = make(shape, per, dtype)
+        key = rng.noise_key(11, len(shape))
+        for mode in MODES:
+            y = T.gaussian_noise(x, sigma, key, channels, inner, mode)
+            assert y.dtype == dtype and y.shape == x.shape
+            assert torch.equal(y, reference.gaussian_noise(x, sigma, key, channels, inner, mode)), (shape, mode)
+            gx, gs = T.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)
+            rx, rs = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)
+            assert gx.dtype == dtype and torch.equal(gx, rx), (shape, mode)
+            assert gs.dtype == sigma.dtype and gs.shape == sigma.shape
+            scale = sigma_terms(grad_y, x, mode)
+            torch.testing.assert_close(gs.double(), rs.double(), rtol=1e-6 if dtype != torch.float64 else 1e-12,
+                                       atol=1e-14 * max(1.0, scale))
+            if _extension.AVAILABLE:
+                from t1t2_fast import ops
+                cpu = [t.cpu() for t in (x, grad_y, sigma)]
+                assert torch.equal(y.cpu(), ops.gaussian_noise(cpu[0], cpu[2], key, channels, inner, mode))
+                cx, cs = ops.gaussian_noise_backward(cpu[1], cpu[0], cpu[2], key, channels, inner, mode, True, True)
+                assert torch.equal(gx.cpu(), cx)
+                if dtype == torch.float64:
+                    torch.testing.assert_close(gs.cpu(), cs, rtol=1e-12, atol=1e-15 * max(1.0, scale))
+                else:
+                    torch.testing.assert_close(gs.cpu(), cs, rtol=2.0 ** -23, atol=1e-12 * max(1.0, scale))
+
+
+def test_need_flags_and_empty_results():
+    x, grad_y, sigma, channels, inner = make((6, 4, 3), "unit", torch.float32)
+    full = {mode: T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, mode, True, True) for mode in MODES}
+    for mode in MODES:
+        for need_x in (False, True):
+            for need_sigma in (False, True):
+                gx, gs = T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, mode, need_x, need_sigma)
+                assert gx.shape == (x.shape if need_x else (0,)) and gs.shape == (sigma.shape if need_sigma else (0,))
+                # the multiplicative ∂L/∂x alone (one launch) equals the one fused into the ∂L/∂σ pass
+                assert not need_x or torch.equal(gx, full[mode][0])
+                assert not need_sigma or torch.equal(gs, full[mode][1])
+    # additive mode reads x only for its shape
+    a = T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, "additive", True, True)
+    b = T.gaussian_noise_backward(grad_y, grad_y, sigma, 5, channels, inner, "additive", True, True)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    e = torch.empty(0, 3, 2, device=DEVICE)
+    gx, gs = T.gaussian_noise_backward(e, e, sigma[:3], 5, 3, 2, "multiplicative", True, True)
+    assert gx.shape == e.shape and torch.equal(gs, torch.zeros(3, device=DEVICE))
+
+
+def test_deterministic():
+    """Fixed tiles and order: two runs give the same bits, ∂L/∂σ included."""
+    for shape, per in (((64, 8, 5, 7), "unit"), ((40000,), "layer")):
+        x, grad_y, sigma, channels, inner = make(shape, per, torch.float32, seed=3)
+        runs = [T.gaussian_noise_backward(grad_y, x, sigma, 9, channels, inner, "multiplicative", True, True)
+                for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def stored_eps(x, sigma, key, channels, inner, mode):
+    """y with ε materialized: what plain autograd differentiates."""
+    eps = rng.philox_randn(key, torch.arange(x.numel())).to(x.device, x.dtype).reshape(-1, channels, inner)
+    s, xr = sigma.reshape(1, channels, 1), x.reshape(eps.shape)
+    return (xr + s * eps if mode == "additive" else xr * (1 + s * eps)).reshape(x.shape)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autograd_and_double_backward_match_stored_eps(mode):
+    x, _, sigma, channels, inner = make((6, 4, 5), "unit", torch.float64, seed=6)
+    w = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
+    v = torch.randn(channels, dtype=torch.float64, device=DEVICE)
+
+    def grads(fn, create_graph):
+        xl, sl = x.clone().requires_grad_(), sigma.clone().requires_grad_()
+        gx, gs = torch.autograd.grad((torch.tanh(fn(xl * 1.5, sl)) * w).sum(), (xl, sl), create_graph=create_graph)
+        if not create_graph:
+            return gx, gs
+        return torch.autograd.grad((gs * v).sum() + (gx * w).sum(), (xl, sl))
+
+    ours = lambda xi, s: T.gaussian_noise(xi, s, 1234, channels, inner, mode)  # noqa: E731
+    want = lambda xi, s: stored_eps(xi, s, 1234, channels, inner, mode)  # noqa: E731
+    for create_graph in (False, True):
+        for a, b in zip(grads(ours, create_graph), grads(want, create_graph)):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_opcheck():
+    for dtype in (torch.float32, torch.bfloat16):
+        x, grad_y, sigma, channels, inner = make((5, 3, 2), "unit", dtype)
+        for mode in MODES:
+            torch.library.opcheck(T.gaussian_noise.default, (x, sigma, 3, channels, inner, mode))
+            if dtype == torch.float32:
+                args = (x.clone().requires_grad_(), sigma.clone().requires_grad_(), 3, channels, inner, mode)
+                torch.library.opcheck(T.gaussian_noise.default, args)
+            for flags in ((True, True), (True, False)):
+                torch.library.opcheck(T.gaussian_noise_backward.default,
+                                      (grad_y, x, sigma, 3, channels, inner, mode, *flags))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda x, s: (x.t(), s, 4, 1, "additive"), "must be contiguous"),
+    (lambda x, s: (x, s.double(), 4, 1, "additive"), "sigma has dtype torch.float64, expected torch.float32"),
+    (lambda x, s: (x, s[:2], 4, 1, "additive"), "sigma has 2 elements"),
+    (lambda x, s: (x, torch.rand(5, device=x.device), 5, 1, "additive"),
+     r"channels·inner = 5·1 = 5 does not divide the 24 elements"),
+    (lambda x, s: (x, s, 4, 0, "additive"), "inner must be >= 1"),
+    (lambda x, s: (x, s, 0, 1, "additive"), "channels must be >= 1"),
+    (lambda x, s: (x, s, 4, 1, "gaussian"), "unknown mode 'gaussian'"),
+    (lambda x, s: (x.int(), s, 4, 1, "additive"), "x must be float64, float32, bfloat16 or float16, got torch.int32"),
+])
+def test_clear_errors(call, match):
+    x, s = torch.randn(6, 4, device=DEVICE), torch.rand(4, device=DEVICE)
+    xs, ss, channels, inner, mode = call(x, s)
+    with pytest.raises(RuntimeError, match=match):
+        T.gaussian_noise(xs, ss, 0, channels, inner, mode)
+
+
+def test_backward_errors():
+    x, s = torch.randn(6, 4, device=DEVICE), torch.rand(4, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"grad_y has shape \[6, 3\] but x has shape \[6, 4\]"):
+        T.gaussian_noise_backward(torch.randn(6, 3, device=DEVICE), x, s, 0, 4, 1, "additive", True, True)
+    with pytest.raises(RuntimeError, match="grad_y has dtype torch.float64 but x has dtype torch.float32"):
+        T.gaussian_noise_backward(x.double(), x, s, 0, 4, 1, "additive", True, True)
+
+
+def test_compiled_call_gives_the_eager_values():
+    """torch.compile decomposes the triton_ops (the Triton kernels on a GPU, the reference's torch
+    ops under the interpreter): the same values."""
+    x, grad_y, sigma, channels, inner = make((4, 3, 5), "unit", torch.float32)
+    fwd = torch.compile(lambda *a: T.gaussian_noise(*a), backend="aot_eager", fullgraph=True)
+    assert torch.equal(fwd(x, sigma, 5, channels, inner, "multiplicative"),
+                       T.gaussian_noise(x, sigma, 5, channels, inner, "multiplicative"))
+    bwd = torch.compile(lambda *a: T.gaussian_noise_backward(*a), backend="aot_eager", fullgraph=True)
+    for a, b in zip(bwd(grad_y, x, sigma, 5, channels, inner, "multiplicative", True, True),
+                    T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, "multiplicative", True, True)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+TRACE_PROBE = r"""
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from t1t2_fast.triton_kernels import noise
+assert not noise.INTERPRET
+T = torch.ops.t1t2_triton
+
+def f(x, s, g):
+    y = T.gaussian_noise(x, s, 5, 3, 2, "multiplicative")
+    return y, *T.gaussian_noise_backward(g, x, s, 5, 3, 2, "multiplicative", True, True)
+
+with FakeTensorMode(allow_non_fake_inputs=True):
+    args = [torch.empty(4, 3, 2, device="cuda"), torch.empty(3, device="cuda"), torch.empty(4, 3, 2, device="cuda")]
+code = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args).code
+print(code.count("triton_kernel_wrapper_functional("), code.count("'enable_fp_fusion': False"))
+"""
+
+
+def test_traced_call_records_the_triton_kernels():
+    """Without the interpreter (fake CUDA tensors, no GPU needed) the functional decomposition that
+    torch.compile runs records the kernels: the forward, and the two ∂L/∂σ stages, with the launch
+    option that keeps the GPU from fusing multiply-adds."""
+    assert run_without_interpreter(TRACE_PROBE).split()[-2:] == ["3", "3"]
+
+
+COMPILE_PROBE = r"""
+import re
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from t1t2_fast.triton_kernels import noise
+assert not noise.INTERPRET
+
+def ptx(fn, signature, constexprs):
+    signature = dict(signature, **{name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=noise.NO_FMA).asm["ptx"]
+
+ints = lambda *names: {n: "i32" for n in names}
+for ct, io, bf16 in (("fp32", "fp32", False), ("fp32", "i16", True), ("fp64", "fp64", False)):
+    tct = getattr(tl, {"fp32": "float32", "fp64": "float64"}[ct])
+    apply = ptx(noise._noise_apply, dict(src="*" + io, sigma="*" + ct, dst="*" + io, key="i64",
+                                        **ints("numel", "channels", "inner", "size_key")),
+                dict(MULTIPLICATIVE=True, CT=tct, BF16=bf16, BLOCK=1024))
+    stage1 = ptx(noise._sigma_stage1, dict(g_ptr="*" + io, x_ptr="*" + io, sigma="*" + ct, gx_ptr="*" + io,
+                                          part_ptr="*fp64", key="i64", **ints("rows", "channels", "inner",
+                                          "rows_per_program", "channel_blocks", "size_key")),
+                 dict(MULTIPLICATIVE=True, FUSED_X_GRAD=True, CT=tct, BF16=bf16, RR=4, CH=8, IC=32))
+    for code in (apply, stage1):
+        assert not re.search(r"\bfma\.", code) and "sqrt.approx" not in code, ct
+        assert "div.rn.f64" in code and "sqrt.rn.f32" in code, ct
+ptx(noise._sigma_stage2, dict(part_ptr="*fp64", out_ptr="*fp32", **ints("row_blocks", "channels")), dict(RB=1, CB=1024))
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90_without_fma():
+    """Triton's frontend and the NVIDIA backend (no GPU needed) accept every noise kernel, and the
+    PTX does what bit-parity with philox.h needs: no fused multiply-add, IEEE float64 division and
+    float32 sqrt (the interpreter cannot show any of this)."""
+    assert run_without_interpreter(COMPILE_PROBE).strip().endswith("compiled")
+
+
+def test_sigma_plan_shapes():
+    """The stage-1 tile covers whole channel rows where inner ≤ TILE, and never exceeds TILE."""
+    for numel, channels, inner in [(65537, 1, 1), (80000, 2000, 1), (120, 5, 4), (4 * 17 * 19 * 3, 4, 17 * 19),
+                                   (20480, 5, 4096)]:
+        p = noise.sigma_plan(numel, channels, inner)
+        assert p["RR"] * p["CH"] * p["IC"] == noise.TILE
+        assert p["IC"] >= min(inner, noise.TILE) and p["rows_per_program"] % p["RR"] == 0
+        assert p["RB"] * p["CB"] == noise.FINISH and p["row_blocks"] * p["rows_per_program"] >= p["rows"]
