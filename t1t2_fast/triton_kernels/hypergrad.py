@@ -14,13 +14,15 @@ groups (per-layer penalties of big tensors) leave one float64 partial per chunk,
 launch adds each group's partials in chunk order. No atomics: every output is a fixed function of
 (inputs, BLOCK, CHUNK), the same bits on every run.
 
-Accumulation: float64 for every input dtype. The products of float32 (or upcast bf16/fp16) values
-are exact in float64, so the only roundings are the float64 additions and the final cast: a float32
-result is within one float32 ulp of the exact sum, as the C++ op's (which also adds in double, in
-another order); float64 results differ from the C++ op by float64 summation error only.
+Accumulation: float64 for every input dtype, as the C++ op. u = J⊙v is rounded to the compute
+dtype first (as the C++ op does); its products with m(θ) are exact in float64 for float32 (and upcast
+bf16/fp16) data, so the only roundings are the float64 additions and the final cast. Against the
+C++ op (which adds in another fixed order), measured on tests/test_triton_t2.py's data: float32,
+bf16 and fp16 results are the same bits; float64 results differ by summation error, at most
+5e-14 on unit-scale data (the tests allow 1 float32 ulp and 1e-12).
 
-The C++ op accumulates in double too, so the tolerance against it is ~1 float32 ulp (float32) and
-~1e-15 relative to Σ|terms| (float64); tests/test_triton_t2.py measures it.
+Launches per call: one host-to-device copy of the int64 work list (items, segment table, pointer
+table) and the stage-1 kernel; the stage-2 kernel only when some group exceeds CHUNK elements.
 
 This file also holds the launch helpers noise.py uses (interpreter detection, bf16 bit loads and
 stores, and how a call with FakeTensor / traced inputs is handled).
