@@ -239,7 +239,7 @@ def torch_modes():
     return {"for-loop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 
 
-def t1_cases(prob: Problem, optimizer: str, ops) -> list[tuple]:
+def t1_cases(prob: Problem, optimizer: str, ops, triton_ops=None) -> list[tuple]:
     """(implementation, stash, bytes, step) for one T1 step; step is a string (the reason) where an
     implementation is unavailable. The torch optimizers get their own state on the shared θ."""
     adam = optimizer == "adam"
@@ -271,6 +271,10 @@ def t1_cases(prob: Problem, optimizer: str, ops) -> list[tuple]:
         cases.append(("t1t2 fused", "-", nbytes(arrays), lambda: ops.t1_step_(*without)))
     else:
         cases.append(("t1t2 fused", stash_name, nbytes(arrays + stash_arrays), "extension not loaded"))
+    if triton_ops is not None:
+        cases.append(("t1t2 triton", stash_name, nbytes(arrays + stash_arrays),
+                      lambda: triton_ops.t1_step_(*with_stash)))
+        cases.append(("t1t2 triton", "-", nbytes(arrays), lambda: triton_ops.t1_step_(*without)))
     cases.append(("reference", stash_name, nbytes(arrays + stash_arrays), lambda: reference.t1_step_(*with_stash)))
     cases.append(("reference", "-", nbytes(arrays), lambda: reference.t1_step_(*without)))
     for mode, kw in torch_modes().items():
@@ -288,7 +292,7 @@ def t1_cases(prob: Problem, optimizer: str, ops) -> list[tuple]:
     return cases
 
 
-def t2_paths(prob: Problem, jac_kind: str, ops) -> list[tuple]:
+def t2_paths(prob: Problem, jac_kind: str, ops, triton_ops=None) -> list[tuple]:
     """(implementation, stash, bytes, step) for the per-layer L2 hypergradient over the
     targeted tensors, computed as T1T2.hyper_step does: per tensor u = J ⊙ v, then the segmented dot."""
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -309,6 +313,8 @@ def t2_paths(prob: Problem, jac_kind: str, ops) -> list[tuple]:
     cases = []
     if fused is not None:
         cases.append(("t1t2 penalty_hypergrad (fused)", "-", nbytes, fused))
+    if triton_ops is not None:
+        cases.append(("t1t2 triton penalty_hypergrad", "-", nbytes, fused_t2(triton_ops, theta, v, jac, expected)))
     if ops is not None:
         cases.append(("t1t2 penalty_segment_dot, u = J⊙v in torch", "-", nbytes, per_tensor(ops.penalty_segment_dot)))
     cases.append(("reference", "-", nbytes, per_tensor(reference.penalty_segment_dot)))
@@ -346,6 +352,16 @@ def run(args) -> list[dict]:
     elif not args.allow_missing_extension:
         raise SystemExit(f"the compiled extension is not built ({_extension.LOAD_ERROR}); "
                          f"run `pip install --no-build-isolation -e .` first")
+    triton_ops = None
+    if device.type == "cuda":  # on a CPU Triton runs only in its (very slow) interpreter: not timed
+        from t1t2_fast import triton_kernels
+        if triton_kernels.available():
+            from types import SimpleNamespace
+
+            from t1t2_fast.triton_kernels import hypergrad, t1_step
+            triton_ops = SimpleNamespace(t1_step_=t1_step.t1_step_, penalty_hypergrad=hypergrad.penalty_hypergrad)
+        else:
+            print(f"Triton not timed: {triton_kernels.unavailable_reason()}", flush=True)
     interleaved = make_timer(device, args.max_seconds)
     # Samples pooled over --runs sweeps, each with fresh buffers: on this machine the bandwidth a
     # buffer gets varies by some 10% with where it lands in memory, and the sweeps sample that too.
@@ -361,8 +377,10 @@ def run(args) -> list[dict]:
                 print(f"[{time.strftime('%H:%M:%S')}] run {run_index + 1}/{args.runs}, {model}: {prob.numel:,} params "
                       f"in {len(shapes)} tensors ({len(prob.targeted)} weight tensors with {prob.target_numel:,} "
                       f"elements take the L2 penalty); load {load_average()}", flush=True)
-                sections = [(f"T1 {name}", lambda name=name: t1_cases(prob, name, ops)) for name in ("sgd", "adam")]
-                sections += [(f"T2 {jac}", lambda jac=jac: t2_paths(prob, jac, ops)) for jac in ("sgd", "adam-exact")]
+                sections = [(f"T1 {name}", lambda name=name: t1_cases(prob, name, ops, triton_ops))
+                            for name in ("sgd", "adam")]
+                sections += [(f"T2 {jac}", lambda jac=jac: t2_paths(prob, jac, ops, triton_ops))
+                             for jac in ("sgd", "adam-exact")]
                 for kernel, make_cases in sections:
                     before = cpu_seconds()
                     with torch.no_grad():

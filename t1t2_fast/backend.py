@@ -20,6 +20,14 @@ class Backend:
     perturb_: Callable
     restore_: Callable
 
+    # Immutable and made of module-level functions or registered ops (a triton_op cannot be copied):
+    # copies of an optimizer share it.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
 
 def _compiled_available() -> tuple[bool, str | None]:
     from . import _extension
@@ -31,8 +39,7 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend={name!r}; expected one of {BACKENDS}")
     if name == "triton":
-        raise NotImplementedError("backend='triton' is not part of this version yet; "
-                                  "use backend='auto', 'cpp' or 'reference'")
+        return _triton(device)
     if name == "reference":
         return _reference()
     available, error = _compiled_available()
@@ -54,6 +61,10 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         if not compiled_ok:
             raise RuntimeError(f"backend='cpp' has kernels for CPU and CUDA tensors only in this version; the "
                                f"parameters are on {device}. Use backend='auto' or 'reference'")
+    if name == "auto" and device.type == "cuda" and not cuda_ok:
+        from . import triton_kernels
+        if triton_kernels.available():  # no CUDA kernels in this build: Triton is the GPU path
+            return _triton(device)
     if compiled_ok:
         from . import ops
         return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_, ops.penalty_hypergrad, ops.perturb_,
@@ -67,3 +78,17 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 def _reference() -> Backend:
     return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad,
                    reference.perturb_, reference.restore_)
+
+
+def _triton(device: torch.device) -> Backend:
+    """The Triton kernels (t1t2_fast.triton_kernels): CUDA tensors, or CPU tensors in Triton's
+    interpreter (TRITON_INTERPRET=1, for tests: slow)."""
+    from . import triton_kernels
+    triton_kernels.require("backend='triton'")
+    if device.type != "cuda" and not (device.type == "cpu" and triton_kernels.interpreting()):
+        raise RuntimeError(f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, "
+                           f"Triton's slow interpreter, for testing); the parameters are on {device}. Use "
+                           f"backend='auto', 'cpp' or 'reference'")
+    from .triton_kernels import hypergrad, perturb, t1_step
+    return Backend("triton", hypergrad.penalty_segment_dot, t1_step.t1_step_, hypergrad.penalty_hypergrad,
+                   perturb.perturb_, perturb.restore_)

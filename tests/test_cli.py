@@ -122,6 +122,13 @@ def test_noise_levels_are_tuned_logged_and_plotted(tmp_path, mode):
     assert_valid_png(tmp_path / "trajectories.png")
 
 
+def test_triton_backend_on_cpu_outside_the_interpreter_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    from t1t2_fast import triton_kernels
+    monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)
+    assert run(tmp_path, "--backend", "triton") == 2
+    assert "backend='triton'" in capsys.readouterr().err
+
+
 def test_mnist1d(tmp_path):
     pytest.importorskip("mnist1d")
     assert run(tmp_path, "--dataset", "mnist1d", "--samples", "300", "--steps", "8", "--per", "network") == 0
@@ -150,7 +157,6 @@ def test_missing_mnist1d_names_the_install_command(tmp_path, monkeypatch, capsys
     (["--samples", "5"], "--samples: expected an integer >= 30"),
     (["--nesterov", "--momentum", "0"], "--nesterov needs --momentum > 0"),
     (["--l2", "0", "--decoupled"], "--decoupled needs L2"),
-    (["--backend", "triton"], "triton"),
     (["--noise", "output"], "--noise: expected a comma-separated subset of input, hidden"),
     (["--noise", "hidden", "--depth", "0"], "--noise hidden needs hidden layers"),
 ])

@@ -261,6 +261,8 @@ def test_mixed_dtypes_and_devices():
         t1t2.T1T2(model, [t1t2.L2(1e-3)])
 
 
-def test_triton_backend_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="backend='triton'"):
+def test_triton_backend_outside_cuda_and_the_interpreter_is_refused_clearly(monkeypatch):
+    from t1t2_fast import triton_kernels
+    monkeypatch.setattr(triton_kernels, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match="backend='triton'"):
         t1t2.T1T2(nn.Linear(3, 2), [t1t2.L2(1e-3)], backend="triton")

@@ -9,7 +9,10 @@ from ._common import available, interpreting, require, unavailable_reason
 __all__ = ["available", "interpreting", "require", "unavailable_reason"]
 
 if available():
+    from .hypergrad import penalty_hypergrad, penalty_segment_dot
+    from .noise import gaussian_noise, gaussian_noise_backward
     from .perturb import perturb_, restore_
     from .t1_step import t1_step_
 
-    __all__ += ["t1_step_", "perturb_", "restore_"]
+    __all__ += ["t1_step_", "perturb_", "restore_", "penalty_hypergrad", "penalty_segment_dot", "gaussian_noise",
+                "gaussian_noise_backward"]

@@ -29,7 +29,6 @@ stores, and how a call with FakeTensor / traced inputs is handled).
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
@@ -40,22 +39,19 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
+from ._common import compute_dtype, interpreting
 
 # ---------------------------------------------------------------------------------------------
 # Launch helpers (shared with noise.py)
 # ---------------------------------------------------------------------------------------------
 # Triton decides at decoration time whether @triton.jit gives a compiled or an interpreted
-# (numpy, CPU tensors) kernel; read the same switch once.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# (numpy, CPU tensors) kernel; _common reads the same switch once.
+INTERPRET = interpreting()
 _SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Launch option: every multiply and add rounded on its own, as in the C++ kernels. A GPU would
 # otherwise fuse a*b + c into one FMA (Triton's default, which 3.10 means to change): the noise
 # would lose the C++ op's bits, and float64 sums would depend on the Triton version.
 NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):
