@@ -110,7 +110,7 @@ for script in bench/*.py; do
   name="bench_$(basename "$script" .py)"
   if "$PYTHON" "$script" --help 2>/dev/null | grep -q -- "--device"; then
     extra=()
-    [ "$(basename "$script")" = kernels.py ] && extra=(--max-seconds 1)
+    [ "$(basename "$script")" = kernels.py ] && extra=(--sizes 2e7 1e8 --runs 1 --max-seconds 1)
     run_step "$name" 240 "$PYTHON" "$script" --device cuda ${extra[@]+"${extra[@]}"} --out "$OUT/bench"
   else
     log "$name: no --device flag, not run (it would time this machine's CPU)"
