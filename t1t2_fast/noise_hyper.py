@@ -41,7 +41,6 @@ class NoiseBinding:
 
     hyper: Hyperparameter
     module: GaussianNoise
-    index: int  # position among the model's noise modules: part of the noise key
 
 
 def bind_noise(model: nn.Module, seed: int, backend: str) -> list[NoiseBinding]:
@@ -51,11 +50,10 @@ def bind_noise(model: nn.Module, seed: int, backend: str) -> list[NoiseBinding]:
     out = []
     for name, module in model.named_modules():
         if isinstance(module, GaussianNoise):
-            k = len(out)
+            module.seed = noise_key(seed, len(out))  # keyed by its position among the noise modules
             hyper = Hyperparameter(f"noise.{name}" if name else "noise", "noise", False, module.transform,
                                    module.raw, tuple(module.bounds), [])
-            out.append(NoiseBinding(hyper, module, k))
-            module.seed = noise_key(seed, k)
+            out.append(NoiseBinding(hyper, module))
             if module.backend == "auto":
                 module.backend = backend
     return out
@@ -146,11 +144,7 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
     def sigma_grads_at(scale: float) -> list[torch.Tensor]:
         backend.perturb_(params, [], theta, u, scale)
         with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
-            loss = _closure_loss(replay.closure)
-            leaves = [b.module.sigma_leaves for b in bindings]
-            flat = [x for group in leaves for x in group]
-            grads = torch.autograd.grad(loss, flat, allow_unused=True) if flat else []
-        return _sum_per_module(leaves, grads, bindings, dtype)
+            return _grad_per_module(_closure_loss(replay.closure), bindings, dtype)
 
     backend.perturb_(params, save, theta, u, 0.0)  # θ⁺ → save, θ ← θ_stash (exact: θ + 0·u)
     try:
@@ -159,11 +153,7 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
                 loss = _closure_loss(replay.closure)
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 inner = sum((g * ui.to(g.dtype)).sum() for g, ui in zip(grads, u) if g is not None)
-                leaves = [b.module.sigma_leaves for b in bindings]
-                flat = [x for group in leaves for x in group]
-                mixed = (torch.autograd.grad(inner, flat, allow_unused=True)
-                         if flat and isinstance(inner, torch.Tensor) and inner.requires_grad else [None] * len(flat))
-            h = _sum_per_module(leaves, mixed, bindings, dtype)
+                h = _grad_per_module(inner, bindings, dtype)
         else:
             r = fd_eps / norm
             plus = sigma_grads_at(r)
@@ -181,13 +171,17 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
         b.hyper.raw.dtype) for b, hb in zip(bindings, h)}
 
 
-def _sum_per_module(leaves, grads, bindings, dtype) -> list[torch.Tensor]:
-    out, k = [], 0
+def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
+    """∂output/∂σ per module, summed over the σ leaves of its forwards since the replay began
+    (zeros where output does not depend on them)."""
+    leaves = [b.module.sigma_leaves for b in bindings]
+    flat = [x for group in leaves for x in group]
+    depends = flat and isinstance(output, torch.Tensor) and output.requires_grad
+    grads = iter(torch.autograd.grad(output, flat, allow_unused=True) if depends else [None] * len(flat))
+    out = []
     for b, group in zip(bindings, leaves):
         total = torch.zeros(b.hyper.raw.shape, dtype=dtype, device=b.hyper.raw.device)
-        for _ in group:
-            g = grads[k]
-            k += 1
+        for g in (next(grads) for _ in group):
             if g is not None:
                 total = total + g.detach().to(dtype).reshape(total.shape)
         out.append(total)

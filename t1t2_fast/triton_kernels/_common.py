@@ -85,25 +85,31 @@ def _is_functional(t: torch.Tensor) -> bool:
     return isinstance(t, FunctionalTensor)
 
 
-def tensor_kind(op: str, tensors: Sequence[torch.Tensor]) -> str:
-    """What an op body is given: "real" tensors (build a pointer table and launch), "fake" ones
-    (FakeTensor or meta: shape propagation only, no launch) or "functional" ones (torch.compile's
-    functionalization: launch one kernel per tensor through wrap_triton so that the graph records
-    what each kernel writes).
+def call_kind(*tensors: torch.Tensor) -> str:
+    """What an op body is given: "real" tensors (launch the kernels), "fake" ones (FakeTensor or
+    meta: checks and output metadata only, no launch) or "functional" ones (torch.compile's
+    functionalization, decomposing the triton_op).
 
     A triton_op's body is also its fake impl. On a GPU, wrap_triton turns a launch on FakeTensors into
     a no-op; in the interpreter it hands back the bare kernel, which would read the FakeTensors'
     storage. So fake inputs skip the launch, after the same checks a real call makes."""
-    for t in tensors:
-        if _is_functional(t):
-            if interpreting():
-                raise RuntimeError(f"{op}: torch.compile / AOT tracing of the Triton ops needs a GPU: under "
-                                   f"TRITON_INTERPRET=1, wrap_triton returns the interpreted kernel, which cannot "
-                                   f"be traced")
-            return "functional"
-        if _is_fake(t):
-            return "fake"
+    if any(_is_functional(t) for t in tensors):
+        return "functional"
+    if any(_is_fake(t) for t in tensors):
+        return "fake"
     return "real"
+
+
+def tensor_kind(op: str, tensors: Sequence[torch.Tensor]) -> str:
+    """``call_kind`` for the pointer-table ops (t1_step_, perturb_, restore_): "functional" calls
+    launch one kernel per tensor through wrap_triton so that the graph records what each kernel
+    writes, which the interpreter cannot trace."""
+    kind = call_kind(*tensors)
+    if kind == "functional" and interpreting():
+        raise RuntimeError(f"{op}: torch.compile / AOT tracing of the Triton ops needs a GPU: under "
+                           f"TRITON_INTERPRET=1, wrap_triton returns the interpreted kernel, which cannot "
+                           f"be traced")
+    return kind
 
 
 # ---- input checks (the C++ ops' checks and messages, csrc/checks.cpp) ------------------------------------

@@ -34,12 +34,10 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
-from ._common import compute_dtype, interpreting
+from ._common import call_kind, compute_dtype, interpreting
 
 # ---------------------------------------------------------------------------------------------
 # Launch helpers (shared with noise.py)
@@ -64,22 +62,6 @@ def as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
     """bf16 tensors are handed to kernels as int16 views (bits): the interpreter's bf16 loads flush
     subnormals and its float32→bf16 cast truncates instead of rounding to nearest even."""
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
-def call_kind(*tensors: torch.Tensor) -> str:
-    """How an op implementation was called:
-    "real"   — tensors with storage: launch the kernels;
-    "traced" — FunctionalTensors: torch.compile / AOT dispatch decomposing the triton_op;
-    "fake"   — FakeTensor or meta tensors: the op is its own fake kernel (triton_op registers it as
-               such), so only the checks and the output metadata are needed. The launch must be
-               skipped there, not only because it would be wasted: under TRITON_INTERPRET=1
-               wrap_triton returns the interpreted kernel itself, which copies its tensor arguments
-               to host memory and fails on FakeTensors (opcheck's test_faketensor)."""
-    if any(isinstance(t, FunctionalTensor) for t in tensors):
-        return "traced"
-    if any(is_fake(t) or t.device.type == "meta" for t in tensors):
-        return "fake"
-    return "real"
 
 
 def check_device(op: str, t: torch.Tensor, what: str) -> None:
@@ -380,7 +362,7 @@ def penalty_hypergrad(v: list[torch.Tensor], theta: list[torch.Tensor], jac: lis
     if kind == "fake" or total == 0:
         return out
     check_device(_HG, theta[0], "theta[0]")
-    if kind == "traced" and INTERPRET:
+    if kind == "functional" and INTERPRET:
         # wrap_triton cannot capture an interpreted kernel into a graph: the trace records the
         # reference's torch ops (on a GPU the Triton kernel is recorded through the flat path).
         return reference.penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
@@ -391,7 +373,7 @@ def penalty_hypergrad(v: list[torch.Tensor], theta: list[torch.Tensor], jac: lis
         js.append(1.0 if decoupled else float(jac_scalar[t]))
         scales.append(-float(lr) if decoupled else 1.0)
         has_jac.append(not decoupled and bool(jac) and jac[t].numel() > 0)
-    flat = kind == "traced" or len(theta) == 1 or FORCE_FLAT
+    flat = kind == "functional" or len(theta) == 1 or FORCE_FLAT
     _launch(v, theta, jac, js, segments, scales, has_jac, out, flat, dtype)
     return out
 
@@ -423,7 +405,7 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
     if call == "fake" or num_groups == 0:
         return out
     check_device(_SD, theta, "u and theta")
-    if call == "traced" and INTERPRET:  # see penalty_hypergrad
+    if call == "functional" and INTERPRET:  # see penalty_hypergrad
         return reference.penalty_segment_dot(u, theta, num_groups, kind)
     inner = numel // num_groups
     _launch([u.contiguous()], [theta.contiguous()], [], [1.0], [(0, 0 if kind == "l2" else 1, num_groups, inner)],

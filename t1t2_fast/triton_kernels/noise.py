@@ -282,7 +282,7 @@ def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int
     if call == "fake" or x.numel() == 0:
         return y
     check_device(_FWD, x, "x")
-    if call == "traced" and INTERPRET:  # wrap_triton cannot capture an interpreted kernel (see hypergrad.py)
+    if call == "functional" and INTERPRET:  # wrap_triton cannot capture an interpreted kernel (see hypergrad.py)
         return reference.gaussian_noise(x, sigma, key, channels, inner, mode)
     _apply_launch(x, sigma, y, key, channels, inner, mode == "multiplicative")
     return y
@@ -313,7 +313,7 @@ def gaussian_noise_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.
     if x.numel() == 0:
         return grad_x, grad_sigma.zero_()
     check_device(_BWD, x, "x")
-    if call == "traced" and INTERPRET:  # see gaussian_noise
+    if call == "functional" and INTERPRET:  # see gaussian_noise
         rx, rs = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, fused_x_grad,
                                                    need_sigma_grad)
         return (rx if fused_x_grad else grad_x), (rs if need_sigma_grad else grad_sigma)
