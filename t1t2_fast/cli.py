@@ -732,7 +732,7 @@ def _plot(path, columns, rows, hyper_names, bands, title):
     ax_h, ax_l = axes[0], axes[-1]
     palette = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
 
-    def draw(ax, names, log, what):
+    def draw(ax, names, log, what, empty):
         layer_colors: dict[str, str] = {}
         for name in names:
             j = hyper_names.index(name)
@@ -750,17 +750,16 @@ def _plot(path, columns, rows, hyper_names, bands, title):
             ax.legend(fontsize=8, loc="best")
             ax.set_title(f"{what} (natural scale; band: min-max over entries)" if banded else what)
         else:
-            ax.text(0.5, 0.5, "no penalty tuned", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
             ax.set_title(what)
         ax.set_xlabel("step")
         ax.grid(True, which="both", alpha=0.3)
 
-    draw(ax_h, penalty_names if noise_names else hyper_names, True, "penalty hyperparameters")
+    draw(ax_h, penalty_names if noise_names else hyper_names, True, "penalty hyperparameters",
+         "no penalty tuned" if noise_names else "no hyperparameters tuned")
     ax_h.set_ylabel("coefficient c (log scale)")
-    if not hyper_names:
-        ax_h.texts[0].set_text("no hyperparameters tuned")
     if noise_names:
-        draw(axes[1], noise_names, False, "noise levels")
+        draw(axes[1], noise_names, False, "noise levels", "")
         axes[1].set_ylabel("noise std σ")
 
     ax_l.plot(steps, [r[1] for r in rows], label="train (whole split)", lw=1.6)

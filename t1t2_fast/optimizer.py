@@ -14,7 +14,7 @@ from torch import nn
 from . import noise_hyper, reference
 from .backend import Backend, resolve_backend
 from .hyper import Hyperparameter, Penalty, bind_penalties
-from .steps import penalty_hypergrads, t1_step
+from .steps import penalty_hypergrads, reused_buffer, t1_step
 
 OPTIMIZERS = ("sgd", "adam")
 HYPER_OPTIMIZERS = ("sgd", "adam")
@@ -233,13 +233,7 @@ class T1T2(torch.optim.Optimizer):
 
     def _saved_theta(self, indices: list[int]) -> list[torch.Tensor]:
         """Buffers that hold θ⁺ while the noise hypergradient moves θ (kept between hyper steps)."""
-        out = []
-        for i in indices:
-            p, buf = self.params[i], self._save_buffers.get(i)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = self._save_buffers[i] = torch.empty_like(p)
-            out.append(buf)
-        return out
+        return [reused_buffer(self._save_buffers, i, self.params[i], self.params[i].dtype) for i in indices]
 
     @torch.no_grad()
     def _hyper_update(self, hypergrads: dict[str, torch.Tensor]) -> None:

@@ -31,6 +31,16 @@ def coefficient_lists(hypers: list[Hyperparameter], indices: list[int], dtype: t
     return tuple([s.get(i, empty) for i in indices] if s else [] for s in slots.values())
 
 
+def reused_buffer(cache: dict, key, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache[key] if it is an empty_like(like, dtype=dtype) buffer still fit for ``like``, else a
+    new one stored there: hyper iterations then write into the same pages every time instead of
+    faulting in fresh ones."""
+    buf = cache.get(key)
+    if buf is None or buf.shape != like.shape or buf.dtype != dtype or buf.device != like.device:
+        buf = cache[key] = torch.empty_like(like, dtype=dtype)
+    return buf
+
+
 @torch.no_grad()
 def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
             hypers: list[Hyperparameter], indices: list[int], optimizer: str, lr: float, momentum: float,
@@ -62,15 +72,8 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     device = params[0].device if params else torch.device("cpu")
     l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
     def stash_buffers(kind):
-        out = []
-        for i, p in zip(indices, params):
-            buf = None if buffers is None else buffers.get((kind, i))
-            if buf is None or buf.shape != p.shape or buf.dtype != acc or buf.device != p.device:
-                buf = torch.empty_like(p, dtype=acc)
-                if buffers is not None:
-                    buffers[(kind, i)] = buf
-            out.append(buf)
-        return out
+        cache = {} if buffers is None else buffers
+        return [reused_buffer(cache, (kind, i), p, acc) for i, p in zip(indices, params)]
 
     adam_exact = adam and hypergrad == "exact"
     stash_theta = stash_buffers("theta") if stash else []
