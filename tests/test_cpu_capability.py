@@ -56,6 +56,19 @@ for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
     for kind in ("l2", "l1"):
         for groups in (1, 6, 6 * 70007, 2 * 3 * 7):
             out[f"dot/{dtype}/{kind}/{groups}"] = ops.penalty_segment_dot(u, th, groups, kind)
+# noise: the generator (an intrinsics copy under AVX2) and the fixed-order σ reduction; sizes that
+# are not multiples of the 16-draw block, rows of 1 element (per layer) up to rows past a tile
+for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+    for shape, channels, inner in (((1000003,), 1, 1), ((37, 5, 9, 7), 5, 63), ((9, 3000), 3000, 1), ((64, 4), 1, 1)):
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        gy = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        sigma = torch.rand(channels, generator=g, dtype=torch.float64).to(torch.float64 if dtype == torch.float64
+                                                                          else torch.float32)
+        for mode in ("additive", "multiplicative"):
+            key = f"noise/{dtype}/{shape}/{mode}"
+            out[key + "/y"] = ops.gaussian_noise(x, sigma, 2**61 + 17, channels, inner, mode)
+            gx, gs = ops.gaussian_noise_backward(gy, x, sigma, 2**61 + 17, channels, inner, mode, True, True)
+            out[key + "/gx"], out[key + "/gs"] = gx, gs
 torch.save(out, sys.argv[1])
 """
 

@@ -12,6 +12,10 @@
 #include "checks.h"
 #include "cpu/cpu_features.h"
 
+#if T1T2_AVX2_CLONES
+#include <immintrin.h>
+#endif
+
 namespace t1t2 {
 namespace {
 
@@ -35,8 +39,153 @@ using FillFn = void (*)(uint64_t, int64_t, int64_t, float*);
 void fill_randn_default(uint64_t key, int64_t first, int64_t n, float* out) { fill_randn(key, first, n, out); }
 
 #if T1T2_AVX2_CLONES
+// The AVX2 copy, written with intrinsics because GCC does not vectorize the scalar loop (the
+// 32×32→64-bit products and the double↔int conversions defeat it): the same operations as
+// philox::randn in the same order, each IEEE-rounded on its own (no FMA), so the same bits.
+// Counters and words live in the low halves of 64-bit lanes; log and cos run on 4 doubles. The
+// Philox rounds and the polynomials are chains of dependent operations, so each step is applied to
+// kVectors independent vectors of 4 draws at once: the core overlaps their latencies.
+namespace avx2 {
+
+constexpr int kVectors = 4;
+constexpr int64_t kDraws = 4 * kVectors;  // draws per block
+
+// p = c[0]; p = c[k] + z·p, on kVectors vectors.
+template <int N>
+T1T2_TARGET_AVX2 inline void horner(const __m256d* z, const double (&c)[N], __m256d* p) {
+  for (int v = 0; v < kVectors; ++v) p[v] = _mm256_set1_pd(c[0]);
+  for (int k = 1; k < N; ++k) {
+    const __m256d ck = _mm256_set1_pd(c[k]);
+    for (int v = 0; v < kVectors; ++v) p[v] = _mm256_add_pd(ck, _mm256_mul_pd(z[v], p[v]));
+  }
+}
+
+// The low 32 bits of each 64-bit lane, packed into 4 int32.
+T1T2_TARGET_AVX2 inline __m128i low_words(__m256i v) {
+  const __m256i picked = _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+  return _mm256_castsi256_si128(picked);
+}
+
+// 4 int32 lane masks widened to 4 double lane masks.
+T1T2_TARGET_AVX2 inline __m256d widen(__m128i mask) { return _mm256_castsi256_pd(_mm256_cvtepi32_epi64(mask)); }
+
+// philox::uniform of 4 words.
+T1T2_TARGET_AVX2 inline __m128 uniform(__m128i word) {
+  const __m128i folded = _mm_xor_si128(word, _mm_srai_epi32(word, 31));  // i < 0 ? ~i : i
+  return _mm_mul_ps(_mm_cvtepi32_ps(folded), _mm_set1_ps(static_cast<float>(4.6566127342e-10)));
+}
+
+// philox::log_float of kVectors × 4 positive normal floats.
+T1T2_TARGET_AVX2 inline void log_float(const __m128* x, __m128* out) {
+  constexpr double kLn2Hi = 0x1.62e42feep-1, kLn2Lo = 0x1.a39ef35793c76p-33, kSqrt2 = 0x1.6a09e667f3bcdp+0;
+  static constexpr double kSeries[] = {1.0 / 23, 1.0 / 21, 1.0 / 19, 1.0 / 17, 1.0 / 15, 1.0 / 13,
+                                       1.0 / 11, 1.0 / 9,  1.0 / 7,  1.0 / 5,  1.0 / 3};
+  const __m256d one = _mm256_set1_pd(1.0);
+  __m256d s[kVectors], z[kVectors], p[kVectors], ed[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const __m128i bits = _mm_castps_si128(x[v]);
+    __m128i e = _mm_sub_epi32(_mm_srli_epi32(bits, 23), _mm_set1_epi32(127));
+    const __m128i mant = _mm_or_si128(_mm_and_si128(bits, _mm_set1_epi32(0x007FFFFF)), _mm_set1_epi32(0x3F800000));
+    __m256d m = _mm256_cvtps_pd(_mm_castsi128_ps(mant));
+    const __m256d halve = _mm256_cmp_pd(m, _mm256_set1_pd(kSqrt2), _CMP_GT_OQ);
+    m = _mm256_blendv_pd(m, _mm256_mul_pd(m, _mm256_set1_pd(0.5)), halve);
+    e = _mm_sub_epi32(e, low_words(_mm256_castpd_si256(halve)));  // mask −1 where halved: e + 1
+    ed[v] = _mm256_cvtepi32_pd(e);
+    s[v] = _mm256_div_pd(_mm256_sub_pd(m, one), _mm256_add_pd(m, one));
+    z[v] = _mm256_mul_pd(s[v], s[v]);
+  }
+  horner(z, kSeries, p);
+  for (int v = 0; v < kVectors; ++v) {
+    const __m256d two_s = _mm256_add_pd(s[v], s[v]);
+    const __m256d log_m = _mm256_add_pd(two_s, _mm256_mul_pd(_mm256_mul_pd(two_s, z[v]), p[v]));
+    const __m256d sum = _mm256_add_pd(_mm256_mul_pd(ed[v], _mm256_set1_pd(kLn2Hi)),
+                                      _mm256_add_pd(_mm256_mul_pd(ed[v], _mm256_set1_pd(kLn2Lo)), log_m));
+    out[v] = _mm256_cvtpd_ps(sum);
+  }
+}
+
+// philox::cos_float of kVectors × 4 floats in [0, 8).
+T1T2_TARGET_AVX2 inline void cos_float(const __m128* t, __m128* out) {
+  constexpr double kTwoOverPi = 0x1.45f306dc9c883p-1, kPio2Hi = 0x1.921fb544p+0, kPio2Lo = 0x1.0b4611a626331p-34;
+  static constexpr double kSin[] = {1.0 / 355687428096000.0, -1.0 / 1307674368000.0, 1.0 / 6227020800.0,
+                                    -1.0 / 39916800.0,       1.0 / 362880.0,         -1.0 / 5040.0,
+                                    1.0 / 120.0,             -1.0 / 6.0};
+  static constexpr double kCos[] = {-1.0 / 6402373705728000.0, 1.0 / 20922789888000.0, -1.0 / 87178291200.0,
+                                    1.0 / 479001600.0,         -1.0 / 3628800.0,       1.0 / 40320.0,
+                                    -1.0 / 720.0,              1.0 / 24.0,             -1.0 / 2.0};
+  __m256d r[kVectors], z[kVectors], ps[kVectors], pc[kVectors];
+  __m128i quadrant[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const __m256d x = _mm256_cvtps_pd(t[v]);
+    const __m128i k =
+        _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(kTwoOverPi)), _mm256_set1_pd(0.5)));
+    const __m256d kd = _mm256_cvtepi32_pd(k);
+    r[v] = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(kd, _mm256_set1_pd(kPio2Hi))),
+                         _mm256_mul_pd(kd, _mm256_set1_pd(kPio2Lo)));
+    z[v] = _mm256_mul_pd(r[v], r[v]);
+    quadrant[v] = _mm_and_si128(k, _mm_set1_epi32(3));
+  }
+  horner(z, kSin, ps);
+  horner(z, kCos, pc);
+  const __m256d sign = _mm256_set1_pd(-0.0);
+  for (int v = 0; v < kVectors; ++v) {
+    const __m256d sin_r = _mm256_add_pd(r[v], _mm256_mul_pd(_mm256_mul_pd(r[v], z[v]), ps[v]));
+    const __m256d cos_r = _mm256_add_pd(_mm256_set1_pd(1.0), _mm256_mul_pd(z[v], pc[v]));
+    const __m256d q0 = widen(_mm_cmpeq_epi32(quadrant[v], _mm_setzero_si128()));
+    const __m256d q3 = widen(_mm_cmpeq_epi32(quadrant[v], _mm_set1_epi32(3)));
+    const __m256d odd_q = widen(_mm_cmpeq_epi32(_mm_and_si128(quadrant[v], _mm_set1_epi32(1)), _mm_set1_epi32(1)));
+    // cos(r + kπ/2) = cos r, −sin r, −cos r, sin r (negation flips the sign bit: exact)
+    const __m256d even = _mm256_blendv_pd(_mm256_xor_pd(cos_r, sign), cos_r, q0);
+    const __m256d odd = _mm256_blendv_pd(_mm256_xor_pd(sin_r, sign), sin_r, q3);
+    out[v] = _mm256_cvtpd_ps(_mm256_blendv_pd(even, odd, odd_q));
+  }
+}
+
+// out[k] = randn(key, first + k) for k < kDraws.
+T1T2_TARGET_AVX2 inline void randn_block(uint64_t key, uint64_t first, float* out) {
+  const __m256i low = _mm256_set1_epi64x(0xFFFFFFFFLL);
+  const __m256i mul_a = _mm256_set1_epi64x(philox::kRoundA), mul_b = _mm256_set1_epi64x(philox::kRoundB);
+  __m256i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    const __m256i offset = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(first + 4 * v)),
+                                            _mm256_setr_epi64x(0, 1, 2, 3));
+    c0[v] = _mm256_and_si256(offset, low);  // counter (offset lo, offset hi, 0, 0)
+    c1[v] = _mm256_srli_epi64(offset, 32);
+    c2[v] = c3[v] = _mm256_setzero_si256();
+  }
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  for (int round = 0; round < philox::kRounds; ++round) {
+    const __m256i key0 = _mm256_set1_epi64x(k0), key1 = _mm256_set1_epi64x(k1);
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256i a = _mm256_mul_epu32(c0[v], mul_a), b = _mm256_mul_epu32(c2[v], mul_b);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(b, 32), c1[v]), key0);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(a, 32), c3[v]), key1);
+      c1[v] = _mm256_and_si256(b, low);
+      c3[v] = _mm256_and_si256(a, low);
+    }
+    k0 += philox::kKeyA;
+    k1 += philox::kKeyB;
+  }
+  __m128 u1[kVectors], theta[kVectors], log_u1[kVectors], cos_theta[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    // u1 > 1e-7 ? u1 : 1e-7 (max_ps returns its second operand unless the first is greater)
+    u1[v] = _mm_max_ps(uniform(low_words(c0[v])), _mm_set1_ps(static_cast<float>(1.0e-7)));
+    theta[v] = _mm_mul_ps(_mm_set1_ps(static_cast<float>(6.283185307179586)), uniform(low_words(c1[v])));
+  }
+  log_float(u1, log_u1);
+  cos_float(theta, cos_theta);
+  for (int v = 0; v < kVectors; ++v) {
+    const __m128 radius = _mm_sqrt_ps(_mm_mul_ps(_mm_set1_ps(-2.0f), log_u1[v]));
+    _mm_storeu_ps(out + 4 * v, _mm_mul_ps(radius, cos_theta[v]));
+  }
+}
+
+}  // namespace avx2
+
 T1T2_TARGET_AVX2 void fill_randn_avx2(uint64_t key, int64_t first, int64_t n, float* out) {
-  fill_randn(key, first, n, out);
+  int64_t k = 0;
+  for (; k + avx2::kDraws <= n; k += avx2::kDraws) avx2::randn_block(key, static_cast<uint64_t>(first + k), out + k);
+  for (; k < n; ++k) out[k] = philox::randn(key, static_cast<uint64_t>(first + k));
 }
 #endif
 
@@ -91,18 +240,24 @@ void sigma_grad(const scalar_t* g, const scalar_t* x, const at::opmath_type<scal
       const int64_t r0 = rt * p.tile_rows, r1 = std::min(p.rows, r0 + p.tile_rows);
       const int64_t j0 = ct * p.tile_columns, columns = std::min(p.row_width, j0 + p.tile_columns) - j0;
       std::fill(acc, acc + p.lanes * columns, 0.0);
+      // ε of rows_per_fill consecutive rows at once: a tile that spans whole rows is one contiguous
+      // range of x, and short rows (per-layer noise has rows of one element) would otherwise cost
+      // a generator call per row. The draws and the summation order are the same either way.
+      const int64_t rows_per_fill = columns == p.row_width ? std::max<int64_t>(1, kEpsBlock / columns) : 1;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t base = r * p.row_width + j0;
-        fill(key, base, columns, eps);
+        const int64_t in_fill = (r - r0) % rows_per_fill;
+        if (in_fill == 0) fill(key, base, std::min(rows_per_fill, r1 - r) * columns, eps);
+        const float* row_eps = eps + in_fill * columns;
         double* lane = acc + ((r - r0) % p.lanes) * columns;
         for (int64_t j = 0; j < columns; ++j) {
           const double xi = mode == Mode::Multiplicative ? static_cast<double>(x[base + j]) : 0.0;
-          lane[j] += noise::sigma_term(mode, static_cast<double>(g[base + j]), xi, eps[j]);
+          lane[j] += noise::sigma_term(mode, static_cast<double>(g[base + j]), xi, row_eps[j]);
         }
         if (grad_x != nullptr) {
           int64_t c = (j0 / inner) % channels, pos = j0 % inner;
           for (int64_t j = 0; j < columns; ++j) {
-            const T gx = noise::apply<T>(Mode::Multiplicative, static_cast<T>(g[base + j]), sigma[c], eps[j]);
+            const T gx = noise::apply<T>(Mode::Multiplicative, static_cast<T>(g[base + j]), sigma[c], row_eps[j]);
             grad_x[base + j] = static_cast<scalar_t>(gx);
             if (++pos == inner) {
               pos = 0;
