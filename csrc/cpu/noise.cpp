@@ -210,6 +210,13 @@ void apply_noise(const scalar_t* src, const at::opmath_type<scalar_t>* sigma, sc
     for (int64_t begin = first * kChunk; begin < end; begin += kEpsBlock) {
       const int64_t n = std::min(kEpsBlock, end - begin);
       fill(key, begin, n, eps);
+      if (channels == 1) {  // one σ (per-layer noise): a plain loop the compiler vectorizes
+        const T s = sigma[0];
+        const scalar_t* __restrict__ in = src + begin;
+        scalar_t* __restrict__ out = dst + begin;
+        for (int64_t k = 0; k < n; ++k) out[k] = static_cast<scalar_t>(noise::apply<T>(mode, static_cast<T>(in[k]), s, eps[k]));
+        continue;
+      }
       int64_t c = (begin / inner) % channels, pos = begin % inner;
       for (int64_t k = 0; k < n; ++k) {
         dst[begin + k] = static_cast<scalar_t>(noise::apply<T>(mode, static_cast<T>(src[begin + k]), sigma[c], eps[k]));
@@ -220,6 +227,16 @@ void apply_noise(const scalar_t* src, const at::opmath_type<scalar_t>* sigma, sc
       }
     }
   });
+}
+
+// acc[t] += the σ-gradient term of element t, for t < n (x is read in multiplicative mode only).
+template <Mode mode, typename scalar_t>
+inline void accumulate(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const float* __restrict__ eps,
+                       double* __restrict__ acc, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    const double xi = mode == Mode::Multiplicative ? static_cast<double>(x[t]) : 0.0;
+    acc[t] += noise::sigma_term(mode, static_cast<double>(g[t]), xi, eps[t]);
+  }
 }
 
 // ∂L/∂σ in the fixed order of t1t2/noise.h (and, when grad_x is given, the multiplicative ∂L/∂x
@@ -240,28 +257,45 @@ void sigma_grad(const scalar_t* g, const scalar_t* x, const at::opmath_type<scal
       const int64_t r0 = rt * p.tile_rows, r1 = std::min(p.rows, r0 + p.tile_rows);
       const int64_t j0 = ct * p.tile_columns, columns = std::min(p.row_width, j0 + p.tile_columns) - j0;
       std::fill(acc, acc + p.lanes * columns, 0.0);
-      // ε of rows_per_fill consecutive rows at once: a tile that spans whole rows is one contiguous
-      // range of x, and short rows (per-layer noise has rows of one element) would otherwise cost
-      // a generator call per row. The draws and the summation order are the same either way.
-      const int64_t rows_per_fill = columns == p.row_width ? std::max<int64_t>(1, kEpsBlock / columns) : 1;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t base = r * p.row_width + j0;
-        const int64_t in_fill = (r - r0) % rows_per_fill;
-        if (in_fill == 0) fill(key, base, std::min(rows_per_fill, r1 - r) * columns, eps);
-        const float* row_eps = eps + in_fill * columns;
-        double* lane = acc + ((r - r0) % p.lanes) * columns;
-        for (int64_t j = 0; j < columns; ++j) {
-          const double xi = mode == Mode::Multiplicative ? static_cast<double>(x[base + j]) : 0.0;
-          lane[j] += noise::sigma_term(mode, static_cast<double>(g[base + j]), xi, row_eps[j]);
+      if (columns == p.row_width && grad_x == nullptr) {
+        // The tile spans whole rows: one contiguous range of x, whose element e (from the tile's
+        // start) goes to lane (e / columns) % lanes, column e % columns, i.e. acc[e % (lanes·columns)].
+        // Walk it in runs that do not wrap around acc (plain vectorizable loops) and draw ε in
+        // blocks of kEpsBlock: per-layer noise has rows of one element, so a generator call per row
+        // would cost more than the draws. Each acc entry gets its terms in the same order as below.
+        const int64_t begin = r0 * p.row_width, end = r1 * p.row_width, period = p.lanes * columns;
+        int64_t slot = 0;
+        for (int64_t b = begin; b < end; b += kEpsBlock) {
+          const int64_t n = std::min(kEpsBlock, end - b);
+          fill(key, b, n, eps);
+          for (int64_t k = 0; k < n;) {
+            const int64_t run = std::min(n - k, period - slot);
+            if (mode == Mode::Additive)
+              accumulate<Mode::Additive>(g + b + k, x + b + k, eps + k, acc + slot, run);
+            else
+              accumulate<Mode::Multiplicative>(g + b + k, x + b + k, eps + k, acc + slot, run);
+            k += run;
+            slot = slot + run == period ? 0 : slot + run;
+          }
         }
-        if (grad_x != nullptr) {
-          int64_t c = (j0 / inner) % channels, pos = j0 % inner;
+      } else {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t base = r * p.row_width + j0;
+          fill(key, base, columns, eps);
+          double* lane = acc + ((r - r0) % p.lanes) * columns;
           for (int64_t j = 0; j < columns; ++j) {
-            const T gx = noise::apply<T>(Mode::Multiplicative, static_cast<T>(g[base + j]), sigma[c], row_eps[j]);
-            grad_x[base + j] = static_cast<scalar_t>(gx);
-            if (++pos == inner) {
-              pos = 0;
-              ++c;
+            const double xi = mode == Mode::Multiplicative ? static_cast<double>(x[base + j]) : 0.0;
+            lane[j] += noise::sigma_term(mode, static_cast<double>(g[base + j]), xi, eps[j]);
+          }
+          if (grad_x != nullptr) {
+            int64_t c = (j0 / inner) % channels, pos = j0 % inner;
+            for (int64_t j = 0; j < columns; ++j) {
+              const T gx = noise::apply<T>(Mode::Multiplicative, static_cast<T>(g[base + j]), sigma[c], eps[j]);
+              grad_x[base + j] = static_cast<scalar_t>(gx);
+              if (++pos == inner) {
+                pos = 0;
+                ++c;
+              }
             }
           }
         }
