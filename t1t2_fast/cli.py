@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final summary")
     tr.set_defaults(func=cmd_train)
     _add_experiment_commands(sub)
+    _add_overhead_command(sub)
     return parser
 
 
@@ -775,3 +776,115 @@ def _plot(path, columns, rows, hyper_names, bands, title):
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# overhead (issue 6, experiment 4; the code is in overhead.py)
+# ---------------------------------------------------------------------------------------------
+def _csv_list(choices: tuple[str, ...] | None = None, kind=str):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        out = []
+        for t in items:
+            if choices is not None and t not in choices and not (choices is _MODEL_NAMES and t.startswith("mlp")
+                                                                  and t[3:].isdigit() and int(t[3:]) > 0):
+                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
+            try:
+                out.append(kind(t))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{t!r} is not {kind.__name__}") from None
+            if kind is int and out[-1] < 1:
+                raise argparse.ArgumentTypeError(f"expected positive integers, got {t}")
+        return tuple(dict.fromkeys(out))
+    return parse
+
+
+_MODEL_NAMES = ("mlp256", "mlp1024", "mlp4096", "cnn")
+OVERHEAD_FULL = {"steps": 50, "rounds": 5}
+OVERHEAD_SMALL = {"steps": 20, "rounds": 3}
+
+
+def _add_overhead_command(sub) -> None:
+    from .overhead import BACKENDS, SETTINGS
+
+    ov = sub.add_parser(
+        "overhead", formatter_class=_HelpFormatter,
+        help="wall time of T1-T2 over plain training vs model size (the paper's 30%% claim)",
+        description="Time epochs of plain training (torch's SGD/Adam, foreach and fused, the faster counts) "
+                    "and of T1-T2 (a hyper step every --hyper-every steps) for MLPs 784-w-w-10 and a small "
+                    "CNN, with per-layer L2 only ('penalties') and with per-layer L2 plus input and hidden "
+                    "noise tuned by 'fd' ('noise'), on each backend. Writes overhead.csv, overhead.png, "
+                    "summary.json and prints the overhead beside its floor (the validation forward/backward, "
+                    "plus fd's extra training forward/backward, per hyper_every plain steps).")
+    ov.add_argument("--models", type=_csv_list(_MODEL_NAMES), default=_MODEL_NAMES,
+                    help="comma-separated: mlp<width> (any width) and/or cnn")
+    ov.add_argument("--settings", type=_csv_list(SETTINGS), default=SETTINGS, help="comma-separated")
+    ov.add_argument("--backends", type=_csv_list(BACKENDS), default=BACKENDS, help="comma-separated")
+    ov.add_argument("--hyper-every", type=_csv_list(kind=int), default=(10, 1), help="comma-separated")
+    ov.add_argument("--steps", type=positive_int, default=None, help="steps per timed epoch (default 20, --full 50)")
+    ov.add_argument("--rounds", type=positive_int, default=None,
+                    help="timed epochs per variant, median reported (default 3, --full 5)")
+    ov.add_argument("--batch-size", type=positive_int, default=128, help="training and validation batch size")
+    ov.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                    help="the weights' optimizer (sgd: momentum 0.9, lr 0.01; adam: lr 1e-3)")
+    ov.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
+    ov.add_argument("--full", action="store_true", help="longer epochs and more rounds")
+    ov.add_argument("--out", default=None, help="output folder (default: runs/overhead-<time>)")
+    ov.add_argument("--quiet", action="store_true", help="no progress bar")
+    ov.set_defaults(func=cmd_overhead)
+
+
+def cmd_overhead(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from . import overhead as ov
+    from ._extension import AVAILABLE, LOAD_ERROR
+
+    for key, value in (OVERHEAD_FULL if args.full else OVERHEAD_SMALL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if "cpp" in args.backends and not AVAILABLE:
+        print(f"t1t2 overhead: error: backend cpp needs the compiled extension ({LOAD_ERROR}); "
+              f"pass --backends reference", file=sys.stderr)
+        return 1
+    cfg = ov.Config(models=args.models, settings=args.settings, backends=args.backends, hyper_every=args.hyper_every,
+                    steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, optimizer=args.optimizer,
+                    lr=0.01 if args.optimizer == "sgd" else 1e-3)
+    out = args.out or _timestamped(os.path.join("runs", "overhead"))
+    os.makedirs(out, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        rows = ov.run(cfg, quiet=args.quiet)
+    finally:
+        torch.set_num_threads(threads)
+    s = ov.summary(rows, cfg)
+    paths = {"table": os.path.join(out, "overhead.csv"), "plot": os.path.join(out, "overhead.png"),
+             "summary": os.path.join(out, "summary.json")}
+    ov.write_csv(paths["table"], rows)
+    ov.plot(paths["plot"], rows, cfg, title=f"T1-T2 overhead over plain {cfg.optimizer} training, batch "
+                                             f"{cfg.batch_size}, {args.threads} thread(s)")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    with open(paths["summary"], "w") as f:
+        json.dump(_strict_json({**s, "config": {**config, **dataclasses.asdict(cfg)},
+                                "rows": [dataclasses.asdict(r) for r in rows],
+                                "wall_time_s": time.perf_counter() - t0}), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+    print(f"{'model':>8} {'params':>9} {'setting':>9} {'backend':>9} {'every':>5} {'plain ms':>9} "
+          f"{'T1-T2 ms':>9} {'overhead':>9} {'floor':>7} {'T1 only':>8}")
+    for r in rows:
+        print(f"{r.model:>8} {r.params:>9} {r.setting:>9} {r.backend:>9} {r.hyper_every:>5} {r.plain_ms:9.2f} "
+              f"{r.t1t2_ms:9.2f} {r.overhead_pct:8.1f}% {r.floor_pct:6.1f}% {r.t1_only_pct:7.1f}%")
+    for setting, t in s["targets"].items():
+        print(f"target, {setting}, cpp, every 10: max {t['max_overhead_pct']:.1f}% (<= {t['target_pct']:.0f}%: "
+              f"{'met' if t['met_level'] else 'MISSED'}), spread {t['spread_points']:.1f} points (<= "
+              f"{ov.SPREAD_TARGET:.0f}: {'met' if t['met_flat'] else 'MISSED'})")
+    print(f"run time {time.perf_counter() - t0:.1f} s")
+    print("wrote " + "\n      ".join(paths.values()))
+    return 0

@@ -137,7 +137,8 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
     params) so that it can be restored bit-exactly; ``g0`` is ∇σL(θ) from the T1 backward (fd)."""
     device = params[0].device if params else torch.device("cpu")
     zeros = {b.hyper.name: torch.zeros_like(b.hyper.raw) for b in bindings}
-    norm = math.sqrt(sum(float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2 for x in u)) if u else 0.0
+    # ‖u‖² with the backend's fused dot (float64 accumulation, no upcast copy of u)
+    norm = math.sqrt(sum(float(backend.penalty_segment_dot(x, x, 1, "l2")[0]) for x in u if x.numel())) if u else 0.0
     if norm == 0.0 or not math.isfinite(norm):
         return zeros  # v ⊥ every direction the step can move, or a non-finite v: no information
 

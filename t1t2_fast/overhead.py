@@ -1,0 +1,313 @@
+"""Overhead of T1-T2 against plain training, as a function of model size (issue 6, experiment 4).
+
+The paper's claim: "only 30% overhead regardless of model size" with one hyper step every 10
+training steps. For each model (MLPs 784-w-w-10 and a small CNN on 1x28x28 inputs), each setting
+and each backend, this times whole epochs of
+
+- **plain training**: the same network (the same GaussianNoise modules at fixed levels in the
+  "noise" setting), the same loss, torch's own SGD (or Adam) with the same per-layer L2 as
+  ``weight_decay``, in its faster implementation on this machine (foreach or fused, both timed);
+- **T1-T2**: ``T1T2(model, [L2(per="layer")], ...)`` taking ``opt.step`` every step and
+  ``opt.hyper_step`` (with an equal-size validation batch) every ``hyper_every`` steps.
+
+Settings: ``penalties`` (per-layer L2 only, no noise modules) and ``noise`` (per-layer L2 plus
+additive per-layer noise on the input and after every hidden ReLU, tuned with ``noise_hypergrad``
+"fd"). The reported overhead is T1-T2's epoch time over plain training's, minus one.
+
+The floor beside each figure: a hyper iteration cannot cost less than the validation forward/
+backward it differentiates (plus, for "fd", one more training forward/backward at the perturbed
+weights), so the floor is those times (measured on their own in the same run) divided by
+``hyper_every`` plain steps.
+
+Timing: every variant of a (model, setting) is run for one epoch of ``steps`` steps per round,
+variants interleaved within a round so that drift of a shared machine affects all alike; the
+figure is the median over rounds. The data are fixed random batches (MNIST-shaped), generated
+before timing: input pipelines are not what is measured.
+"""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("mlp256", "mlp1024", "mlp4096", "cnn")
+SETTINGS = ("penalties", "noise")
+BACKENDS = ("cpp", "reference")
+TARGETS = {"penalties": 12.0, "noise": 25.0}   # % at hyper_every=10 on the fused backend (issue 6)
+SPREAD_TARGET = 5.0                            # max - min across models, percentage points
+
+
+@dataclass
+class Config:
+    models: tuple = MODELS
+    settings: tuple = SETTINGS
+    backends: tuple = BACKENDS
+    hyper_every: tuple = (10, 1)
+    steps: int = 20           # steps per timed epoch
+    rounds: int = 3           # epochs timed per variant (median)
+    batch_size: int = 128     # training and validation batch
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    l2: float = 1e-4
+    noise: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class Row:
+    model: str
+    params: int
+    setting: str
+    backend: str
+    hyper_every: int
+    plain_ms: float            # plain training, ms per step (median epoch / steps)
+    t1t2_ms: float             # T1-T2, ms per step
+    overhead_pct: float
+    floor_pct: float           # validation fwd/bwd (+ fd's extra training fwd/bwd) per plain step
+    t1_only_pct: float         # T1T2 without hyper steps vs plain: the fused T1 update alone
+    plain_impl: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def make_model(name: str, noise: float | None) -> nn.Module:
+    """``mlp<w>``: 784-w-w-10 ReLU; ``cnn``: conv(1→16)-pool-conv(16→32)-pool-linear on 1x28x28.
+    With ``noise``, additive per-layer GaussianNoise on the input and after each hidden ReLU."""
+    from .noise import GaussianNoise
+
+    def site():
+        return [GaussianNoise(noise)] if noise is not None else []
+
+    if name.startswith("mlp"):
+        w = int(name[3:])
+        layers = [*site(), nn.Linear(784, w), nn.ReLU(), *site(), nn.Linear(w, w), nn.ReLU(), *site(), nn.Linear(w, 10)]
+    elif name == "cnn":
+        layers = [*site(), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *site(),
+                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *site(), nn.Flatten(),
+                  nn.Linear(32 * 7 * 7, 10)]
+    else:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODELS} or mlp<width>")
+    return nn.Sequential(*layers)
+
+
+def batches(name: str, batch: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    shape = (batch, 784) if name.startswith("mlp") else (batch, 1, 28, 28)
+    return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
+
+
+def _set_noise_backend(model: nn.Module, backend: str) -> None:
+    from .noise import GaussianNoise
+
+    for m in model.modules():
+        if isinstance(m, GaussianNoise):
+            m.backend = backend
+
+
+def _torch_optimizer(cfg: Config, model: nn.Module, impl: str):
+    """torch's optimizer with the same per-layer L2 (weight_decay on the weight matrices)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.l2}, {"params": rest, "weight_decay": 0.0}]
+    flags = {"foreach": True} if impl == "foreach" else {"fused": True}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **flags)
+    return torch.optim.Adam(groups, lr=cfg.lr, **flags)
+
+
+def _t1t2(cfg: Config, model: nn.Module, backend: str, hyper_every: int):
+    import t1t2_fast as t1t2
+
+    # per="layer" on the weight matrices, like the torch baseline's weight_decay groups
+    return t1t2.T1T2(model, [t1t2.L2(cfg.l2, per="layer")], optimizer=cfg.optimizer, lr=cfg.lr,
+                     momentum=cfg.momentum, hyper_lr=1e-3, hyper_every=hyper_every, noise_hypergrad="fd",
+                     backend=backend, seed=cfg.seed)
+
+
+def plain_epoch(model, opt, train, steps):
+    def run():
+        for k in range(steps):
+            xb, yb = train[k % len(train)]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return run
+
+
+def t1t2_epoch(model, opt, train, val, steps):
+    def run():
+        for k in range(steps):
+            xb, yb = train[k % len(train)]
+            opt.step(lambda: F.cross_entropy(model(xb), yb))
+            if opt.hyper_due:
+                xv, yv = val[k % len(val)]
+                opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+    return run
+
+
+def fb_pass(model, batch, noise: bool):
+    """One forward/backward on ``batch`` (noise on or off), gradients discarded: the floor's unit."""
+    from .noise import no_noise
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        if noise:
+            F.cross_entropy(model(batch[0]), batch[1]).backward()
+        else:
+            with no_noise():
+                F.cross_entropy(model(batch[0]), batch[1]).backward()
+    return run
+
+
+def _time(key, fn) -> float:
+    """Wall seconds of ``fn()`` (``key`` names the variant; a test's timer may use it)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(cfg: Config, model_name: str, setting: str, progress=None, timer=_time) -> list[Row]:
+    """All rows of one (model, setting): every backend x hyper_every against the same plain runs.
+    Variant keys: ("plain", backend, "foreach"|"fused"), ("t1", backend, 0) (T1T2 without hyper
+    steps), ("t1t2", backend, hyper_every), ("val_fb", backend, 0), ("train_fb", backend, 0)."""
+    noisy = setting == "noise"
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = batches(model_name, cfg.batch_size, 4, gen)
+    val = batches(model_name, cfg.batch_size, 4, gen)
+    torch.manual_seed(cfg.seed)
+    base = make_model(model_name, cfg.noise if noisy else None)
+    params = sum(p.numel() for p in base.parameters())
+
+    variants: dict[tuple, callable] = {}
+    for backend in cfg.backends:
+        noise_backend = "cpp" if backend == "cpp" else "reference"
+        for impl in ("foreach", "fused"):
+            m = copy.deepcopy(base)
+            _set_noise_backend(m, noise_backend)
+            variants[("plain", backend, impl)] = plain_epoch(m, _torch_optimizer(cfg, m, impl), train, cfg.steps)
+        # T1T2 with no hyper step inside the epoch: the T1 update against torch's
+        m = copy.deepcopy(base)
+        variants[("t1", backend, 0)] = t1t2_epoch(m, _t1t2(cfg, m, backend, 10**9), train, val, cfg.steps)
+        for h in cfg.hyper_every:
+            m = copy.deepcopy(base)
+            variants[("t1t2", backend, h)] = t1t2_epoch(m, _t1t2(cfg, m, backend, h), train, val, cfg.steps)
+        m = copy.deepcopy(base)
+        _set_noise_backend(m, noise_backend)
+        variants[("val_fb", backend, 0)] = fb_pass(m, val[0], noise=False)
+        if noisy:
+            variants[("train_fb", backend, 0)] = fb_pass(m, train[0], noise=True)
+
+    times: dict[tuple, list[float]] = {k: [] for k in variants}
+    for r in range(cfg.rounds + 1):   # round 0 warms up (allocations, first-call dispatch)
+        for key, fn in variants.items():
+            t = timer(key, fn)
+            if r:
+                times[key].append(t)
+            if progress is not None:
+                progress()
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    rows = []
+    for backend in cfg.backends:
+        impls = {impl: med[("plain", backend, impl)] / cfg.steps for impl in ("foreach", "fused")}
+        plain_impl = min(impls, key=impls.get)
+        plain = impls[plain_impl]
+        t1 = med[("t1", backend, 0)] / cfg.steps
+        floor_pass = med[("val_fb", backend, 0)] + (med[("train_fb", backend, 0)] if noisy else 0.0)
+        for h in cfg.hyper_every:
+            ours = med[("t1t2", backend, h)] / cfg.steps
+            rows.append(Row(model=model_name, params=params, setting=setting, backend=backend, hyper_every=h,
+                            plain_ms=1e3 * plain, t1t2_ms=1e3 * ours, overhead_pct=100 * (ours / plain - 1),
+                            floor_pct=100 * floor_pass / (h * plain), t1_only_pct=100 * (t1 / plain - 1),
+                            plain_impl=plain_impl,
+                            extra={"plain_foreach_ms": 1e3 * impls["foreach"], "plain_fused_ms": 1e3 * impls["fused"],
+                                   "val_fb_ms": 1e3 * med[("val_fb", backend, 0)],
+                                   "train_fb_ms": 1e3 * med[("train_fb", backend, 0)] if noisy else None}))
+    return rows
+
+
+def variants_per_measure(cfg: Config, setting: str) -> int:
+    per_backend = 2 + 1 + len(cfg.hyper_every) + 1 + (setting == "noise")
+    return len(cfg.backends) * per_backend * (cfg.rounds + 1)
+
+
+def run(cfg: Config, quiet: bool = True, timer=_time) -> list[Row]:
+    from .experiments import _progress
+
+    total = sum(variants_per_measure(cfg, s) for s in cfg.settings) * len(cfg.models)
+    bar = _progress(total, "overhead", quiet)
+    bar.unit = "epoch"
+    rows: list[Row] = []
+    try:
+        for model_name in cfg.models:
+            for setting in cfg.settings:
+                bar.set_postfix_str(f"{model_name} {setting}", refresh=True)
+                rows += measure(cfg, model_name, setting, progress=lambda: bar.update(1), timer=timer)
+    finally:
+        bar.close()
+    return rows
+
+
+def summary(rows: list[Row], cfg: Config) -> dict:
+    """The issue's targets, checked on the fused backend at hyper_every=10."""
+    out = {"targets": {}, "rows": len(rows)}
+    for setting in cfg.settings:
+        sel = [r for r in rows if r.backend == "cpp" and r.hyper_every == 10 and r.setting == setting]
+        if not sel:
+            continue
+        worst = max(r.overhead_pct for r in sel)
+        spread = worst - min(r.overhead_pct for r in sel)
+        out["targets"][setting] = {
+            "max_overhead_pct": worst, "spread_points": spread, "target_pct": TARGETS[setting],
+            "met_level": worst <= TARGETS[setting], "met_flat": spread <= SPREAD_TARGET,
+            "floor_pct": {r.model: r.floor_pct for r in sel},
+            "overhead_pct": {r.model: r.overhead_pct for r in sel},
+        }
+    return out
+
+
+def write_csv(path: str, rows: list[Row]) -> None:
+    from .experiments import write_csv as _write
+
+    header = ["model", "params", "setting", "backend", "hyper_every", "plain_ms_per_step", "plain_impl",
+              "t1t2_ms_per_step", "overhead_pct", "floor_pct", "t1_only_pct", "plain_foreach_ms", "plain_fused_ms",
+              "val_fb_ms", "train_fb_ms"]
+    _write(path, header, [[r.model, r.params, r.setting, r.backend, r.hyper_every, r.plain_ms, r.plain_impl,
+                           r.t1t2_ms, r.overhead_pct, r.floor_pct, r.t1_only_pct, r.extra["plain_foreach_ms"],
+                           r.extra["plain_fused_ms"], r.extra["val_fb_ms"],
+                           "" if r.extra["train_fb_ms"] is None else r.extra["train_fb_ms"]] for r in rows])
+
+
+def plot(path: str, rows: list[Row], cfg: Config, title: str) -> None:
+    """One panel per (setting, hyper_every): overhead % per model, a bar per backend, the floor
+    as a black tick on each bar and the target as a dashed line."""
+    from matplotlib.figure import Figure
+
+    panels = [(s, h) for s in cfg.settings for h in cfg.hyper_every]
+    fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    width = 0.8 / max(1, len(cfg.backends))
+    colors = {"cpp": "tab:blue", "reference": "tab:orange"}
+    for ax, (setting, h) in zip(axes, panels):
+        for b, backend in enumerate(cfg.backends):
+            sel = {r.model: r for r in rows if r.setting == setting and r.hyper_every == h and r.backend == backend}
+            xs = [i + (b - (len(cfg.backends) - 1) / 2) * width for i in range(len(cfg.models))]
+            vals = [sel[m].overhead_pct if m in sel else float("nan") for m in cfg.models]
+            ax.bar(xs, vals, width=width * 0.95, color=colors.get(backend, None), label=backend)
+            floors = [sel[m].floor_pct if m in sel else float("nan") for m in cfg.models]
+            ax.scatter(xs, floors, marker="_", s=300, color="black", zorder=3,
+                       label="floor (validation fwd/bwd" + (" + fd fwd/bwd)" if setting == "noise" else ")")
+                       if b == 0 else None)
+        if h == 10:
+            ax.axhline(TARGETS[setting], ls="--", color="gray", lw=1, label=f"target {TARGETS[setting]:.0f} %")
+        ax.set_xticks(range(len(cfg.models)), cfg.models)
+        ax.set_title(f"{setting}, hyper step every {h}")
+        ax.set_ylabel("overhead vs plain training (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
