@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from t1t2_fast import overhead as ov
 from t1t2_fast._extension import AVAILABLE
