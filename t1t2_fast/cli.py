@@ -802,8 +802,8 @@ def _csv_list(choices: tuple[str, ...] | None = None, kind=str):
 
 
 _MODEL_NAMES = ("mlp256", "mlp1024", "mlp4096", "cnn")
-OVERHEAD_FULL = {"steps": 50, "rounds": 5}
-OVERHEAD_SMALL = {"steps": 20, "rounds": 3}
+OVERHEAD_FULL = {"steps": 20, "rounds": 7}
+OVERHEAD_SMALL = {"steps": 10, "rounds": 3}
 
 
 def _add_overhead_command(sub) -> None:
@@ -823,9 +823,9 @@ def _add_overhead_command(sub) -> None:
     ov.add_argument("--settings", type=_csv_list(SETTINGS), default=SETTINGS, help="comma-separated")
     ov.add_argument("--backends", type=_csv_list(BACKENDS), default=BACKENDS, help="comma-separated")
     ov.add_argument("--hyper-every", type=_csv_list(kind=int), default=(10, 1), help="comma-separated")
-    ov.add_argument("--steps", type=positive_int, default=None, help="steps per timed epoch (default 20, --full 50)")
+    ov.add_argument("--steps", type=positive_int, default=None, help="steps per timed epoch (default 10, --full 20)")
     ov.add_argument("--rounds", type=positive_int, default=None,
-                    help="timed epochs per variant, median reported (default 3, --full 5)")
+                    help="timed epochs per variant, the median of per-round ratios reported (default 3, --full 7)")
     ov.add_argument("--batch-size", type=positive_int, default=128, help="training and validation batch size")
     ov.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                     help="the weights' optimizer (sgd: momentum 0.9, lr 0.01; adam: lr 1e-3)")

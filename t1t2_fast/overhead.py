@@ -20,8 +20,8 @@ weights), so the floor is those times (measured on their own in the same run) di
 ``hyper_every`` plain steps.
 
 Timing: every variant of a (model, setting) is run for one epoch of ``steps`` steps per round,
-variants interleaved within a round so that drift of a shared machine affects all alike; the
-figure is the median over rounds. The data are fixed random batches (MNIST-shaped), generated
+variants interleaved within a round so that drift of a shared machine affects all alike; each
+figure is the median over rounds of that round's ratio (T1-T2 epoch / plain epoch). The data are fixed random batches (MNIST-shaped), generated
 before timing: input pipelines are not what is measured.
 """
 from __future__ import annotations
@@ -48,8 +48,8 @@ class Config:
     settings: tuple = SETTINGS
     backends: tuple = BACKENDS
     hyper_every: tuple = (10, 1)
-    steps: int = 20           # steps per timed epoch
-    rounds: int = 3           # epochs timed per variant (median)
+    steps: int = 10           # steps per timed epoch
+    rounds: int = 3           # epochs timed per variant (median of per-round ratios)
     batch_size: int = 128     # training and validation batch
     optimizer: str = "sgd"
     lr: float = 0.01
@@ -149,17 +149,20 @@ def t1t2_epoch(model, opt, train, val, steps):
     return run
 
 
-def fb_pass(model, batch, noise: bool):
-    """One forward/backward on ``batch`` (noise on or off), gradients discarded: the floor's unit."""
+def fb_passes(model, batches, steps: int, noise: bool):
+    """``steps`` forward/backward passes (noise on or off), gradients discarded: the floor, timed
+    like an epoch."""
     from .noise import no_noise
 
     def run():
-        model.zero_grad(set_to_none=True)
-        if noise:
-            F.cross_entropy(model(batch[0]), batch[1]).backward()
-        else:
-            with no_noise():
-                F.cross_entropy(model(batch[0]), batch[1]).backward()
+        for k in range(steps):
+            xb, yb = batches[k % len(batches)]
+            model.zero_grad(set_to_none=True)
+            if noise:
+                F.cross_entropy(model(xb), yb).backward()
+            else:
+                with no_noise():
+                    F.cross_entropy(model(xb), yb).backward()
     return run
 
 
@@ -197,9 +200,9 @@ def measure(cfg: Config, model_name: str, setting: str, progress=None, timer=_ti
             variants[("t1t2", backend, h)] = t1t2_epoch(m, _t1t2(cfg, m, backend, h), train, val, cfg.steps)
         m = copy.deepcopy(base)
         _set_noise_backend(m, noise_backend)
-        variants[("val_fb", backend, 0)] = fb_pass(m, val[0], noise=False)
+        variants[("val_fb", backend, 0)] = fb_passes(m, val, cfg.steps, noise=False)
         if noisy:
-            variants[("train_fb", backend, 0)] = fb_pass(m, train[0], noise=True)
+            variants[("train_fb", backend, 0)] = fb_passes(m, train, cfg.steps, noise=True)
 
     times: dict[tuple, list[float]] = {k: [] for k in variants}
     for r in range(cfg.rounds + 1):   # round 0 warms up (allocations, first-call dispatch)
@@ -211,22 +214,31 @@ def measure(cfg: Config, model_name: str, setting: str, progress=None, timer=_ti
                 progress()
     med = {k: statistics.median(v) for k, v in times.items()}
 
+    def per_round(num, den, scale=1.0):
+        """Median over rounds of num_r / den_r: variants timed next to each other in one round see
+        the same machine, so their ratio is steadier than a ratio of medians."""
+        return statistics.median(scale * a / b for a, b in zip(num, den))
+
     rows = []
     for backend in cfg.backends:
-        impls = {impl: med[("plain", backend, impl)] / cfg.steps for impl in ("foreach", "fused")}
-        plain_impl = min(impls, key=impls.get)
-        plain = impls[plain_impl]
-        t1 = med[("t1", backend, 0)] / cfg.steps
-        floor_pass = med[("val_fb", backend, 0)] + (med[("train_fb", backend, 0)] if noisy else 0.0)
+        plain_impl = min(("foreach", "fused"), key=lambda impl: med[("plain", backend, impl)])
+        plain = times[("plain", backend, plain_impl)]
+        floor_epochs = [v + (t if noisy else 0.0) for v, t in
+                        zip(times[("val_fb", backend, 0)], times[("train_fb", backend, 0)] if noisy
+                            else times[("val_fb", backend, 0)])]
         for h in cfg.hyper_every:
-            ours = med[("t1t2", backend, h)] / cfg.steps
+            ours = times[("t1t2", backend, h)]
             rows.append(Row(model=model_name, params=params, setting=setting, backend=backend, hyper_every=h,
-                            plain_ms=1e3 * plain, t1t2_ms=1e3 * ours, overhead_pct=100 * (ours / plain - 1),
-                            floor_pct=100 * floor_pass / (h * plain), t1_only_pct=100 * (t1 / plain - 1),
+                            plain_ms=1e3 * med[("plain", backend, plain_impl)] / cfg.steps,
+                            t1t2_ms=1e3 * med[("t1t2", backend, h)] / cfg.steps,
+                            overhead_pct=100 * (per_round(ours, plain) - 1),
+                            floor_pct=100 * per_round(floor_epochs, plain, 1.0 / h),
+                            t1_only_pct=100 * (per_round(times[("t1", backend, 0)], plain) - 1),
                             plain_impl=plain_impl,
-                            extra={"plain_foreach_ms": 1e3 * impls["foreach"], "plain_fused_ms": 1e3 * impls["fused"],
-                                   "val_fb_ms": 1e3 * med[("val_fb", backend, 0)],
-                                   "train_fb_ms": 1e3 * med[("train_fb", backend, 0)] if noisy else None}))
+                            extra={f"plain_{impl}_ms": 1e3 * med[("plain", backend, impl)] / cfg.steps
+                                   for impl in ("foreach", "fused")} | {
+                                "val_fb_ms": 1e3 * med[("val_fb", backend, 0)] / cfg.steps,
+                                "train_fb_ms": 1e3 * med[("train_fb", backend, 0)] / cfg.steps if noisy else None}))
     return rows
 
 

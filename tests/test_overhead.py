@@ -44,8 +44,9 @@ def test_figures_follow_from_the_timed_epochs():
     assert by_h[10].plain_impl == "fused" and by_h[10].plain_ms == pytest.approx(1e3 * plain)
     assert by_h[10].overhead_pct == pytest.approx(100 * (0.5 / 0.4 - 1))
     assert by_h[1].overhead_pct == pytest.approx(100 * (1.2 / 0.4 - 1))
-    assert by_h[10].floor_pct == pytest.approx(100 * (0.05 + 0.07) / (10 * plain))
-    assert by_h[1].floor_pct == pytest.approx(100 * (0.05 + 0.07) / plain)
+    # the floor passes are timed as epochs of `steps` passes too: floor = their time / (h plain epochs)
+    assert by_h[10].floor_pct == pytest.approx(100 * (0.05 + 0.07) / (10 * 0.4))
+    assert by_h[1].floor_pct == pytest.approx(100 * (0.05 + 0.07) / 0.4)
     assert by_h[1].t1_only_pct == pytest.approx(100 * (0.42 / 0.4 - 1))
 
 
@@ -98,3 +99,19 @@ def test_cli_writes_table_plot_and_summary(tmp_path, capsys):
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert main(["overhead", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_overhead_is_the_median_of_per_round_ratios():
+    """A round where the whole machine was slow (both variants 3x) does not move the ratio."""
+    cfg = ov.Config(models=("mlp8",), settings=("penalties",), backends=("reference",), hyper_every=(10,), steps=2,
+                    rounds=3)
+    base = {"plain": 1.0, "t1": 1.0, "t1t2": 1.1, "val_fb": 0.1}
+    calls = {}
+
+    def timer(key, fn):
+        calls[key] = calls.get(key, 0) + 1
+        slow = 3.0 if calls[key] == 3 else 1.0  # the second timed round
+        return slow * base[key[0]]
+
+    (row,) = ov.measure(cfg, "mlp8", "penalties", timer=timer)
+    assert row.overhead_pct == pytest.approx(10.0) and row.floor_pct == pytest.approx(1.0)
