@@ -217,9 +217,13 @@ class _Differentiable(Runner):
 class Higher(_Differentiable):
     name = "higher"
 
-    def __init__(self, p, init, data):
+    def __init__(self, p, init, data, correct_eps: bool = True):
+        """``correct_eps=False`` runs higher's Adam as it comes (eps outside the bias correction):
+        the tests use it to show that the agreement check sees that difference."""
         super().__init__(p, init, data)
         import higher
+
+        self.correct_eps = correct_eps
 
         params = list(self.model.parameters())
         if p.optimizer == "sgd":
@@ -240,7 +244,7 @@ class Higher(_Differentiable):
         named = dict(zip(self.names, fm.fast_params))
         loss = F.cross_entropy(fm(xt), yt) + self.penalty(named)
         override = None
-        if self.p.optimizer == "adam":  # higher: eps/√(1−β2ᵗ) in PyTorch's form; make it eps
+        if self.p.optimizer == "adam" and self.correct_eps:  # higher: eps/√(1−β2ᵗ) in PyTorch's form; make it eps
             self.adam_steps += 1
             override = {"eps": [self.p.eps * math.sqrt(1 - self.p.betas[1] ** self.adam_steps)]}
         self.diffopt.step(loss, override=override)
@@ -440,55 +444,67 @@ def _allocations(prof) -> list[tuple[int, int]]:
     return out
 
 
-def _windows(prof, name: str) -> list[tuple[int, int]]:
-    out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+def _windows(prof, prefix: str) -> dict[str, tuple[int, int]]:
+    """{name: (start ns, end ns)} of the record_function ranges whose name starts with ``prefix``."""
+    out, stack = {}, list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
-        if node.name == name:
-            out.append((node.start_time_ns, node.end_time_ns))
+        if node.name.startswith(prefix):
+            out[node.name] = (node.start_time_ns, node.end_time_ns)
         stack.extend(node.children)
-    return sorted(out)
+    return out
 
 
 MEMORY_METHOD = (
-    "torch.profiler(profile_memory=True) allocation events of torch's CPU allocator, recorded from "
-    "before the method builds its model copy and optimizer to the end of its second hyper iteration; "
-    "peak MB = the largest running total of bytes torch had allocated and not freed (model, optimizer "
-    "state, stash, autograd graphs, temporaries) during that second, steady-state iteration. The "
-    "shared initial weights and data batches (made before) are not counted; memory outside torch's "
-    "allocator (Python objects, the allocator's own caching/fragmentation) is not seen.")
+    "torch.profiler(profile_memory=True) allocation events of torch's CPU allocator. Per method: the "
+    "running total of bytes allocated and not yet freed, counted from just before the method builds its "
+    "model copy and optimizer; peak MB = its largest value during the method's second hyper iteration "
+    "(the first one creates the optimizer state). So it counts everything the method holds or creates "
+    "(weights, optimizer state, stash, gradients, autograd graphs, temporaries), not the shared initial "
+    "weights and data batches made before, nor memory outside torch's allocator (Python objects, the C "
+    "allocator's caching and fragmentation).")
 
 
-def peak_memory(p: Problem, method: str, init: dict, data: Batches, warmup: int = 1) -> float:
-    """Peak bytes (see ``MEMORY_METHOD``) of one steady-state hyper iteration of ``method``."""
+def peak_memories(p: Problem, methods: list[str], init: dict, data: Batches, warmup: int = 1) -> dict[str, float]:
+    """{method: peak bytes} (see ``MEMORY_METHOD``), the methods one after another in one profile."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     gc.collect()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the profiler's notes about missing CUDA/kineto features
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            runner = make_runner(method, p, init, data)
-            for _ in range(warmup):
-                runner.iteration()
-            with record_function("peers::measured"):
-                runner.iteration()
-            del runner
-            gc.collect()
+            for m in methods:
+                with record_function(f"peers::method::{m}"):
+                    runner = make_runner(m, p, init, data)
+                    for _ in range(warmup):
+                        runner.iteration()
+                    with record_function(f"peers::measured::{m}"):
+                        runner.iteration()
+                    del runner
+                    gc.collect()
     events = _allocations(prof)
-    windows = _windows(prof, "peers::measured")
-    if not windows:
-        raise RuntimeError("the profiler recorded no measured window")
-    start, end = windows[-1]
-    live, peak = 0, None
-    for t, size in events:
-        if t > end:
-            break
-        live += size
-        if t >= start:
-            peak = live if peak is None else max(peak, live)
-        else:
-            peak = live  # the total at the window's start
-    return float(peak or 0)
+    windows = _windows(prof, "peers::")
+    out = {}
+    for m in methods:
+        (setup, _), (start, end) = windows[f"peers::method::{m}"], windows[f"peers::measured::{m}"]
+        live, base, peak = 0, 0, 0
+        for t, size in events:
+            if t > end:
+                break
+            live += size
+            if t < setup:
+                base = live  # the total before this method allocated anything
+            if t < start:
+                peak = live  # the total when the measured iteration begins
+            else:
+                peak = max(peak, live)
+        out[m] = float(peak - base)
+    return out
+
+
+def peak_memory(p: Problem, method: str, init: dict, data: Batches, warmup: int = 1) -> float:
+    """Peak bytes of one steady-state hyper iteration of ``method`` (see ``MEMORY_METHOD``)."""
+    return peak_memories(p, [method], init, data, warmup)[method]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,11 +551,12 @@ def run_experiment(widths, optimizers, methods, repeats: int, warmup: int = 2, b
             timing = time_methods(p, methods, repeats=repeats, warmup=warmup)
             init, data = make_inputs(p)
             params = sum(t.numel() for t in init.values())
+            peaks = peak_memories(p, methods, init, data)
             for m in methods:
                 t = timing[m]
                 rows.append({"method": m, "optimizer": opt, "width": w, "params": params,
                              "median_ms": t["median_ms"], "min_ms": t["min_ms"], "max_ms": t["max_ms"],
-                             "peak_mb": peak_memory(p, m, init, data) / 2 ** 20, "rel_diff_vs_ours": t["rel_diff"]})
+                             "peak_mb": peaks[m] / 2 ** 20, "rel_diff_vs_ours": t["rel_diff"]})
             del init, data
             gc.collect()
             if progress:
