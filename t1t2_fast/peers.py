@@ -639,7 +639,7 @@ def plot(path: str, rows: list[dict], methods: list[str], title: str) -> None:
     axes = fig.subplots(len(opts), 2, squeeze=False)
     for i, opt in enumerate(opts):
         for j, (key, label) in enumerate((("median_ms", "median time of a hyper iteration (ms)"),
-                                          ("peak_mb", "peak memory (MB, torch allocations)"))):
+                                          ("peak_mb", "peak memory (MB = 2^20 bytes, torch allocations)"))):
             ax = axes[i][j]
             for m in methods:
                 pts = sorted((r["width"], r[key]) for r in rows if r["optimizer"] == opt and r["method"] == m)
@@ -649,6 +649,9 @@ def plot(path: str, rows: list[dict], methods: list[str], title: str) -> None:
                 name = f"{m} (plain training step)" if m == PLAIN else m
                 ax.plot(*zip(*pts), ls=ls, marker=marker, color=color, label=name, lw=1.6)
             ax.set_xscale("log", base=2)
+            widths = sorted({r["width"] for r in rows})
+            ax.set_xticks(widths, [str(w) for w in widths])
+            ax.minorticks_off()
             ax.set_yscale("log")
             ax.set_xlabel("hidden width w (MLP 784-w-w-10)")
             ax.set_ylabel(label)
