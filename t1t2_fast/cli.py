@@ -238,6 +238,67 @@ def _add_experiment_commands(sub) -> None:
                     "(after). Writes compare.csv, compare.png, summary.json and prints the table.")
     cp.add_argument("--runs", type=positive_int, default=None, help="random starts (default 10, --full 20)")
     cp.set_defaults(func=cmd_compare)
+    _add_peers_command(sub)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """'256,1024' -> (256, 1024): positive integers, duplicates dropped, order kept."""
+    try:
+        values = tuple(dict.fromkeys(int(t) for t in text.split(",") if t.strip()))
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _peer_list(text: str) -> tuple[str, ...]:
+    from .peers import PEERS
+
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names or any(n not in PEERS for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(PEERS)}, got {text!r}")
+    return names
+
+
+# `t1t2 peers` defaults, and --full's; explicit flags still win.
+PEERS_SMALL = {"widths": (256, 1024, 2048, 4096), "repeats": 7}
+PEERS_FULL = {"widths": (256, 512, 1024, 2048, 4096, 8192), "repeats": 20}
+
+
+def _add_peers_command(sub) -> None:
+    """`peers` (issue 6 experiment 5); its code is in peers.py."""
+    pe = sub.add_parser(
+        "peers", formatter_class=_HelpFormatter,
+        help="our one-step hypergradient vs higher and torchopt: agreement, time and peak memory",
+        description="Compute the same one-step hypergradient of per-layer L2 penalties (MLP 784-w-w-10, "
+                    "synthetic data, train and validation batches of --batch-size) with T1T2 (compiled and "
+                    "reference backends), higher's differentiable optimizers and torchopt's MetaSGD/MetaAdam "
+                    "(pure-Python path). Checks that they agree in float64, times one hyper iteration (T1 "
+                    "step + hypergradient) per method and width, and measures its peak memory. Writes "
+                    "peers.csv, peers.md, peers.png, summary.json. Needs the peers: "
+                    "`pip install t1t2_fast[experiments]`; a missing one is skipped with a warning.")
+    pe.add_argument("--widths", type=_int_list, default=None,
+                    help="hidden widths, comma-separated (default 256,1024,2048,4096; --full 256..8192)")
+    pe.add_argument("--optimizer", choices=("sgd", "adam", "both"), default="both",
+                    help="T1 optimizer: sgd (momentum 0.9, lr 0.05) or adam (lr 1e-3)")
+    pe.add_argument("--repeats", type=positive_int, default=None,
+                    help="timed hyper iterations per method and width; the median is reported (default 7, --full 20)")
+    pe.add_argument("--warmup", type=nonneg_int, default=2, help="untimed hyper iterations first")
+    pe.add_argument("--batch-size", type=positive_int, default=128, help="training and validation batch size")
+    pe.add_argument("--per", choices=("layer", "network"), default="layer",
+                    help="one L2 coefficient per weight matrix, or one for the network")
+    pe.add_argument("--peers", type=_peer_list, default=("higher", "torchopt"),
+                    help="which peers to run (comma-separated subset of higher,torchopt)")
+    pe.add_argument("--agree-width", type=positive_int, default=256,
+                    help="width of the float64 agreement check (and the float32 accuracy check)")
+    pe.add_argument("--agree-steps", type=positive_int, default=4, help="hyper iterations compared there")
+    pe.add_argument("--seed", type=nonneg_int, default=0, help="seeds the weights and the synthetic data")
+    pe.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
+    pe.add_argument("--full", action="store_true", help="more widths and repeats (see their defaults)")
+    pe.add_argument("--out", default=None, help="output folder (default: runs/peers-<time>)")
+    pe.add_argument("--quiet", action="store_true", help="no per-width progress lines")
+    pe.set_defaults(func=cmd_peers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +462,126 @@ def _compare(args, data, cfg, out, t0) -> dict[str, str]:
           f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
           f"worse {s['worse']} of {s['runs']}")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# peers
+# ---------------------------------------------------------------------------------------------
+def cmd_peers(args) -> int:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _peers(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _peers(args) -> int:
+    import torch
+
+    from . import peers as pe
+
+    t0 = time.perf_counter()
+    for key, value in (PEERS_FULL if args.full else PEERS_SMALL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    found, missing = pe.available_peers(args.peers)
+    if not found:
+        detail = "; ".join(f"{n}: {why}" for n, why in missing.items())
+        print(f"t1t2 peers: error: the peers are not installed ({detail}); install them with "
+              f"`{pe.INSTALL_HINT}` (or `pip install higher torchopt`)", file=sys.stderr)
+        return 1
+    for name, why in missing.items():  # one of two missing: still a useful comparison
+        print(f"t1t2 peers: warning: skipping {name}, which does not import ({why}); "
+              f"`{pe.INSTALL_HINT}` installs it", file=sys.stderr)
+    compiled = pe.compiled_available()
+    if not compiled:
+        print("t1t2 peers: warning: the compiled extension is not built; 'ours' is the reference backend",
+              file=sys.stderr)
+    methods = ([] if not compiled else ["ours-cpp"]) + ["ours-reference"] + found + [pe.PLAIN]
+    optimizers = list(pe.OPTIMIZERS) if args.optimizer == "both" else [args.optimizer]
+    torchopt_path = None
+    if "torchopt" in found:
+        torchopt_path = ("pure-Python (use_accelerated_op=False); torchopt._C "
+                         + ("loads" if pe.torchopt_c_loads() else "does not load against this torch"))
+    out = args.out or _timestamped(os.path.join("runs", "peers"))
+    os.makedirs(out, exist_ok=True)
+    if not args.quiet:
+        print(f"MLP 784-w-w-10, widths {','.join(map(str, args.widths))}, batch {args.batch_size}, per-{args.per} L2; "
+              f"methods {', '.join(methods)}; {args.repeats} timed + {args.warmup} warm-up hyper iterations "
+              f"each, {torch.get_num_threads()} thread(s)")
+        if torchopt_path:
+            print(f"torchopt path: {torchopt_path}")
+
+    def progress(opt, width, rows):
+        if not args.quiet:
+            cells = "  ".join(f"{r['method']} {r['median_ms']:.1f} ms {r['peak_mb']:.1f} MB" for r in rows)
+            print(f"  {opt} width {width}: {cells}", flush=True)
+
+    result = pe.run_experiment(args.widths, optimizers, methods, repeats=args.repeats, warmup=args.warmup,
+                               batch=args.batch_size, per=args.per, seed=args.seed, agree_width=args.agree_width,
+                               agree_steps=args.agree_steps, progress=progress)
+    rows, agree, verdict = result["rows"], result["agreement"], result["verdict"]
+    paths = {k: os.path.join(out, f) for k, f in (("table", "peers.csv"), ("markdown", "peers.md"),
+                                                   ("plot", "peers.png"), ("summary", "summary.json"))}
+    pe.write_csv(paths["table"], rows)
+    with open(paths["markdown"], "w") as f:
+        f.write(pe.markdown_table(rows, methods))
+    pe.plot(paths["plot"], rows, methods, title=(
+        f"one hyper iteration (T1 step + one-step hypergradient of per-{args.per} L2), MLP 784-w-w-10, batch "
+        f"{args.batch_size}, float32, {torch.get_num_threads()} thread(s); median of {args.repeats}"))
+    config = dict(vars(args))
+    config.pop("func", None)
+    summary = {"verdict": verdict, "agreement": agree, "rows": rows, "methods": methods,
+               "skipped_peers": missing, "torchopt_path": torchopt_path, "memory_method": pe.MEMORY_METHOD,
+               "targets": {"speedup_at_least": pe.SPEED_TARGET, "memory_ratio_at_most": pe.MEMORY_TARGET},
+               "config": config, "versions": _peer_versions(found), "wall_time_s": time.perf_counter() - t0}
+    with open(paths["summary"], "w") as f:
+        json.dump(_strict_json(summary), f, indent=2, allow_nan=False)
+        f.write("\n")
+
+    _print_peers(rows, methods, agree, verdict, args)
+    print(f"run time {time.perf_counter() - t0:.1f} s")
+    print("wrote " + "\n      ".join(paths.values()))
+    return 0 if all(a["passed"] for a in agree.values()) else 1
+
+
+def _peer_versions(found) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for name in found:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "?"
+    return out
+
+
+def _print_peers(rows, methods, agree, verdict, args) -> None:
+    print(f"{'optimizer':<9} {'width':>5} {'params':>8}  {'method':<15} {'median ms':>10} {'peak MB':>9} "
+          f"{'rel diff vs ours':>17}")
+    for r in rows:
+        diff = "" if r["rel_diff_vs_ours"] is None else f"{r['rel_diff_vs_ours']:.1e}"
+        print(f"{r['optimizer']:<9} {r['width']:>5} {r['params'] / 1e6:>7.2f}M  {r['method']:<15} "
+              f"{r['median_ms']:>10.2f} {r['peak_mb']:>9.1f} {diff:>17}")
+    print("(rel diff vs ours: max over the first two hyper iterations of max|h - h_ours| / max|h_ours|, float32)")
+    for opt, a in agree.items():
+        worst = ", ".join(f"{m} {d:.1e}" for m, d in a["float64_max_rel_diff"].items() if m != a["reference"])
+        f32 = ", ".join(f"{m} {max(d):.1e}" for m, d in a["float32_error_vs_float64"].items())
+        print(f"agreement {opt}, float64, width {args.agree_width}, {args.agree_steps} hyper iterations, vs "
+              f"{a['reference']}: {worst} -> {'PASS' if a['passed'] else 'FAIL'} (bound 1e-08); float32 error vs "
+              f"the float64 answer: {f32}")
+    for opt, v in verdict.items():
+        print(f"{opt}, width {v['width']}: {v['ours']} {v['ours_ms']:.1f} ms, {v['ours_mb']:.1f} MB; fastest peer "
+              f"{v['fastest_peer']} {v['peer_ms']:.1f} ms, {v['peer_mb']:.1f} MB -> {v['speedup']:.2f}x faster "
+              f"(target >= 3x: {'met' if v['speed_target_met'] else 'missed'}), {v['memory_ratio']:.2f}x its memory "
+              f"(target <= 0.5x: {'met' if v['memory_target_met'] else 'missed'})"
+              + (f"; a plain training step takes {v['plain_step_ms']:.1f} ms" if "plain_step_ms" in v else ""))
 
 
 # ---------------------------------------------------------------------------------------------
