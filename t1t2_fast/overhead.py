@@ -173,6 +173,18 @@ def _time(key, fn) -> float:
     return time.perf_counter() - t0
 
 
+def _cpu_time(key, fn) -> float:
+    """CPU seconds of this process during ``fn()``: with one torch thread this is the wall time the
+    epoch would take on an idle machine, and it does not count time other processes took the core
+    (it still feels their cache and memory-bandwidth pressure)."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+CLOCKS = {"wall": _time, "process": _cpu_time}
+
+
 def measure(cfg: Config, model_name: str, setting: str, progress=None, timer=_time) -> list[Row]:
     """All rows of one (model, setting): every backend x hyper_every against the same plain runs.
     Variant keys: ("plain", backend, "foreach"|"fused"), ("t1", backend, 0) (T1T2 without hyper

@@ -74,7 +74,7 @@ def test_variants_do_the_work_they_are_named_for():
 def test_cli_writes_table_plot_and_summary(tmp_path, capsys):
     backends = "cpp,reference" if AVAILABLE else "reference"
     rc = main(["overhead", "--models", "mlp8,cnn", "--backends", backends, "--hyper-every", "2,1", "--steps", "2",
-               "--rounds", "1", "--batch-size", "8", "--quiet", "--out", str(tmp_path)])
+               "--rounds", "1", "--batch-size", "8", "--clock", "process", "--quiet", "--out", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     with open(tmp_path / "overhead.csv", newline="") as f:
@@ -95,6 +95,7 @@ def test_cli_writes_table_plot_and_summary(tmp_path, capsys):
     (["--models", "resnet"], "'resnet' is not one of"),
     (["--hyper-every", "0"], "expected positive integers"),
     (["--backends", "cuda"], "'cuda' is not one of"),
+    (["--clock", "process", "--threads", "2"], "use it with --threads 1"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     assert main(["overhead", *argv]) == 2
