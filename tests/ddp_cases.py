@@ -103,12 +103,12 @@ def reference(case: str, world: int) -> dict:
     return snapshot(model, opt)
 
 
-def run_rank(case: str, rank: int, world: int) -> dict:
+def run_rank(case: str, rank: int, world: int, **kw) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     inner = make_model(CASES[case][1])
     model = DDP(inner)
-    opt = make_opt(model, case)
+    opt = make_opt(model, case, **kw)
     for x, y, xv, yv in batches():
         xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
         opt.step(lambda: F.cross_entropy(model(xs), ys))
@@ -148,6 +148,8 @@ def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
         if mode == "equivalence":
             result = {case: run_rank(case, rank, world) for case in CASES}
             result["drift"] = drift(rank, world)
+            # each rank's own v in the noise hypergradient: no parameter-sized all-reduce
+            result["local-noise"] = run_rank("momentum-noise-fd", rank, world, distributed_noise="local")
             torch.save(result, out)
             return 0
         # mode "hang": rank 1 raises in its validation closure at the 3rd hyper step and, instead of
