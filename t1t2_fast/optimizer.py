@@ -45,6 +45,16 @@ class T1T2(torch.optim.Optimizer):
     ``step(closure)`` does one training step with the penalty gradients added to the data gradient;
     after a step where ``hyper_due`` is true, ``hyper_step(val_closure)`` differentiates the
     validation loss through that step and updates the hyperparameters. See DESIGN.md §2-3.
+
+    Across processes (``t1t2_fast.distributed``): ``model`` may be a ``DistributedDataParallel``
+    wrapper (hyperparameters are named after the module inside it). ``process_group`` None reduces
+    over the wrapper's group, or over none for a plain module; an explicit group is used as given.
+    Each rank then calls ``step``/``hyper_step`` with its own shards; ``hyper_step`` averages the
+    ranks' hypergradients (one small all-reduce, which also checks that λ agrees on every rank).
+    ``distributed_noise``: "exact" (default) averages the validation gradient first when the model
+    has noise hyperparameters, whose hypergradient is bilinear in it and the training shard, so the
+    result is the one-process value; "local" uses each rank's own (unbiased, only the small vector
+    is sent).
     """
 
     def __init__(self, model: nn.Module, penalties: Iterable[Penalty] = (), *, optimizer: str = "sgd",
