@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: runs/<name>, or runs/<dataset>-<timestamp>)")
     g.add_argument("--name", default=None, help="run name for the default output folder")
     g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final summary")
+    g.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits in a collective for the others before it "
+                        "fails (a rank that died or hangs does not block the rest forever)")
     tr.set_defaults(func=cmd_train)
     _add_experiment_commands(sub)
     _add_overhead_command(sub)
@@ -678,18 +681,60 @@ def _json_value(value):
     return out
 
 
+class _Dist:
+    """The process group of a `torchrun ... train` run: rank, world size, local rank."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+
+
+def _torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when started by torchrun (its RANK / WORLD_SIZE / LOCAL_RANK
+    variables), else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+    except ValueError:
+        raise UsageError("RANK / WORLD_SIZE / LOCAL_RANK must be integers (as torchrun sets them)") from None
+    return rank, world, local
+
+
 def cmd_train(args) -> int:
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    env = _torchrun_env()
     try:
-        return _train(args)
+        if env is None:
+            return _train(args)
+        # torchrun: one process per rank; gloo on CPU, nccl on CUDA (DESIGN-wise nothing else changes)
+        import torch.distributed as dist
+
+        rank, world, local = env
+        backend = "nccl" if torch.device(args.device).type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=_dt.timedelta(seconds=args.dist_timeout))
+        try:
+            status = _train(args, _Dist(rank, world, local))
+            dist.barrier()  # leave together: no rank tears its connections down while rank 0 still writes
+            return status
+        finally:
+            dist.destroy_process_group()
     finally:  # main() may be called in-process (tests, notebooks): leave torch as we found it
         torch.set_num_threads(threads)
 
 
-def _train(args) -> int:
+def _train(args, ddp: _Dist | None = None) -> int:
+    """One `train` run; with ``ddp``, this process is one rank of a torchrun job: the model is
+    wrapped in DistributedDataParallel, every global batch (the same one a single process would
+    draw) is split into equal disjoint shards, one per rank, and only rank 0 evaluates, prints and
+    writes."""
+    main_rank = ddp is None or ddp.rank == 0
+    if not main_rank:
+        args.quiet = True
     t_start = time.perf_counter()
     if args.l1 == 0:  # --l1 0 means no L1, like --l2 0
         args.l1 = None
@@ -708,6 +753,9 @@ def _train(args) -> int:
 
     try:
         device = torch.device(args.device)
+        if ddp is not None and device.type == "cuda":  # one GPU per rank
+            device = torch.device("cuda", ddp.local_rank)
+            torch.cuda.set_device(device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
         raise UsageError(f"--device {args.device!r} is not usable here: {exc}") from None
@@ -729,12 +777,21 @@ def _train(args) -> int:
     steps_per_epoch = math.ceil(n_train / batch)
     total_steps = args.steps if args.steps is not None else (args.epochs or 100) * steps_per_epoch
     log_every = args.log_every or max(1, total_steps // 200)
+    world = 1 if ddp is None else ddp.world_size
+    if world > 1 and min(batch, val_batch) < world:
+        raise UsageError(f"--batch-size {batch} and the validation batch size {val_batch} must be at least the "
+                         f"number of processes ({world}): every rank takes an equal share of each batch")
 
     _seed_everything(args.seed)
     if "hidden" in args.noise and args.depth == 0:
         raise UsageError("--noise hidden needs hidden layers (--depth >= 1)")
     model = make_mlp(data.num_features, data.num_classes, args.width, args.depth, noise=args.noise,
                      noise_init=args.noise_init, noise_per=args.noise_per, noise_mode=args.noise_mode).to(device)
+    net = model  # the module itself: evaluation and names; `model` is what the training closures call
+    if ddp is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     penalties = []
     if args.l2 > 0:
         penalties.append(t1t2.L2(args.l2, per=args.per, decoupled=args.decoupled))
@@ -754,11 +811,15 @@ def _train(args) -> int:
     tuning = bool(opt.hyperparameters())
 
     out = args.out or _default_out(args)
-    os.makedirs(out, exist_ok=True)
+    if main_rank:
+        os.makedirs(out, exist_ok=True)
     paths = {k: os.path.join(out, f) for k, f in
              (("log", "log.csv"), ("metrics", "metrics.json"), ("plot", "trajectories.png"))}
 
     if not args.quiet:
+        if ddp is not None:
+            print(f"distributed: {world} processes ({torch.distributed.get_backend()}), each takes 1/{world} "
+                  f"of every batch")
         print(f"{data.describe()}; MLP {data.num_features}-{'-'.join([str(args.width)] * args.depth)}"
               f"{'-' if args.depth else ''}{data.num_classes}; {total_steps} steps "
               f"({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), backend {backend_name}")
@@ -779,9 +840,9 @@ def _train(args) -> int:
 
     @torch.no_grad()
     def evaluate(x, y):
-        model.eval()
-        logits = model(x)
-        model.train()
+        net.eval()
+        logits = net(x)
+        net.train()
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
 
     hyper_names = list(opt.hyperparameters())
@@ -805,22 +866,37 @@ def _train(args) -> int:
 
     bar = tqdm(total=total_steps, disable=args.quiet, dynamic_ncols=True, file=sys.stderr, unit="step",
                desc=f"train {args.dataset}", leave=True)
-    record(0)
+    def shard_loss(x, y, idx):
+        """The training or validation loss of the global batch ``idx`` as this process sees it: the
+        mean cross-entropy, or under torchrun this rank's share of the sum scaled by world / batch,
+        so that DDP's mean over the ranks (and T2's) is the whole batch's mean, shards equal or not."""
+        if ddp is None:
+            return lambda: F.cross_entropy(model(x[idx]), y[idx])
+        part = idx.tensor_split(world)[ddp.rank]
+        xs, ys, scale = x[part], y[part], world / len(idx)
+        return lambda: F.cross_entropy(model(xs), ys, reduction="sum") * scale
+
+    def global_loss(loss):
+        """The whole batch's training loss on every rank (so all stop together on divergence)."""
+        if ddp is None:
+            return loss
+        total = loss.detach().to(torch.float64).reshape(1)
+        torch.distributed.all_reduce(total)
+        return total[0] / world
+
+    if main_rank:
+        record(0)
     model.train()
     diverged = None
     t_train = time.perf_counter()
     try:
         for step in range(1, total_steps + 1):
-            idx = next(train_batches)
-            xb, yb = train_x[idx], train_y[idx]
-            loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
+            loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches))))
             if tuning and opt.hyper_due:
-                vidx = next(val_batches)
-                xv, yv = val_x[vidx], val_y[vidx]
-                opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+                opt.hyper_step(shard_loss(val_x, val_y, next(val_batches)))
             if not math.isfinite(float(loss)):
                 diverged = step
-            if step % log_every == 0 or step == total_steps or diverged:
+            if main_rank and (step % log_every == 0 or step == total_steps or diverged):
                 tl, vl, hp = record(step)
                 bar.set_postfix_str(f"loss {tl:.3f} val {vl:.3f} {_compact_hypers(hp)}", refresh=False)
             bar.update(1)
@@ -829,6 +905,8 @@ def _train(args) -> int:
     finally:
         bar.close()
     train_time = time.perf_counter() - t_train
+    if not main_rank:  # rank 0 evaluates, writes and reports
+        return 1 if diverged else 0
 
     test_loss, test_acc = evaluate(test_x, test_y)
     val_loss, val_acc = evaluate(val_x, val_y)
@@ -858,6 +936,7 @@ def _train(args) -> int:
         "hyperparameters": {n: _json_value(v) for n, v in final.items()},
         "initial_hyperparameters": {n: _json_value(v) for n, v in initial.items()},
         "steps_done": rows[-1][0], "hyper_steps": int(getattr(opt, "hyper_steps", 0)),
+        "world_size": world, "hyper_comm_bytes": int(getattr(opt, "comm_bytes", 0)),
         "diverged_at_step": diverged,
         "train_time_s": train_time, "wall_time_s": wall,
         "dataset": {"name": data.name, "train": n_train, "val": n_val, "test": len(data.test),

@@ -30,7 +30,6 @@ from torch import nn
 
 from .hyper import Hyperparameter
 from .noise import GaussianNoise, no_noise
-from .rng import noise_key
 
 NOISE_HYPERGRAD_MODES = ("fd", "fd-central", "exact")
 
@@ -43,14 +42,17 @@ class NoiseBinding:
     module: GaussianNoise
 
 
-def bind_noise(model: nn.Module, seed: int, backend: str) -> list[NoiseBinding]:
+def bind_noise(model: nn.Module, seed: int, backend: str, rank: int = 0) -> list[NoiseBinding]:
     """The model's GaussianNoise modules as hyperparameters ``noise.<module name>``. The raw tensor
     is the module's own buffer, so the hyper-optimizer's in-place updates reach the module. A
-    module left at backend="auto" runs its noise op on the optimizer's backend."""
+    module left at backend="auto" runs its noise op on the optimizer's backend. ``rank``: the
+    process's rank, folded into the modules' keys (distributed.module_seed) so ranks draw their own ε."""
+    from .distributed import module_seed
+
     out = []
     for name, module in model.named_modules():
         if isinstance(module, GaussianNoise):
-            module.seed = noise_key(seed, len(out))  # keyed by its position among the noise modules
+            module.seed = module_seed(seed, len(out), rank)  # keyed by its position among the noise modules
             hyper = Hyperparameter(f"noise.{name}" if name else "noise", "noise", False, module.transform,
                                    module.raw, tuple(module.bounds), [])
             out.append(NoiseBinding(hyper, module))

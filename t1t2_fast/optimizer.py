@@ -11,7 +11,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from . import noise_hyper, reference
+from . import distributed, noise_hyper, reference
 from .backend import Backend, resolve_backend
 from .hyper import Hyperparameter, Penalty, bind_penalties
 from .steps import penalty_hypergrads, reused_buffer, t1_step
@@ -45,6 +45,16 @@ class T1T2(torch.optim.Optimizer):
     ``step(closure)`` does one training step with the penalty gradients added to the data gradient;
     after a step where ``hyper_due`` is true, ``hyper_step(val_closure)`` differentiates the
     validation loss through that step and updates the hyperparameters. See DESIGN.md §2-3.
+
+    Across processes (``t1t2_fast.distributed``): ``model`` may be a ``DistributedDataParallel``
+    wrapper (hyperparameters are named after the module inside it). ``process_group`` None reduces
+    over the wrapper's group, or over none for a plain module; an explicit group is used as given.
+    Each rank then calls ``step``/``hyper_step`` with its own shards; ``hyper_step`` averages the
+    ranks' hypergradients (one small all-reduce, which also checks that λ agrees on every rank).
+    ``distributed_noise``: "exact" (default) averages the validation gradient first when the model
+    has noise hyperparameters, whose hypergradient is bilinear in it and the training shard, so the
+    result is the one-process value; "local" uses each rank's own (unbiased, only the small vector
+    is sent).
     """
 
     def __init__(self, model: nn.Module, penalties: Iterable[Penalty] = (), *, optimizer: str = "sgd",
@@ -53,7 +63,8 @@ class T1T2(torch.optim.Optimizer):
                  hyper_optimizer: str = "adam", hyper_lr: float = 1e-3,
                  hyper_betas: tuple[float, float] = (0.9, 0.999), hyper_eps: float = 1e-8,
                  hyper_every: int = 1, hypergrad: str = "exact", noise_hypergrad: str = "fd",
-                 fd_eps: float = 1e-3, backend: str = "auto", seed: int = 0):
+                 fd_eps: float = 1e-3, backend: str = "auto", seed: int = 0, process_group=None,
+                 distributed_noise: str = "exact"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -61,6 +72,7 @@ class T1T2(torch.optim.Optimizer):
         _check_choice("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS)
         _check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
         _check_choice("noise_hypergrad", noise_hypergrad, noise_hyper.NOISE_HYPERGRAD_MODES)
+        _check_choice("distributed_noise", distributed_noise, distributed.DISTRIBUTED_NOISE)
         if not (fd_eps > 0 and math.isfinite(fd_eps)):
             raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
         if not (lr >= 0 and math.isfinite(lr)):
@@ -74,7 +86,9 @@ class T1T2(torch.optim.Optimizer):
         if int(hyper_every) != hyper_every or hyper_every < 1:
             raise ValueError(f"hyper_every must be a positive integer, got {hyper_every!r}")
 
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # A DistributedDataParallel model: names (and noise modules) from the module inside it
+        inner, self._ddp = distributed.unwrap(model)
+        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters")
         dtypes = {p.dtype for _, p in named}
@@ -110,8 +124,13 @@ class T1T2(torch.optim.Optimizer):
         self.last_hypergrad: dict[str, torch.Tensor] = {}
         # Noise hyperparameters: the model's GaussianNoise modules (DESIGN.md §2).
         self.noise_hypergrad_mode, self.fd_eps = noise_hypergrad, float(fd_eps)
-        self._model = model
-        self._noise = noise_hyper.bind_noise(model, self.seed, self.backend.name)
+        self._model = inner
+        # Across processes: the group T2 all-reduces its hypergradients over (DDP averages T1's gradients)
+        group = distributed.resolve_group(self._ddp, process_group)
+        self._dist = distributed.Reducer(group) if group is not None else None
+        self.distributed_noise = distributed_noise
+        rank = self._dist.rank if self._dist is not None else 0
+        self._noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
         self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
         self._prepare_noise()
 
@@ -124,6 +143,17 @@ class T1T2(torch.optim.Optimizer):
     def hyper_due(self) -> bool:
         """True right after a T1 step whose stash a ``hyper_step`` can use."""
         return self._stash is not None
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes the hyper steps reduce over (1 without a process group)."""
+        return 1 if self._dist is None else self._dist.world_size
+
+    @property
+    def comm_bytes(self) -> int:
+        """Bytes of tensors all-reduced by this optimizer's hyper steps so far (payload sizes; DDP's own
+        gradient all-reduce in the T1 backward is not counted). 0 without a process group."""
+        return 0 if self._dist is None else self._dist.comm_bytes
 
     @property
     def all_hypers(self) -> list[Hyperparameter]:
@@ -212,7 +242,9 @@ class T1T2(torch.optim.Optimizer):
                                    "training loss: call step(closure), or pass it here as "
                                    "hyper_step(val_closure, train=train_closure)")
         indices = sorted(stash["theta"])
-        with torch.enable_grad(), noise_hyper.no_noise():
+        # Under DDP, the validation pass and the noise replay run in no_sync(): each rank's v stays its
+        # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
+        with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
             loss = _scalar_loss(closure(), "validation")
             grads = torch.autograd.grad(loss, [self.params[i] for i in indices], allow_unused=True)
         acc = self.compute_dtype
@@ -220,12 +252,20 @@ class T1T2(torch.optim.Optimizer):
              for i, g in zip(indices, grads)]
         hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash)
         if self._noise:
+            if self._dist is not None and self.distributed_noise == "exact":
+                # h_σ is bilinear in v and the training shard: it needs the ranks' mean v (module docstring
+                # of t1t2_fast.distributed); the penalty h above is linear in v and used the local one.
+                self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
             u = [v_i * stash["jac"][i] for i, v_i in zip(indices, v)]
             params = [self.params[i] for i in indices]
-            hypergrads.update(noise_hyper.noise_hypergrads(
-                mode=self.noise_hypergrad_mode, fd_eps=self.fd_eps, backend=self.backend, model=self._model,
-                bindings=self._noise, params=params, theta=[stash["theta"][i] for i in indices], u=u,
-                g0=stash["noise"]["g0"], replay=replay, save=self._saved_theta(indices), dtype=acc))
+            with distributed.no_sync(self._ddp):
+                hypergrads.update(noise_hyper.noise_hypergrads(
+                    mode=self.noise_hypergrad_mode, fd_eps=self.fd_eps, backend=self.backend, model=self._model,
+                    bindings=self._noise, params=params, theta=[stash["theta"][i] for i in indices], u=u,
+                    g0=stash["noise"]["g0"], replay=replay, save=self._saved_theta(indices), dtype=acc))
+        if self._dist is not None and hypergrads:
+            # mean over ranks of the per-rank hypergradients (and the check that λ agrees everywhere)
+            hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
         self.last_hypergrad = hypergrads
         self._hyper_update(hypergrads)
         self.hyper_steps += 1
@@ -319,6 +359,9 @@ class T1T2(torch.optim.Optimizer):
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything for deepcopy.
     def __getstate__(self):
+        if self._dist is not None:
+            raise TypeError("a T1T2 bound to a process group cannot be copied or pickled (the group is a live "
+                            "connection); save opt.state_dict() instead, which any rank or a single process loads")
         return self.__dict__.copy()
 
     def __repr__(self):

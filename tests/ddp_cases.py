@@ -1,0 +1,186 @@
+"""Cases of tests/test_distributed.py: the rank workers (run as ``python ddp_cases.py MODE RANK WORLD
+INIT_FILE OUT``, gloo on CPU, float64) and their one-process references, in one place so both
+sides build exactly the same model, data and optimizer.
+
+Reference of a penalty case: one process, one T1T2, mean losses over the concatenated shards.
+Reference of a noise case: the ranks draw different ε (each rank's noise modules have their own
+seed, t1t2_fast.distributed.module_seed), so no one-process run on the concatenated batch draws the
+same sample. The reference is then one process that simulates the ranks: its closure runs every
+shard with that rank's noise seeds and averages the losses; everything else is one ordinary T1T2.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import t1t2_fast as t1t2
+from t1t2_fast.distributed import module_seed
+
+STEPS = 5
+GLOBAL_BATCH = 8
+SEED = 3
+CASES = {
+    # name: (optimizer kwargs, noise in the model, noise_hypergrad)
+    "momentum-penalties": (dict(optimizer="sgd", lr=0.3, momentum=0.9), False, "fd"),
+    "adam-penalties": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), False, "fd"),
+    "momentum-noise-fd": (dict(optimizer="sgd", lr=0.3, momentum=0.9), True, "fd"),
+    "adam-noise-fd": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "fd"),
+    "adam-noise-exact": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "exact"),
+}
+
+
+def make_model(noise: bool) -> nn.Module:
+    torch.manual_seed(SEED)
+    layers = [t1t2.GaussianNoise(0.3, per="unit", num_features=4)] if noise else []
+    layers += [nn.Linear(4, 6), nn.Tanh()]
+    layers += [t1t2.GaussianNoise(0.2, mode="multiplicative")] if noise else []
+    layers += [nn.Linear(6, 3)]
+    return nn.Sequential(*layers).double()
+
+
+def make_opt(model, case: str, **kw):
+    opt_kw, _, noise_mode = CASES[case]
+    pens = [t1t2.L2(0.05, per="layer"), t1t2.L1(0.01, per="unit", transform="softplus"),
+            t1t2.L2(0.01, per="network", decoupled=True, params="bias")]
+    return t1t2.T1T2(model, pens, hyper_every=1, hyper_lr=0.05, noise_hypergrad=noise_mode, seed=SEED,
+                     **opt_kw, **kw)
+
+
+def batches():
+    """STEPS global training and validation batches (x, y), float64."""
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for _ in range(STEPS):
+        x = torch.randn(GLOBAL_BATCH, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+        xv = torch.randn(GLOBAL_BATCH, 4, generator=g, dtype=torch.float64)
+        yv = torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+        out.append((x, y, xv, yv))
+    return out
+
+
+def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return t.tensor_split(world)[rank]
+
+
+def snapshot(model, opt) -> dict:
+    return {"theta": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "raw": {n: r.detach().clone() for n, r in opt.raw_hyperparameters().items()},
+            "hypergrad": {n: g.clone() for n, g in opt.last_hypergrad.items()}}
+
+
+def reference(case: str, world: int) -> dict:
+    """One process: penalties on the concatenated batch; noise by simulating the ranks' shards."""
+    noise = CASES[case][1]
+    model = make_model(noise)
+    opt = make_opt(model, case)
+    modules = [m for m in model.modules() if isinstance(m, t1t2.GaussianNoise)]
+
+    def as_rank(rank):  # what rank `rank` draws in its k-th forward of this step: its seed, calls from 0
+        for i, m in enumerate(modules):
+            m.seed, m._calls = module_seed(SEED, i, rank), 0
+
+    def train_loss(x, y):
+        if not noise:
+            return F.cross_entropy(model(x), y)
+        losses = []
+        for r in range(world):
+            as_rank(r)
+            losses.append(F.cross_entropy(model(shard(x, r, world)), shard(y, r, world)))
+        as_rank(0)
+        return sum(losses) / world
+
+    for x, y, xv, yv in batches():
+        opt.step(lambda: train_loss(x, y))
+        opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+    return snapshot(model, opt)
+
+
+def run_rank(case: str, rank: int, world: int, **kw) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    inner = make_model(CASES[case][1])
+    model = DDP(inner)
+    opt = make_opt(model, case, **kw)
+    for x, y, xv, yv in batches():
+        xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
+        opt.step(lambda: F.cross_entropy(model(xs), ys))
+        opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
+    out = snapshot(inner, opt)
+    out.update(comm_bytes=opt.comm_bytes, state_keys=sorted(opt.state_dict()["state"]),
+               world_size=opt.world_size, params=sum(p.numel() for p in inner.parameters()),
+               hypers=sum(r.numel() for r in opt.raw_hyperparameters().values()))
+    return out
+
+
+def drift(rank: int, world: int) -> str:
+    """Rank 1 writes its own λ: the next hyper_step must fail on every rank, naming it."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(make_model(False))
+    opt = make_opt(model, "momentum-penalties")
+    x, y, xv, yv = (shard(t, rank, world) for t in batches()[0])
+    if rank == 1:
+        with torch.no_grad():
+            opt.raw_hyperparameters()["l2.2.weight"].add_(1e-3)
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    try:
+        opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=float(os.environ.get("T1T2_TEST_TIMEOUT", "30")))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timeout)
+    try:
+        if mode == "equivalence":
+            result = {case: run_rank(case, rank, world) for case in CASES}
+            result["drift"] = drift(rank, world)
+            # each rank's own v in the noise hypergradient: no parameter-sized all-reduce
+            result["local-noise"] = run_rank("momentum-noise-fd", rank, world, distributed_noise="local")
+            torch.save(result, out)
+            return 0
+        # mode "hang": rank 1 raises in its validation closure at the 3rd hyper step and, instead of
+        # dying (which would close its connections at once), stays alive for a while: rank 0 must
+        # not wait forever in its all-reduce.
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(make_model(False))
+        opt = make_opt(model, "momentum-penalties")
+        t0 = time.monotonic()
+        try:
+            for k, (x, y, xv, yv) in enumerate(batches()):
+                xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
+
+                def val():
+                    if rank == 1 and k == 2:
+                        raise ValueError("boom in rank 1's validation closure")
+                    return F.cross_entropy(model(xvs), yvs)
+
+                opt.step(lambda: F.cross_entropy(model(xs), ys))
+                opt.hyper_step(val)
+        except Exception as exc:  # noqa: BLE001 - reported to the test, then a non-zero exit
+            with open(out, "w") as f:
+                f.write(f"{time.monotonic() - t0:.2f}\n{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            if rank == 1:
+                time.sleep(float(os.environ.get("T1T2_TEST_LINGER", "10")))
+            os._exit(1)  # no destroy_process_group: it would wait for the peer
+        return 0
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]))
