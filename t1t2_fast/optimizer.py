@@ -284,8 +284,10 @@ class T1T2(torch.optim.Optimizer):
                 h.raw.add_(g, alpha=-self.hyper_lr)
             else:
                 b1, b2 = self.hyper_betas
-                st = self._hyper_state.setdefault(h.name, {"exp_avg": torch.zeros_like(h.raw),
-                                                           "exp_avg_sq": torch.zeros_like(h.raw)})
+                st = self._hyper_state.get(h.name)
+                if st is None:
+                    st = self._hyper_state[h.name] = {"exp_avg": torch.zeros_like(h.raw),
+                                                      "exp_avg_sq": torch.zeros_like(h.raw)}
                 st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
                 st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(self.hyper_eps)

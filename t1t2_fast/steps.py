@@ -68,7 +68,9 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
             bc2.append(1 - beta2 ** t)
         elif momentum > 0:
             # b = 0 before the first step makes b ← μb + ĝ equal PyTorch's first-step b = ĝ
-            state1.append(state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=acc)))
+            if "momentum_buffer" not in state:  # (not setdefault: its default would be built every step)
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=acc)
+            state1.append(state["momentum_buffer"])
     device = params[0].device if params else torch.device("cpu")
     l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
     def stash_buffers(kind):
