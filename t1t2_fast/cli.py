@@ -171,15 +171,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Paper-scale settings of `grid` and `compare` (--full); explicit flags still win.
+# Paper-scale settings of `grid`, `compare` and `search` (--full); explicit flags still win.
 FULL = {"grid": {"size": 9, "seeds": 3, "runs": 12, "steps": 3000},
-        "compare": {"runs": 20, "seeds": 3, "steps": 3000}}
+        "compare": {"runs": 20, "seeds": 3, "steps": 3000},
+        "search": {"repeats": 5, "steps": 3000}}
 SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
-         "compare": {"runs": 10, "seeds": 2, "steps": 1000}}
+         "compare": {"runs": 10, "seeds": 2, "steps": 1000},
+         "search": {"repeats": 2, "steps": 1000}}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): positive integers, sorted, without repeats."""
+    try:
+        values = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return tuple(values)
+
+
+def _search_methods(text: str) -> tuple[str, ...]:
+    from .search import METHODS
+
+    methods = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not methods or any(m not in METHODS for m in methods):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(METHODS)}, got {text!r}")
+    return methods
 
 
 def _add_experiment_commands(sub) -> None:
-    """`grid` (issue 6 experiment 1) and `compare` (experiment 2); their code is in experiments.py."""
+    """`grid` (issue 6 experiment 1), `compare` (experiment 2) and `search` (experiment 3); their
+    code is in experiments.py and search.py."""
     from .experiments import AXES
 
     common = argparse.ArgumentParser(add_help=False)
@@ -238,6 +261,27 @@ def _add_experiment_commands(sub) -> None:
     cp.add_argument("--runs", type=positive_int, default=None, help="random starts (default 10, --full 20)")
     cp.set_defaults(func=cmd_compare)
 
+    se = sub.add_parser(
+        "search", parents=[common], formatter_class=_HelpFormatter,
+        help="T1-T2 against random search and TPE (Optuna) at equal wall-clock compute",
+        description="Per repeat: max(--budgets) T1-T2 runs from random starts, timed; then random search "
+                    "and TPE (fixed-hyperparameter runs, selected by validation error) each get the time "
+                    "those runs took. At a budget of k T1-T2 runs, T1-T2's answer is the best of its first "
+                    "k runs by validation error, and a baseline's the best by validation error among its "
+                    "trials that finished within the same seconds; test error is reported. Writes "
+                    "search.csv, search_budget.csv, search.png, summary.json. TPE needs Optuna "
+                    "(`pip install t1t2_fast[experiments]`).")
+    se.add_argument("--budgets", type=_int_list, default=(1, 2, 4), metavar="K,...",
+                    help="budgets in T1-T2 runs; max(K) T1-T2 runs are trained per repeat (default 1,2,4)")
+    se.add_argument("--methods", type=_search_methods, default=("random", "tpe"), metavar="M,...",
+                    help="baselines: random, tpe (default both)")
+    se.add_argument("--repeats", type=positive_int, default=None,
+                    help="repeats of the whole comparison with other search seeds (default 2, --full 5)")
+    se.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="what a budget measures: wall-clock seconds (time.perf_counter) or this process's "
+                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine)")
+    se.set_defaults(func=cmd_search)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``t1t2`` command. Returns the exit status (0 ok, 1 run failed, 2 usage)."""
@@ -257,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# grid, compare
+# grid, compare, search
 # ---------------------------------------------------------------------------------------------
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
@@ -296,7 +340,7 @@ def _timestamped(base: str) -> str:
 
 
 def _run_experiment(args, body) -> int:
-    """Common frame of grid and compare: threads (restored afterwards), data errors, timing, and the
+    """Common frame of grid, compare and search: threads (restored afterwards), data errors, timing, and the
     list of files ``body`` wrote (it returns {what: path})."""
     import torch
 
@@ -399,6 +443,45 @@ def _compare(args, data, cfg, out, t0) -> dict[str, str]:
     print(f"mean test error before {s['mean_test_error_before']:.4f}, after {s['mean_test_error_after']:.4f} "
           f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
           f"worse {s['worse']} of {s['runs']}")
+    return paths
+
+
+def cmd_search(args) -> int:
+    if args.seeds is not None:
+        raise UsageError("--seeds does not apply: every trial is one run with its own seed; use --repeats "
+                         "to repeat the comparison")
+    if "tpe" in args.methods:
+        from .search import require_optuna
+
+        try:
+            require_optuna()
+        except RuntimeError as exc:
+            print(f"t1t2 search: error: {exc}", file=sys.stderr)
+            return 1
+    return _run_experiment(args, _search)
+
+
+def _search(args, data, cfg, out, t0) -> dict[str, str]:
+    from . import search as se
+
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    result = se.search_experiment(data, cfg, repeats=args.repeats, budgets=args.budgets, methods=args.methods,
+                                  seed=args.seed, quiet=args.quiet, clock=clock)
+    paths = se.write_search_csvs(out, result, cfg)
+    paths["plot"] = os.path.join(out, "search.png")
+    paths["summary"] = os.path.join(out, "summary.json")
+    s = result["summary"]
+    se.plot_search(paths["plot"], result, title=(
+        f"{cfg.dataset} {cfg.axes}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps per run, {args.repeats} "
+        f"repeat(s); a T1-T2 run took {s['t1t2_run_s']['mean']:.1f} s, a fixed run {s['fixed_run_s']['mean']:.2f} s "
+        f"({args.clock} clock)"))
+    _write_summary(paths["summary"], se.summary_json(result), args, cfg, t0)
+    load = f"; CPU/wall {s['cpu_over_wall']:.2f}" if args.clock == "wall" else ""
+    print(f"{args.repeats} repeat(s); one T1-T2 run {s['t1t2_run_s']['mean']:.2f} s, one fixed run "
+          f"{s['fixed_run_s']['mean']:.2f} s on average ({args.clock} clock{load}); "
+          f"selected by validation error, test error reported:")
+    for line in se.format_table(result):
+        print("  " + line)
     return paths
 
 
