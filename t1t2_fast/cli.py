@@ -474,7 +474,8 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
     se.plot_search(paths["plot"], result, title=(
         f"{cfg.dataset} {cfg.axes}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps per run, {args.repeats} "
         f"repeat(s); a T1-T2 run took {s['t1t2_run_s']['mean']:.1f} s, a fixed run {s['fixed_run_s']['mean']:.2f} s "
-        f"({args.clock} clock)"))
+        f"({args.clock} clock)"), xlabel=f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} seconds "
+                                        f"({args.threads} thread{'s' if args.threads > 1 else ''})")
     _write_summary(paths["summary"], se.summary_json(result), args, cfg, t0)
     load = f"; CPU/wall {s['cpu_over_wall']:.2f}" if args.clock == "wall" else ""
     print(f"{args.repeats} repeat(s); one T1-T2 run {s['t1t2_run_s']['mean']:.2f} s, one fixed run "

@@ -396,7 +396,7 @@ COLORS = {"t1t2": "tab:red", "random": "tab:blue", "tpe": "tab:orange"}
 STYLES = (("-", "solid"), ("--", "dashed"), (":", "dotted"), ("-.", "dash-dot"))  # by repeat, cycling
 
 
-def plot_search(path: str, result: dict, title: str) -> None:
+def plot_search(path: str, result: dict, title: str, xlabel: str = "wall-clock seconds") -> None:
     """Best-so-far (selected by validation) error against wall-clock seconds: test error (left) and
     the validation error that selected it (right); one step line per baseline and repeat, T1-T2 as
     points at its budgets, and vertical lines at the budgets."""
@@ -430,24 +430,26 @@ def plot_search(path: str, result: dict, title: str) -> None:
             ax.plot([r["budget_s"] for r in pts], [100 * r[which] for r in pts], ls=style, color=COLORS["t1t2"],
                     marker="o", mec="black", ms=7, lw=1,
                     label=f"T1-T2, best of {'/'.join(map(str, result['budgets']))} runs" if rep == 0 else None)
-        ax.set_xlabel("wall-clock seconds (1 thread)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{'test' if which == 'test_error' else 'validation'} error % of the selected run")
         ax.grid(True, alpha=0.3)
     for k in result["budgets"]:
         mean_k = float(np.mean([s[k] for s in result["budget_s"]]))
-        axes[0].annotate(f"{k} run{'s' if k > 1 else ''}", (mean_k, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(2, -10), textcoords="offset points", fontsize=7, color="dimgray")
+        axes[0].annotate(f"{k} T1-T2 run{'s' if k > 1 else ''}", (mean_k, 0.0), xycoords=("data", "axes fraction"),
+                         xytext=(-2, 3), textcoords="offset points", fontsize=7, color="dimgray", ha="right")
     axes[0].set_xlim(0, 1.03 * top if top > 0 else 1)
     axes[0].set_title("test error of the run selected by validation error", fontsize=9)
     axes[1].set_title("its validation error (what selects it)", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], color="gray", lw=0.8, ls=":"))
+    labels.append("budgets (each repeat's own)")
     if len(result["budget_s"]) > 1:
         styles = ", ".join(f"{STYLES[r % len(STYLES)][1]} {r}" for r in range(len(result["budget_s"])))
         handles.append(Line2D([], [], color="none"))
         labels.append(f"repeat: {styles}")
-    axes[1].legend(handles, labels, fontsize=7, loc="upper right", framealpha=0.85)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(handles), frameon=False)
     fig.savefig(path, dpi=100)
 
 
