@@ -294,19 +294,26 @@ def time_to_match(trials: list[Trial], target: float) -> float | None:
 
 def summarize(result: dict) -> dict:
     """Per (method, budget): mean/min/max over repeats of the budget seconds, the trials used and the
-    selected trial's validation and test error; and, per baseline, when (if ever) its selected trial
-    first reached T1-T2's test error at each budget."""
+    selected trial's validation and test error; for a baseline, in how many repeats T1-T2's answer
+    had a lower, equal or higher test error than its answer at the same budget (paired: the same
+    repeat); and when (if ever) its selected trial first reached T1-T2's test error at each budget."""
     rows = result["per_repeat"]
+    t1t2_test = {(r["budget_runs"], r["repeat"]): r["test_error"] for r in rows if r["method"] == "t1t2"}
     table = []
     for method in result["methods"]:
         for k in result["budgets"]:
             rs = [r for r in rows if r["method"] == method and r["budget_runs"] == k]
-            table.append({"method": method, "budget_runs": k, "repeats": len(rs),
-                          "repeats_with_a_result": sum(r["test_error"] is not None for r in rs),
-                          "budget_s": _stats([r["budget_s"] for r in rs]),
-                          "trials": _stats([r["trials"] for r in rs]),
-                          "val_error": _stats([r["val_error"] for r in rs]),
-                          "test_error": _stats([r["test_error"] for r in rs])})
+            row = {"method": method, "budget_runs": k, "repeats": len(rs),
+                   "repeats_with_a_result": sum(r["test_error"] is not None for r in rs),
+                   "budget_s": _stats([r["budget_s"] for r in rs]),
+                   "trials": _stats([r["trials"] for r in rs]),
+                   "val_error": _stats([r["val_error"] for r in rs]),
+                   "test_error": _stats([r["test_error"] for r in rs])}
+            if method != "t1t2":
+                pairs = [(t1t2_test[(k, r["repeat"])], r["test_error"]) for r in rs if r["test_error"] is not None]
+                row["t1t2_vs"] = {"better": sum(a < b for a, b in pairs), "tied": sum(a == b for a, b in pairs),
+                                  "worse": sum(a > b for a, b in pairs)}
+            table.append(row)
     match = {}
     for method in result["methods"][1:]:
         match[method] = {}
@@ -363,10 +370,13 @@ def write_search_csvs(out: str, result: dict, cfg: ex.Config) -> dict[str, str]:
     header = ["method", "budget_runs", "repeats", "repeats_with_a_result"]
     for what in ("budget_s", "trials", "val_error", "test_error"):
         header += [f"{what}_{s}" for s in ("mean", "min", "max")]
+    header += ["t1t2_better", "t1t2_tied", "t1t2_worse"]
     ex.write_csv(paths["budget"], header,
                  [[r["method"], r["budget_runs"], r["repeats"], r["repeats_with_a_result"]]
                   + [_blank(r[w][s]) for w in ("budget_s", "trials", "val_error", "test_error")
-                     for s in ("mean", "min", "max")] for r in result["summary"]["table"]])
+                     for s in ("mean", "min", "max")]
+                  + [r["t1t2_vs"][s] if "t1t2_vs" in r else "" for s in ("better", "tied", "worse")]
+                  for r in result["summary"]["table"]])
     return paths
 
 
@@ -377,7 +387,7 @@ def _blank(v):
 def format_table(result: dict) -> list[str]:
     """The printed summary: one line per budget and method."""
     lines = [f"{'budget':>10}  {'seconds (min-max)':>19}  {'method':<14}  {'trials':>13}  {'val err %':>9}  "
-             f"{'test err % mean (min..max)':>26}"]
+             f"{'test err % mean (min..max)':>26}  T1-T2 better/tied/worse"]
     for k in result["budgets"]:
         for r in result["summary"]["table"]:
             if r["budget_runs"] != k:
@@ -387,8 +397,10 @@ def format_table(result: dict) -> list[str]:
             test = ("-" if e["mean"] is None else
                     f"{100 * e['mean']:6.2f} ({100 * e['min']:.2f}..{100 * e['max']:.2f})")
             val = "-" if v["mean"] is None else f"{100 * v['mean']:.2f}"
-            lines.append(f"{k:>4} run{'s' if k > 1 else ' '}  {b['mean']:6.1f} s ({b['min']:.1f}-{b['max']:.1f})"
-                         f"  {METHOD_LABELS[r['method']]:<14}  {trials:>13}  {val:>9}  {test:>26}")
+            vs = "/".join(str(r["t1t2_vs"][s]) for s in ("better", "tied", "worse")) if "t1t2_vs" in r else ""
+            secs = f"{b['mean']:.1f} s ({b['min']:.1f}-{b['max']:.1f})"
+            lines.append(f"{k:>4} run{'s' if k > 1 else ' '}  {secs:>19}  {METHOD_LABELS[r['method']]:<14}  "
+                         f"{trials:>13}  {val:>9}  {test:>26}  {vs}".rstrip())
     return lines
 
 

@@ -71,6 +71,14 @@ def test_budgets_are_honoured_exactly_with_a_manual_clock(fake):
                       ("random", 4): 9, ("tpe", 1): 2, ("tpe", 2): 4, ("tpe", 4): 9}
     for row in fake["summary"]["table"]:
         assert row["trials"]["min"] == row["trials"]["max"] == trials[(row["method"], row["budget_runs"])]
+        if row["method"] != "t1t2":  # paired by repeat
+            mine = {r["repeat"]: r["test_error"] for r in fake["per_repeat"]
+                    if (r["method"], r["budget_runs"]) == (row["method"], row["budget_runs"])}
+            t1t2 = {r["repeat"]: r["test_error"] for r in fake["per_repeat"]
+                    if (r["method"], r["budget_runs"]) == ("t1t2", row["budget_runs"])}
+            assert row["t1t2_vs"] == {"better": sum(t1t2[i] < mine[i] for i in range(2)),
+                                      "tied": sum(t1t2[i] == mine[i] for i in range(2)),
+                                      "worse": sum(t1t2[i] > mine[i] for i in range(2))}
 
 
 def test_selection_is_by_validation_error_never_by_test_error(fake):
@@ -106,7 +114,7 @@ def test_a_budget_no_trial_fits_gives_no_answer(tmp_path):
     with open(paths["budget"], newline="") as f:
         budget = {(r["method"], r["budget_runs"]): r for r in csv.DictReader(f)}
     assert budget[("random", "1")]["test_error_mean"] == "" and budget[("random", "1")]["repeats_with_a_result"] == "0"
-    assert any(line.split()[-1] == "-" for line in se.format_table(result))
+    assert any(line.split()[-2:] == ["-", "0/0/0"] for line in se.format_table(result))
     se.plot_search(str(tmp_path / "p.png"), result, "title")
 
 
@@ -181,6 +189,8 @@ def test_cli_writes_tables_plot_and_summary(cli_run):
     assert [(r["method"], r["budget_runs"]) for r in budget] == [
         (m, k) for m in ("t1t2", "random", "tpe") for k in ("1", "2")]
     assert [r["trials_mean"] for r in budget[:2]] == ["1", "2"]
+    assert budget[0]["t1t2_better"] == "" and int(budget[2]["t1t2_better"]) + int(budget[2]["t1t2_tied"]) + int(
+        budget[2]["t1t2_worse"]) == int(budget[2]["repeats_with_a_result"])
     data = (out / "search.png").read_bytes()
     assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
     s = json.loads((out / "summary.json").read_text())
