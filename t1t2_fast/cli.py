@@ -232,16 +232,19 @@ def _add_experiment_commands(sub) -> None:
     g.add_argument("--hyper-every", type=positive_int, default=1, help="a T2 step every this many T1 steps")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="implementation of the fused ops")
     g = common.add_argument_group("run")
-    g.add_argument("--seeds", type=positive_int, default=None,
-                   help="initializations averaged per fixed-hyperparameter point (default 2, --full 3)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="base seed: data split, initializations, random starts")
     g.add_argument("--full", action="store_true", help="the paper-scale setting (see the defaults of each flag)")
     g.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
     g.add_argument("--out", default=None, help="output folder (default: runs/<command>-<dataset>-<axes>-<time>)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    # grid and compare average fixed runs over initializations; search trains every trial once
+    seeds = argparse.ArgumentParser(add_help=False)
+    seeds.add_argument_group("run").add_argument(  # argparse merges it into common's "run" group
+        "--seeds", type=positive_int, default=None,
+        help="initializations averaged per fixed-hyperparameter point (default 2, --full 3)")
 
     gr = sub.add_parser(
-        "grid", parents=[common], formatter_class=_HelpFormatter,
+        "grid", parents=[common, seeds], formatter_class=_HelpFormatter,
         help="hyperparameter map by grid search, with T1-T2 trajectories over it (the paper's Fig. 1)",
         description="Train a G x G grid of fixed hyperparameters (mean test error over --seeds "
                     "initializations), then --runs T1-T2 runs from random starts tuning both axes, and "
@@ -253,7 +256,7 @@ def _add_experiment_commands(sub) -> None:
     gr.set_defaults(func=cmd_grid)
 
     cp = sub.add_parser(
-        "compare", parents=[common], formatter_class=_HelpFormatter,
+        "compare", parents=[common, seeds], formatter_class=_HelpFormatter,
         help="before/after: random fixed hyperparameters vs retraining with those T1-T2 found",
         description="For --runs random hyperparameter points: train with them fixed (before), run T1-T2 "
                     "from there, and retrain from scratch with the hyperparameters that run ended at "
@@ -447,9 +450,6 @@ def _compare(args, data, cfg, out, t0) -> dict[str, str]:
 
 
 def cmd_search(args) -> int:
-    if args.seeds is not None:
-        raise UsageError("--seeds does not apply: every trial is one run with its own seed; use --repeats "
-                         "to repeat the comparison")
     if "tpe" in args.methods:
         from .search import require_optuna
 

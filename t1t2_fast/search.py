@@ -200,8 +200,8 @@ def _warm_up(data, cfg: ex.Config, train, methods) -> None:
 def search_experiment(data, cfg: ex.Config, repeats: int, budgets=DEFAULT_BUDGETS, methods=METHODS,
                       seed: int = 0, quiet: bool = True, *, clock=time.perf_counter, train=ex.train_run,
                       warm_up: bool = True, max_trials: int = 100_000) -> dict:
-    """The whole comparison, ``repeats`` times. Returns {"trials": [Trial...], "budgets": [...],
-    "repeats": [...per-repeat budget seconds...], "summary": {...}}."""
+    """The whole comparison, ``repeats`` times. Returns {"trials": [Trial...], "budgets": [k...],
+    "methods": [...], "budget_s": [{k: seconds} per repeat], "per_repeat": [...], "summary": {...}}."""
     budgets = sorted(set(int(b) for b in budgets))
     if not budgets or budgets[0] < 1:
         raise ValueError(f"budgets must be positive numbers of T1-T2 runs, got {budgets}")

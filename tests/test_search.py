@@ -244,7 +244,7 @@ def test_optuna_logging_is_left_as_found():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["search", "--seeds", "2"], "--seeds does not apply"),
+    (["search", "--seeds", "2"], "unrecognized arguments: --seeds"),  # one run per trial: --repeats
     (["search", "--budgets", "0,2"], "--budgets: expected comma-separated positive integers"),
     (["search", "--budgets", "x"], "--budgets: expected comma-separated positive integers"),
     (["search", "--methods", "grid"], "--methods: expected a comma-separated subset of random, tpe"),
