@@ -6,6 +6,7 @@ clock that moves only when a (fake or wrapped) training run says so; the runs wi
 check only what holds whatever the timing.
 """
 import csv
+import importlib.util
 import json
 import sys
 
@@ -18,6 +19,8 @@ from t1t2_fast.cli import main
 from t1t2_fast.data import load_data
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# the test extra installs Optuna; without it only the TPE-free tests run
+needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="optuna not installed")
 TINY = ["--dataset", "digits", "--samples", "200", "--width", "8", "--steps", "20", "--repeats", "1",
         "--budgets", "1,2", "--quiet"]
 
@@ -56,6 +59,7 @@ def fake():
     return fake_experiment()
 
 
+@needs_optuna
 def test_budgets_are_honoured_exactly_with_a_manual_clock(fake):
     # T1-T2 runs take 3 s: budgets of 1, 2, 4 runs are 3, 6, 12 s. Fixed runs take 1.25 s and end at
     # 1.25, 2.5, ...: 2 finish within 3 s, 4 within 6 s, 9 within 12 s; the 10th (12.5 s) crosses
@@ -81,6 +85,7 @@ def test_budgets_are_honoured_exactly_with_a_manual_clock(fake):
                                       "worse": sum(t1t2[i] > mine[i] for i in range(2))}
 
 
+@needs_optuna
 def test_selection_is_by_validation_error_never_by_test_error(fake):
     # validation error = n0 and test error = 1 - n0: the selected run is the worst on test
     for r in fake["per_repeat"]:
@@ -141,6 +146,7 @@ def real_training_on_a_manual_clock(data):
         torch.set_num_threads(threads)
 
 
+@needs_optuna
 def test_same_durations_same_choices_and_paired_trials(tiny_data):
     a, b = (real_training_on_a_manual_clock(tiny_data) for _ in range(2))
 
@@ -176,6 +182,7 @@ def cli_run(tmp_path_factory):
     return main(["search", *TINY, "--out", str(out)]), out
 
 
+@needs_optuna
 def test_cli_writes_tables_plot_and_summary(cli_run):
     rc, out = cli_run
     assert rc == 0
@@ -200,6 +207,7 @@ def test_cli_writes_tables_plot_and_summary(cli_run):
     assert s["config"]["repeats"] == 1 and s["config"]["budgets"] == [1, 2] and s["config"]["steps"] == 20
 
 
+@needs_optuna
 def test_cli_trials_end_within_the_budget_whatever_the_timing(cli_run):
     _, out = cli_run
     trials = read_csv(out / "search.csv")
