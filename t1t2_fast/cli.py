@@ -175,15 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Paper-scale settings of `grid` and `compare` (--full); explicit flags still win.
+# Paper-scale settings of `grid`, `compare` and `search` (--full); explicit flags still win.
 FULL = {"grid": {"size": 9, "seeds": 3, "runs": 12, "steps": 3000},
-        "compare": {"runs": 20, "seeds": 3, "steps": 3000}}
+        "compare": {"runs": 20, "seeds": 3, "steps": 3000},
+        "search": {"repeats": 5, "steps": 3000}}
 SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
-         "compare": {"runs": 10, "seeds": 2, "steps": 1000}}
+         "compare": {"runs": 10, "seeds": 2, "steps": 1000},
+         "search": {"repeats": 2, "steps": 1000}}
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4): positive integers, sorted, without repeats."""
+    try:
+        values = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return tuple(values)
+
+
+def _search_methods(text: str) -> tuple[str, ...]:
+    from .search import METHODS
+
+    methods = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not methods or any(m not in METHODS for m in methods):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(METHODS)}, got {text!r}")
+    return methods
 
 
 def _add_experiment_commands(sub) -> None:
-    """`grid` (issue 6 experiment 1) and `compare` (experiment 2); their code is in experiments.py."""
+    """`grid` (issue 6 experiment 1), `compare` (experiment 2) and `search` (experiment 3); their
+    code is in experiments.py and search.py."""
     from .experiments import AXES
 
     common = argparse.ArgumentParser(add_help=False)
@@ -213,16 +236,19 @@ def _add_experiment_commands(sub) -> None:
     g.add_argument("--hyper-every", type=positive_int, default=1, help="a T2 step every this many T1 steps")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="implementation of the fused ops")
     g = common.add_argument_group("run")
-    g.add_argument("--seeds", type=positive_int, default=None,
-                   help="initializations averaged per fixed-hyperparameter point (default 2, --full 3)")
     g.add_argument("--seed", type=nonneg_int, default=0, help="base seed: data split, initializations, random starts")
     g.add_argument("--full", action="store_true", help="the paper-scale setting (see the defaults of each flag)")
     g.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads")
     g.add_argument("--out", default=None, help="output folder (default: runs/<command>-<dataset>-<axes>-<time>)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    # grid and compare average fixed runs over initializations; search trains every trial once
+    seeds = argparse.ArgumentParser(add_help=False)
+    seeds.add_argument_group("run").add_argument(  # argparse merges it into common's "run" group
+        "--seeds", type=positive_int, default=None,
+        help="initializations averaged per fixed-hyperparameter point (default 2, --full 3)")
 
     gr = sub.add_parser(
-        "grid", parents=[common], formatter_class=_HelpFormatter,
+        "grid", parents=[common, seeds], formatter_class=_HelpFormatter,
         help="hyperparameter map by grid search, with T1-T2 trajectories over it (the paper's Fig. 1)",
         description="Train a G x G grid of fixed hyperparameters (mean test error over --seeds "
                     "initializations), then --runs T1-T2 runs from random starts tuning both axes, and "
@@ -234,7 +260,7 @@ def _add_experiment_commands(sub) -> None:
     gr.set_defaults(func=cmd_grid)
 
     cp = sub.add_parser(
-        "compare", parents=[common], formatter_class=_HelpFormatter,
+        "compare", parents=[common, seeds], formatter_class=_HelpFormatter,
         help="before/after: random fixed hyperparameters vs retraining with those T1-T2 found",
         description="For --runs random hyperparameter points: train with them fixed (before), run T1-T2 "
                     "from there, and retrain from scratch with the hyperparameters that run ended at "
@@ -303,6 +329,27 @@ def _add_peers_command(sub) -> None:
     pe.add_argument("--quiet", action="store_true", help="no per-width progress lines")
     pe.set_defaults(func=cmd_peers)
 
+    se = sub.add_parser(
+        "search", parents=[common], formatter_class=_HelpFormatter,
+        help="T1-T2 against random search and TPE (Optuna) at equal wall-clock compute",
+        description="Per repeat: max(--budgets) T1-T2 runs from random starts, timed; then random search "
+                    "and TPE (fixed-hyperparameter runs, selected by validation error) each get the time "
+                    "those runs took. At a budget of k T1-T2 runs, T1-T2's answer is the best of its first "
+                    "k runs by validation error, and a baseline's the best by validation error among its "
+                    "trials that finished within the same seconds; test error is reported. Writes "
+                    "search.csv, search_budget.csv, search.png, summary.json. TPE needs Optuna "
+                    "(`pip install t1t2_fast[experiments]`).")
+    se.add_argument("--budgets", type=_int_list, default=(1, 2, 4), metavar="K,...",
+                    help="budgets in T1-T2 runs; max(K) T1-T2 runs are trained per repeat (default 1,2,4)")
+    se.add_argument("--methods", type=_search_methods, default=("random", "tpe"), metavar="M,...",
+                    help="baselines: random, tpe (default both)")
+    se.add_argument("--repeats", type=positive_int, default=None,
+                    help="repeats of the whole comparison with other search seeds (default 2, --full 5)")
+    se.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="what a budget measures: wall-clock seconds (time.perf_counter) or this process's "
+                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine)")
+    se.set_defaults(func=cmd_search)
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``t1t2`` command. Returns the exit status (0 ok, 1 run failed, 2 usage)."""
@@ -322,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# grid, compare
+# grid, compare, search
 # ---------------------------------------------------------------------------------------------
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
@@ -361,7 +408,7 @@ def _timestamped(base: str) -> str:
 
 
 def _run_experiment(args, body) -> int:
-    """Common frame of grid and compare: threads (restored afterwards), data errors, timing, and the
+    """Common frame of grid, compare and search: threads (restored afterwards), data errors, timing, and the
     list of files ``body`` wrote (it returns {what: path})."""
     import torch
 
@@ -464,6 +511,43 @@ def _compare(args, data, cfg, out, t0) -> dict[str, str]:
     print(f"mean test error before {s['mean_test_error_before']:.4f}, after {s['mean_test_error_after']:.4f} "
           f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
           f"worse {s['worse']} of {s['runs']}")
+    return paths
+
+
+def cmd_search(args) -> int:
+    if "tpe" in args.methods:
+        from .search import require_optuna
+
+        try:
+            require_optuna()
+        except RuntimeError as exc:
+            print(f"t1t2 search: error: {exc}", file=sys.stderr)
+            return 1
+    return _run_experiment(args, _search)
+
+
+def _search(args, data, cfg, out, t0) -> dict[str, str]:
+    from . import search as se
+
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    result = se.search_experiment(data, cfg, repeats=args.repeats, budgets=args.budgets, methods=args.methods,
+                                  seed=args.seed, quiet=args.quiet, clock=clock)
+    paths = se.write_search_csvs(out, result, cfg)
+    paths["plot"] = os.path.join(out, "search.png")
+    paths["summary"] = os.path.join(out, "summary.json")
+    s = result["summary"]
+    se.plot_search(paths["plot"], result, title=(
+        f"{cfg.dataset} {cfg.axes}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps per run, {args.repeats} "
+        f"repeat(s); a T1-T2 run took {s['t1t2_run_s']['mean']:.1f} s, a fixed run {s['fixed_run_s']['mean']:.2f} s "
+        f"({args.clock} clock)"), xlabel=f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} seconds "
+                                        f"({args.threads} thread{'s' if args.threads > 1 else ''})")
+    _write_summary(paths["summary"], se.summary_json(result), args, cfg, t0)
+    load = f"; CPU/wall {s['cpu_over_wall']:.2f}" if args.clock == "wall" else ""
+    print(f"{args.repeats} repeat(s); one T1-T2 run {s['t1t2_run_s']['mean']:.2f} s, one fixed run "
+          f"{s['fixed_run_s']['mean']:.2f} s on average ({args.clock} clock{load}); "
+          f"selected by validation error, test error reported:")
+    for line in se.format_table(result):
+        print("  " + line)
     return paths
 
 

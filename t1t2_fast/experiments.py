@@ -186,11 +186,20 @@ def fixed_error(data, cfg: Config, point, seeds, raw=None) -> tuple[float, float
             [r.test_error for r in runs])
 
 
-def random_points(axes: str, n: int, seed: int, stream: int) -> list[tuple[float, float]]:
-    """``n`` points uniform over the axis box (log-uniform in L2), reproducible from (seed, stream)."""
+def point_stream(axes: str, seed: int, stream: int):
+    """An endless sequence of points uniform over the axis box (log-uniform in L2), reproducible
+    from (seed, stream); for searches that do not know in advance how many points they will use."""
     ax, ay = AXIS_PAIRS[axes]
     rng = np.random.default_rng([seed, stream])
-    return [(float(rng.uniform(ax.lo, ax.hi)), float(rng.uniform(ay.lo, ay.hi))) for _ in range(n)]
+    while True:
+        yield float(rng.uniform(ax.lo, ax.hi)), float(rng.uniform(ay.lo, ay.hi))
+
+
+def random_points(axes: str, n: int, seed: int, stream: int) -> list[tuple[float, float]]:
+    """The first ``n`` points of ``point_stream(axes, seed, stream)``."""
+    import itertools
+
+    return list(itertools.islice(point_stream(axes, seed, stream), n))
 
 
 def grid_values(axis: Axis, size: int) -> list[float]:
