@@ -184,8 +184,8 @@ SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
          "search": {"repeats": 2, "steps": 1000}}
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4): positive integers, sorted, without repeats."""
+def _sorted_int_list(text: str) -> tuple[int, ...]:
+    """'4,1,2' -> (1, 2, 4): positive integers, sorted, without repeats."""
     try:
         values = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
@@ -267,6 +267,27 @@ def _add_experiment_commands(sub) -> None:
                     "(after). Writes compare.csv, compare.png, summary.json and prints the table.")
     cp.add_argument("--runs", type=positive_int, default=None, help="random starts (default 10, --full 20)")
     cp.set_defaults(func=cmd_compare)
+
+    se = sub.add_parser(
+        "search", parents=[common], formatter_class=_HelpFormatter,
+        help="T1-T2 against random search and TPE (Optuna) at equal wall-clock compute",
+        description="Per repeat: max(--budgets) T1-T2 runs from random starts, timed; then random search "
+                    "and TPE (fixed-hyperparameter runs, selected by validation error) each get the time "
+                    "those runs took. At a budget of k T1-T2 runs, T1-T2's answer is the best of its first "
+                    "k runs by validation error, and a baseline's the best by validation error among its "
+                    "trials that finished within the same seconds; test error is reported. Writes "
+                    "search.csv, search_budget.csv, search.png, summary.json. TPE needs Optuna "
+                    "(`pip install t1t2_fast[experiments]`).")
+    se.add_argument("--budgets", type=_sorted_int_list, default=(1, 2, 4), metavar="K,...",
+                    help="budgets in T1-T2 runs; max(K) T1-T2 runs are trained per repeat (default 1,2,4)")
+    se.add_argument("--methods", type=_search_methods, default=("random", "tpe"), metavar="M,...",
+                    help="baselines: random, tpe (default both)")
+    se.add_argument("--repeats", type=positive_int, default=None,
+                    help="repeats of the whole comparison with other search seeds (default 2, --full 5)")
+    se.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="what a budget measures: wall-clock seconds (time.perf_counter) or this process's "
+                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine)")
+    se.set_defaults(func=cmd_search)
     _add_peers_command(sub)
 
 
@@ -328,27 +349,6 @@ def _add_peers_command(sub) -> None:
     pe.add_argument("--out", default=None, help="output folder (default: runs/peers-<time>)")
     pe.add_argument("--quiet", action="store_true", help="no per-width progress lines")
     pe.set_defaults(func=cmd_peers)
-
-    se = sub.add_parser(
-        "search", parents=[common], formatter_class=_HelpFormatter,
-        help="T1-T2 against random search and TPE (Optuna) at equal wall-clock compute",
-        description="Per repeat: max(--budgets) T1-T2 runs from random starts, timed; then random search "
-                    "and TPE (fixed-hyperparameter runs, selected by validation error) each get the time "
-                    "those runs took. At a budget of k T1-T2 runs, T1-T2's answer is the best of its first "
-                    "k runs by validation error, and a baseline's the best by validation error among its "
-                    "trials that finished within the same seconds; test error is reported. Writes "
-                    "search.csv, search_budget.csv, search.png, summary.json. TPE needs Optuna "
-                    "(`pip install t1t2_fast[experiments]`).")
-    se.add_argument("--budgets", type=_int_list, default=(1, 2, 4), metavar="K,...",
-                    help="budgets in T1-T2 runs; max(K) T1-T2 runs are trained per repeat (default 1,2,4)")
-    se.add_argument("--methods", type=_search_methods, default=("random", "tpe"), metavar="M,...",
-                    help="baselines: random, tpe (default both)")
-    se.add_argument("--repeats", type=positive_int, default=None,
-                    help="repeats of the whole comparison with other search seeds (default 2, --full 5)")
-    se.add_argument("--clock", choices=("wall", "process"), default="wall",
-                    help="what a budget measures: wall-clock seconds (time.perf_counter) or this process's "
-                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine)")
-    se.set_defaults(func=cmd_search)
 
 
 def main(argv: list[str] | None = None) -> int:
