@@ -184,6 +184,19 @@ SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
          "search": {"repeats": 2, "steps": 1000}}
 
 
+def _subset(choices, what_else: str = "", also=lambda item: False):
+    """A parser of 'a,b' into a tuple of distinct items of ``choices`` (a tuple, or a function that
+    returns it: a lazy import), in the order given; ``also(item)`` admits items outside them."""
+    def parse(text: str) -> tuple[str, ...]:
+        allowed = choices() if callable(choices) else choices
+        items = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+        if not items or any(t not in allowed and not also(t) for t in items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(allowed)}"
+                                             f"{what_else}, got {text!r}")
+        return items
+    return parse
+
+
 def _sorted_int_list(text: str) -> tuple[int, ...]:
     """'4,1,2' -> (1, 2, 4): positive integers, sorted, without repeats."""
     try:
@@ -195,13 +208,12 @@ def _sorted_int_list(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _search_methods(text: str) -> tuple[str, ...]:
+def _search_method_names() -> tuple[str, ...]:
     from .search import METHODS
+    return METHODS
 
-    methods = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not methods or any(m not in METHODS for m in methods):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(METHODS)}, got {text!r}")
-    return methods
+
+_search_methods = _subset(_search_method_names)
 
 
 def _add_experiment_commands(sub) -> None:
@@ -302,13 +314,12 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def _peer_list(text: str) -> tuple[str, ...]:
+def _peer_names() -> tuple[str, ...]:
     from .peers import PEERS
+    return PEERS
 
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not names or any(n not in PEERS for n in names):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(PEERS)}, got {text!r}")
-    return names
+
+_peer_list = _subset(_peer_names)
 
 
 # `t1t2 peers` defaults, and --full's; explicit flags still win.
@@ -677,13 +688,7 @@ def _print_peers(rows, methods, agree, verdict, args) -> None:
 NOISE_SITES = ("input", "hidden")
 
 
-def _noise_sites(text: str) -> tuple[str, ...]:
-    sites = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    bad = [t for t in sites if t not in NOISE_SITES]
-    if bad or not sites:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(NOISE_SITES)}, "
-                                         f"got {text!r}")
-    return sites
+_noise_sites = _subset(NOISE_SITES)
 
 
 def make_mlp(num_features: int, num_classes: int, width: int, depth: int, noise: tuple[str, ...] = (),
@@ -1125,27 +1130,12 @@ def _plot(path, columns, rows, hyper_names, bands, title):
 # ---------------------------------------------------------------------------------------------
 # overhead (issue 6, experiment 4; the code is in overhead.py)
 # ---------------------------------------------------------------------------------------------
-def _csv_list(choices: tuple[str, ...] | None = None, kind=str):
-    def parse(text: str):
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        out = []
-        for t in items:
-            if choices is not None and t not in choices and not (choices is _MODEL_NAMES and t.startswith("mlp")
-                                                                  and t[3:].isdigit() and int(t[3:]) > 0):
-                raise argparse.ArgumentTypeError(f"{t!r} is not one of {', '.join(choices)}")
-            try:
-                out.append(kind(t))
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"{t!r} is not {kind.__name__}") from None
-            if kind is int and out[-1] < 1:
-                raise argparse.ArgumentTypeError(f"expected positive integers, got {t}")
-        return tuple(dict.fromkeys(out))
-    return parse
-
-
 _MODEL_NAMES = ("mlp256", "mlp1024", "mlp4096", "cnn")
+
+
+def _is_mlp_name(name: str) -> bool:
+    return name.startswith("mlp") and name[3:].isdigit() and int(name[3:]) > 0
+
 OVERHEAD_FULL = {"steps": 20, "rounds": 7}
 OVERHEAD_SMALL = {"steps": 10, "rounds": 3}
 
@@ -1162,11 +1152,11 @@ def _add_overhead_command(sub) -> None:
                     "noise tuned by 'fd' ('noise'), on each backend. Writes overhead.csv, overhead.png, "
                     "summary.json and prints the overhead beside its floor (the validation forward/backward, "
                     "plus fd's extra training forward/backward, per hyper_every plain steps).")
-    ov.add_argument("--models", type=_csv_list(_MODEL_NAMES), default=_MODEL_NAMES,
+    ov.add_argument("--models", type=_subset(_MODEL_NAMES, " or mlp<width>", _is_mlp_name), default=_MODEL_NAMES,
                     help="comma-separated: mlp<width> (any width) and/or cnn")
-    ov.add_argument("--settings", type=_csv_list(SETTINGS), default=SETTINGS, help="comma-separated")
-    ov.add_argument("--backends", type=_csv_list(BACKENDS), default=BACKENDS, help="comma-separated")
-    ov.add_argument("--hyper-every", type=_csv_list(kind=int), default=(10, 1), help="comma-separated")
+    ov.add_argument("--settings", type=_subset(SETTINGS), default=SETTINGS, help="comma-separated")
+    ov.add_argument("--backends", type=_subset(BACKENDS), default=BACKENDS, help="comma-separated")
+    ov.add_argument("--hyper-every", type=_int_list, default=(10, 1), help="comma-separated")
     ov.add_argument("--steps", type=positive_int, default=None, help="steps per timed epoch (default 10, --full 20)")
     ov.add_argument("--rounds", type=positive_int, default=None,
                     help="timed epochs per variant, the median of per-round ratios reported (default 3, --full 7)")

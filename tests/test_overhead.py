@@ -92,9 +92,11 @@ def test_cli_writes_table_plot_and_summary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--models", "resnet"], "'resnet' is not one of"),
-    (["--hyper-every", "0"], "expected positive integers"),
-    (["--backends", "cuda"], "'cuda' is not one of"),
+    (["--models", "resnet"], "--models: expected a comma-separated subset of mlp256, mlp1024, mlp4096, cnn or "
+                             "mlp<width>, got 'resnet'"),
+    (["--models", "mlp0"], "got 'mlp0'"),
+    (["--hyper-every", "0"], "--hyper-every: expected comma-separated positive integers"),
+    (["--backends", "cuda"], "--backends: expected a comma-separated subset of cpp, reference"),
     (["--clock", "process", "--threads", "2"], "use it with --threads 1"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
