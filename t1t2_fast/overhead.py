@@ -312,8 +312,9 @@ def plot(path: str, rows: list[Row], cfg: Config, title: str) -> None:
     from matplotlib.figure import Figure
 
     panels = [(s, h) for s in cfg.settings for h in cfg.hyper_every]
-    fig = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    nrows, ncols = len(cfg.settings), len(cfg.hyper_every)
+    fig = Figure(figsize=(5.2 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     width = 0.8 / max(1, len(cfg.backends))
     colors = {"cpp": "tab:blue", "reference": "tab:orange"}
     for ax, (setting, h) in zip(axes, panels):
@@ -332,6 +333,8 @@ def plot(path: str, rows: list[Row], cfg: Config, title: str) -> None:
         ax.set_title(f"{setting}, hyper step every {h}")
         ax.set_ylabel("overhead vs plain training (%)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
+        ax.set_ylim(0, 1.35 * max([r.overhead_pct for r in rows if r.setting == setting and r.hyper_every == h]
+                                  + [r.floor_pct for r in rows if r.setting == setting and r.hyper_every == h] + [1.0]))
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
