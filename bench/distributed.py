@@ -40,18 +40,15 @@ sys.path.insert(0, os.path.dirname(HERE))
 from kernels import machine  # noqa: E402
 
 import t1t2_fast as t1t2  # noqa: E402
+from t1t2_fast import overhead  # noqa: E402
 
 SETTINGS = ("penalties", "noise")
 
 
 def make_model(width: int, noise: bool) -> nn.Module:
+    """`t1t2 overhead`'s MLP 784-w-w-10 (noise on the input and after each hidden ReLU), seeded."""
     torch.manual_seed(0)
-    layers = [t1t2.GaussianNoise(0.1)] if noise else []
-    fan_in = 784
-    for _ in range(2):
-        layers += [nn.Linear(fan_in, width), nn.ReLU()] + ([t1t2.GaussianNoise(0.1)] if noise else [])
-        fan_in = width
-    return nn.Sequential(*layers, nn.Linear(fan_in, 10))
+    return overhead.make_model(f"mlp{width}", 0.1 if noise else None)
 
 
 def measure(width: int, setting: str, batch: int, iters: int, warmup: int, rank: int, world: int) -> dict:

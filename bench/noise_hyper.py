@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import machine  # noqa: E402
 
 import t1t2_fast as t1t2  # noqa: E402
+from t1t2_fast.overhead import make_model  # noqa: E402  (the models of `t1t2 overhead`)
 from t1t2_fast.rng import philox_randn  # noqa: E402
 
 MODES = ("fd", "fd-central", "exact")
@@ -54,21 +55,6 @@ class StoredNoise(nn.Module):
     def forward(self, x):
         eps = philox_randn(1234, torch.arange(x.numel(), device=x.device)).reshape(x.shape).to(x.dtype)
         return x + self.sigma.to(x.dtype) * eps
-
-
-def identity(std):
-    return nn.Identity()
-
-
-def mlp(width, features=784, classes=10, noise=t1t2.GaussianNoise):
-    return nn.Sequential(noise(0.1), nn.Linear(features, width), nn.ReLU(), noise(0.1),
-                         nn.Linear(width, width), nn.ReLU(), noise(0.1), nn.Linear(width, classes))
-
-
-def cnn(noise=t1t2.GaussianNoise):
-    return nn.Sequential(noise(0.1), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), noise(0.1),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), noise(0.1), nn.Flatten(),
-                         nn.Linear(32 * 7 * 7, 10))
 
 
 def data(kind, batch, g):
@@ -171,11 +157,12 @@ def main(argv=None):
     rows = []
     t_start = time.perf_counter()
     for w in args.widths:
-        rows += time_model(f"MLP 784-{w}-{w}-10", lambda w=w: mlp(w), lambda w=w: mlp(w, noise=identity),
-                           "mlp", args, g)
+        rows += time_model(f"MLP 784-{w}-{w}-10", lambda w=w: make_model(f"mlp{w}", 0.1),
+                           lambda w=w: make_model(f"mlp{w}", None), "mlp", args, g)
         print(f"  width {w} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     if not args.no_cnn:
-        rows += time_model("CNN 1-16-32 on 28x28", cnn, lambda: cnn(noise=identity), "cnn", args, g)
+        rows += time_model("CNN 1-16-32 on 28x28", lambda: make_model("cnn", 0.1), lambda: make_model("cnn", None),
+                           "cnn", args, g)
     description = (f"Noise hyper step cost, float32, batch {args.batch}, {machine(torch.device('cpu'))}, "
                    f"torch {torch.__version__}, python {platform.python_version()}; median of {args.repeats}; "
                    f"{time.perf_counter() - t_start:.0f} s")
