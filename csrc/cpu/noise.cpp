@@ -28,15 +28,14 @@ static_assert(noise::kMaxTileColumns <= kEpsBlock, "a tile row must fit the ε b
 using noise::Mode;
 
 // ε_k = randn(key, first + k) for k < n: the hot loop (Philox and the double polynomials of
-// philox.h, branch-free, so it vectorizes), with an AVX2 copy (cpu_features.h). Every operation is
-// IEEE-rounded on its own in both copies: the same bits.
-T1T2_ALWAYS_INLINE void fill_randn(uint64_t key, int64_t first, int64_t n, float* __restrict__ out) {
-  for (int64_t k = 0; k < n; ++k) out[k] = philox::randn(key, static_cast<uint64_t>(first + k));
-}
-
+// philox.h). The baseline copy is this scalar loop (GCC does not vectorize it); the AVX2 copy below
+// (cpu_features.h) is written with intrinsics. Every operation is IEEE-rounded on its own in both
+// copies: the same bits.
 using FillFn = void (*)(uint64_t, int64_t, int64_t, float*);
 
-void fill_randn_default(uint64_t key, int64_t first, int64_t n, float* out) { fill_randn(key, first, n, out); }
+void fill_randn_default(uint64_t key, int64_t first, int64_t n, float* out) {
+  for (int64_t k = 0; k < n; ++k) out[k] = philox::randn(key, static_cast<uint64_t>(first + k));
+}
 
 #if T1T2_AVX2_CLONES
 // The AVX2 copy, written with intrinsics because GCC does not vectorize the scalar loop (the
