@@ -157,6 +157,22 @@ T1StepInputs check_t1_step_inputs(at::TensorList params, at::TensorList grads, a
   return in;
 }
 
+void check_t1_step_guard(const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                         bool check_finite, at::TensorList params) {
+  TORCH_CHECK(!check_finite || (found_inf.has_value() && found_inf->defined()), kT1Step,
+              ": check_finite=True needs a found_inf tensor to report a non-finite gradient in");
+  auto check_flag = [&](const c10::optional<at::Tensor>& t, const char* name) {
+    if (!t.has_value() || !t->defined()) return;
+    TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat, kT1Step, ": ", name,
+                " must be a one-element float32 tensor (as torch.amp.GradScaler makes), got ", t->scalar_type(),
+                " with ", t->numel(), " elements");
+    TORCH_CHECK(params.empty() || t->device() == params[0].device(), kT1Step, ": ", name, " is on ", t->device(),
+                " but the params are on ", params[0].device());
+  };
+  check_flag(grad_scale, "grad_scale");
+  check_flag(found_inf, "found_inf");
+}
+
 HypergradInputs check_penalty_hypergrad_inputs(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                                at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
                                                at::IntArrayRef segment_kind, at::IntArrayRef segment_groups,

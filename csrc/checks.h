@@ -38,6 +38,10 @@ T1StepInputs check_t1_step_inputs(at::TensorList params, at::TensorList grads, a
                                   at::TensorList stash_theta, at::TensorList stash_jac, c10::string_view optimizer,
                                   double momentum, at::ArrayRef<double> bias_correction1,
                                   at::ArrayRef<double> bias_correction2, at::DeviceType kernel);
+// The optional GradScaler/guard arguments of t1_step_: one-element float32 tensors on the params'
+// device; check_finite needs found_inf (it is where a non-finite gradient is reported).
+void check_t1_step_guard(const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                         bool check_finite, at::TensorList params);
 
 // ---- penalty_hypergrad ----
 enum SegmentKind : int64_t { kSegmentL2 = 0, kSegmentL1 = 1, kSegmentDecoupledL2 = 2 };

@@ -17,11 +17,16 @@ TORCH_LIBRARY(t1t2, m) {
   // tensor: no such penalty). stash_theta / stash_jac: empty lists, or buffers that receive the
   // pre-step θ and adam's ∂θ⁺/∂ĝ. State, coefficients and stash are in the compute dtype (float64
   // for float64 params, float32 otherwise).
+  // Mixed precision and the non-finite guard (torch.amp.GradScaler's contract for fused optimizers):
+  // grad_scale (one float32 value) makes the step use g·(1/scale), 1/scale in double cast to the
+  // compute dtype, in the same pass; found_inf (one float32 value) > 0 on entry writes nothing; with
+  // check_finite, any non-finite g·(1/scale) sets found_inf = 1 and writes nothing (a read-only scan
+  // of the grads before the update).
   m.def(
       "t1_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor[] l2, "
       "Tensor[] l1, Tensor[] decay, Tensor(d!)[] stash_theta, Tensor(e!)[] stash_jac, str optimizer, float lr, "
       "float momentum, bool nesterov, float beta1, float beta2, float eps, float[] bias_correction1, "
-      "float[] bias_correction2) -> ()");
+      "float[] bias_correction2, Tensor? grad_scale=None, Tensor(f!)? found_inf=None, bool check_finite=False) -> ()");
   // T2 penalty hypergradients (before dc/dλ) of many (hyperparameter, tensor) segments in one call.
   // v: validation gradients at θ⁺; theta: pre-step θ (the stash); jac: per tensor ∂θ⁺/∂ĝ (empty:
   // use jac_scalar). Segment s reduces tensor segment_tensor[s] over segment_groups[s] contiguous

@@ -196,12 +196,19 @@ class Hyperparameter:
         return self.transform.derivative(self.raw)
 
     @torch.no_grad()
-    def project(self) -> None:
+    def project(self) -> int:
+        """Clamp λ so that c stays inside ``bounds``; returns how many entries it moved."""
         lo, hi = self.bounds
         raw_lo, raw_hi = self.transform.inverse(lo), self.transform.inverse(hi) if math.isfinite(hi) else math.inf
-        if math.isfinite(raw_lo) or math.isfinite(raw_hi):
+        if not (math.isfinite(raw_lo) or math.isfinite(raw_hi)):
+            return 0
+        below = self.raw < raw_lo if math.isfinite(raw_lo) else None
+        above = self.raw > raw_hi if math.isfinite(raw_hi) else None
+        moved = sum(int(m.sum()) for m in (below, above) if m is not None)
+        if moved:
             self.raw.clamp_(min=raw_lo if math.isfinite(raw_lo) else None,
                             max=raw_hi if math.isfinite(raw_hi) else None)
+        return moved
 
 
 def bind_penalties(penalties: Iterable[Penalty], named_params: list[tuple[str, torch.Tensor]],

@@ -131,12 +131,14 @@ def _closure_loss(closure) -> torch.Tensor:
 def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bindings: list[NoiseBinding],
                      params: list[torch.Tensor], theta: list[torch.Tensor], u: list[torch.Tensor],
                      g0: list[torch.Tensor] | None, replay: Replay, save: list[torch.Tensor],
-                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                     dtype: torch.dtype, loss_scale: float | None = None) -> dict[str, torch.Tensor]:
     """Hypergradients of the raw noise hyperparameters (before the hyper-optimizer), h = dσ/dλ · ∂σ(uᵀ∇θL).
 
     ``params`` are the tensors the T1 step updated (now θ⁺), ``theta`` their stashed pre-step
     values and ``u`` = J ⊙ v, all aligned; ``save`` receives θ⁺ (same shapes and dtype as
-    params) so that it can be restored bit-exactly; ``g0`` is ∇σL(θ) from the T1 backward (fd)."""
+    params) so that it can be restored bit-exactly; ``g0`` is ∇σL(θ) from the T1 backward (fd),
+    unscaled. ``loss_scale``: the GradScaler scale of the T1 step; the replayed training loss is
+    multiplied by it for the backward (fp16 autocast) and the σ-gradients divided by it again."""
     device = params[0].device if params else torch.device("cpu")
     zeros = {b.hyper.name: torch.zeros_like(b.hyper.raw) for b in bindings}
     # ‖u‖² with the backend's fused dot (float64 accumulation, no upcast copy of u)
@@ -144,19 +146,26 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
     if norm == 0.0 or not math.isfinite(norm):
         return zeros  # v ⊥ every direction the step can move, or a non-finite v: no information
 
+    def replay_loss() -> torch.Tensor:
+        loss = _closure_loss(replay.closure)
+        return loss if loss_scale is None else loss * loss_scale
+
+    def unscaled(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        return grads if loss_scale is None else [g / loss_scale for g in grads]
+
     def sigma_grads_at(scale: float) -> list[torch.Tensor]:
         backend.perturb_(params, [], theta, u, scale)
         with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
-            return _grad_per_module(_closure_loss(replay.closure), bindings, dtype)
+            return unscaled(_grad_per_module(replay_loss(), bindings, dtype))
 
     backend.perturb_(params, save, theta, u, 0.0)  # θ⁺ → save, θ ← θ_stash (exact: θ + 0·u)
     try:
         if mode == "exact":
             with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
-                loss = _closure_loss(replay.closure)
+                loss = replay_loss()
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 inner = sum((g * ui.to(g.dtype)).sum() for g, ui in zip(grads, u) if g is not None)
-                h = _grad_per_module(inner, bindings, dtype)
+                h = unscaled(_grad_per_module(inner, bindings, dtype))
         else:
             r = fd_eps / norm
             plus = sigma_grads_at(r)

@@ -26,15 +26,18 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
 
 def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer: str, lr: float,
              momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
-             bias_correction1, bias_correction2) -> None:
+             bias_correction1, bias_correction2, grad_scale=None, found_inf=None, check_finite: bool = False) -> None:
     """Fused T1 step over a list of tensors, in place: adds the penalty gradients (coupled L2, L1),
     applies sgd (momentum, Nesterov) or adam with decoupled L2, and writes the stash (pre-step θ and
-    adam's ∂θ⁺/∂ĝ) when those lists are given. Argument contract: the schema in csrc/ops.cpp; twin:
+    adam's ∂θ⁺/∂ĝ) when those lists are given. ``grad_scale`` unscales the gradients in the same
+    pass; nothing is written when ``found_inf`` > 0, or when ``check_finite`` finds an Inf/NaN
+    gradient (then found_inf is set to 1). Argument contract: the schema in csrc/ops.cpp; twin:
     ``reference.t1_step_``."""
     _require_extension("t1_step_")
     torch.ops.t1t2.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer,
                             float(lr), float(momentum), bool(nesterov), float(beta1), float(beta2), float(eps),
-                            [float(b) for b in bias_correction1], [float(b) for b in bias_correction2])
+                            [float(b) for b in bias_correction1], [float(b) for b in bias_correction2],
+                            grad_scale, found_inf, bool(check_finite))
 
 
 def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
@@ -83,11 +86,15 @@ if _extension.AVAILABLE:
 
     @torch.library.register_fake("t1t2::t1_step_")
     def _t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr,
-                      momentum, nesterov, beta1, beta2, eps, bias_correction1, bias_correction2):
+                      momentum, nesterov, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale=None,
+                      found_inf=None, check_finite=False):
         torch._check(len(grads) == len(params),
                      lambda: f"t1t2::t1_step_: got {len(params)} params but {len(grads)} grads")
         torch._check(optimizer in ("sgd", "adam"),
                      lambda: f"t1t2::t1_step_: unknown optimizer '{optimizer}'; expected 'sgd' or 'adam'")
+        torch._check(not check_finite or found_inf is not None,
+                     lambda: "t1t2::t1_step_: check_finite=True needs a found_inf tensor to report a non-finite "
+                             "gradient in")
         return None
 
     # Shape/dtype propagation for meta tensors, FakeTensor and torch.compile; the same checks and

@@ -5,6 +5,7 @@ backend's fused ops; noise hyperparameters are handled in ``noise_hyper``.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Callable, Iterable
 
@@ -25,6 +26,17 @@ SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 def _check_choice(what, value, choices):
     if value not in choices:
         raise ValueError(f"unknown {what}={value!r}; expected one of {choices}")
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after ``max_consecutive_skips`` T1 or T2 steps in a row were skipped for non-finite
+    values: the run is not recovering on its own."""
+
+
+def _all_finite(tensors) -> bool:
+    """Whether every element of every tensor is finite: one fused max-abs pass (NaN propagates)."""
+    tensors = [t for t in tensors if t.numel()]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
 
 
 def _scalar_loss(loss, where: str) -> torch.Tensor:
@@ -55,7 +67,20 @@ class T1T2(torch.optim.Optimizer):
     has noise hyperparameters, whose hypergradient is bilinear in it and the training shard, so the
     result is the one-process value; "local" uses each rank's own (unbiased, only the small vector
     is sent).
+
+    Reliability (README "Reliability"): with ``skip_nonfinite`` (default), a T1 step whose training
+    loss or gradients hold an Inf/NaN is skipped (the fused op scans the gradients before it writes
+    anything), and so is a T2 step whose validation loss, validation gradient or hypergradient does;
+    ``skipped`` counts them, ``last_skip`` says why, and ``max_consecutive_skips`` skips in a row
+    raise ``NonFiniteError``. ``torch.amp.GradScaler``: ``scaler.step(opt)`` after
+    ``scaler.scale(loss).backward()``, or ``opt.step(closure, scaler=scaler)``; the fused op unscales
+    in its pass and honours the scaler's found_inf. ``bounds`` ({name or glob pattern: (lo, hi)},
+    natural scale) override the declared bounds; a hyper step that would leave them is clipped and
+    counted in ``clipped``.
     """
+
+    # torch.amp.GradScaler.step hands this optimizer grad_scale/found_inf instead of unscaling itself
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, penalties: Iterable[Penalty] = (), *, optimizer: str = "sgd",
                  lr: float = 0.1, momentum: float = 0.0, nesterov: bool = False,
@@ -64,7 +89,9 @@ class T1T2(torch.optim.Optimizer):
                  hyper_betas: tuple[float, float] = (0.9, 0.999), hyper_eps: float = 1e-8,
                  hyper_every: int = 1, hypergrad: str = "exact", noise_hypergrad: str = "fd",
                  fd_eps: float = 1e-3, backend: str = "auto", seed: int = 0, process_group=None,
-                 distributed_noise: str = "exact"):
+                 distributed_noise: str = "exact", skip_nonfinite: bool = True,
+                 max_consecutive_skips: int | None = 25,
+                 bounds: dict[str, tuple[float | None, float | None]] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -85,6 +112,9 @@ class T1T2(torch.optim.Optimizer):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if int(hyper_every) != hyper_every or hyper_every < 1:
             raise ValueError(f"hyper_every must be a positive integer, got {hyper_every!r}")
+        if max_consecutive_skips is not None and (int(max_consecutive_skips) != max_consecutive_skips
+                                                  or max_consecutive_skips < 1):
+            raise ValueError(f"max_consecutive_skips must be a positive integer or None, got {max_consecutive_skips!r}")
 
         # A DistributedDataParallel model: names (and noise modules) from the module inside it
         inner, self._ddp = distributed.unwrap(model)
@@ -132,6 +162,16 @@ class T1T2(torch.optim.Optimizer):
         rank = self._dist.rank if self._dist is not None else 0
         self._noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
         self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
+        # The non-finite guard and the bounds (README "Reliability")
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        self.skipped = {"t1": 0, "t2": 0}       # steps skipped for Inf/NaN, in all
+        self.consecutive_skips = {"t1": 0, "t2": 0}
+        self.last_skip: str | None = None       # why the latest step was skipped (None: it was taken)
+        self.clipped = {h.name: 0 for h in self.all_hypers}  # hyper steps that hit a bound
+        self._pending = None                     # a step(closure, scaler=) waiting for scaler.step(self)
+        for pattern, (lo, hi) in (bounds or {}).items():
+            self.set_bounds(pattern, lo, hi)
         self._prepare_noise()
 
     # -- public views -----------------------------------------------------------------------
@@ -172,31 +212,136 @@ class T1T2(torch.optim.Optimizer):
         """{name: raw λ}; the tensors themselves, so in-place writes change the hyperparameters."""
         return {h.name: h.raw for h in self.all_hypers}
 
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """{name: (lo, hi)} in natural scale; every hyper step keeps the values inside."""
+        return {h.name: tuple(h.bounds) for h in self.all_hypers}
+
+    def set_bounds(self, pattern: str, lo: float | None = None, hi: float | None = None) -> list[str]:
+        """Bound the hyperparameters whose name matches ``pattern`` (a name or a glob such as
+        "l2.*") to [lo, hi] in natural scale (None: unbounded on that side), and project their
+        current values inside at once. Returns the names it set."""
+        lo = -math.inf if lo is None else float(lo)
+        hi = math.inf if hi is None else float(hi)
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            raise ValueError(f"bounds for {pattern!r} must satisfy lo <= hi, got ({lo}, {hi})")
+        matched = [h for h in self.all_hypers if fnmatch.fnmatchcase(h.name, pattern)]
+        if not matched:
+            raise ValueError(f"bounds: {pattern!r} matches no hyperparameter; they are "
+                             f"{[h.name for h in self.all_hypers]}")
+        for h in matched:
+            h.bounds = (lo, hi)
+            for b in self._noise:  # a noise module projects with its own copy of the bounds
+                if b.hyper is h:
+                    b.module.bounds = (lo, hi)
+            h.project()
+        return [h.name for h in matched]
+
+    def _count_skip(self, kind: str, reason: str) -> None:
+        """Record a skipped T1 ("t1") or T2 ("t2") step; raise once too many come in a row."""
+        self.skipped[kind] += 1
+        self.consecutive_skips[kind] += 1
+        self.last_skip = reason
+        n, limit = self.consecutive_skips[kind], self.max_consecutive_skips
+        if limit is not None and n >= limit:
+            what = "T1 (training)" if kind == "t1" else "T2 (hyperparameter)"
+            raise NonFiniteError(
+                f"{n} consecutive {what} steps were skipped for non-finite values (the latest: {reason}); "
+                f"{self.skipped[kind]} skipped in all after {self.steps} T1 steps. The run is not recovering: "
+                f"lower the learning rate{' or hyper_lr' if kind == 't2' else ''}, check the data and the loss "
+                f"for Inf/NaN, or raise max_consecutive_skips (None never stops)")
+
+    def _took(self, kind: str) -> None:
+        self.consecutive_skips[kind] = 0
+        self.last_skip = None
+
     # -- T1 -----------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor | None:
         """One T1 step. With a closure: zero the grads, evaluate it, backward, update. Without: use
         the existing ``.grad`` (noise hyperparameters then need ``hyper_step(val, train=closure)``).
-        Returns the (detached) training loss, or None without a closure."""
+        ``scaler``: a ``torch.amp.GradScaler``; the closure's loss is scaled for the backward and the
+        step goes through ``scaler.step(self)`` (call ``scaler.update()`` after, as usual). Returns
+        the (detached, unscaled) training loss, or None without a closure. A step skipped for
+        Inf/NaN (``last_skip`` says why) leaves θ, the optimizer state and ``steps`` unchanged."""
+        # Set by torch.amp.GradScaler.step around this call (_step_supports_amp_scaling)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if scaler is not None:
+            if closure is None:
+                raise ValueError("step(scaler=...) needs the training closure: it scales the closure's loss for "
+                                 "the backward. Without a closure call scaler.scale(loss).backward(); "
+                                 "scaler.step(opt)")
+            if grad_scale is not None or found_inf is not None or self._pending is not None:
+                raise RuntimeError("step(closure, scaler=) was called from inside GradScaler.step; call one of them")
+            loss, rng = self._forward_backward(closure, scaler)
+            self._pending = (loss, closure, rng)
+            try:
+                scaler.step(self)  # its inf check, then self.step() with grad_scale/found_inf set
+            finally:
+                self._pending = None
+            return loss
+        if self._pending is not None:  # the inner call of step(closure, scaler=)
+            loss, closure, rng = self._pending
+            self._pending = None
+        elif closure is not None:
+            if grad_scale is not None or found_inf is not None:
+                raise RuntimeError("GradScaler.step(opt, closure) cannot scale the closure's backward; use "
+                                   "opt.step(closure, scaler=scaler), or scaler.scale(loss).backward() then "
+                                   "scaler.step(opt)")
+            loss, rng = self._forward_backward(closure, None)
+        else:
+            loss, rng = None, None
+        return self._update(loss, closure, rng, grad_scale, found_inf)
+
+    def _forward_backward(self, closure, scaler) -> tuple[torch.Tensor, tuple | None]:
+        """Evaluate the training closure and backward (scaled by ``scaler`` if given)."""
         stash_now = (self.steps + 1) % self.hyper_every == 0
-        loss, rng = None, None
-        if closure is not None:
-            if self._noise:
-                self._prepare_noise()  # the noise keys of this step, from its first forward
-                rng = noise_hyper.rng_state(self.params[0].device) if stash_now else None
-            with torch.enable_grad():
-                self.zero_grad(set_to_none=True)
-                loss = _scalar_loss(closure(), "training")
-                loss.backward()
-            loss = loss.detach()
+        rng = None
+        if self._noise:
+            self._prepare_noise()  # the noise keys of this step, from its first forward
+            rng = noise_hyper.rng_state(self.params[0].device) if stash_now else None
+        with torch.enable_grad():
+            self.zero_grad(set_to_none=True)
+            loss = _scalar_loss(closure(), "training")
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        return loss.detach(), rng
+
+    def _update(self, loss, closure, rng, grad_scale, found_inf) -> torch.Tensor | None:
+        stash_now = (self.steps + 1) % self.hyper_every == 0
+        # The guard: found is the flag the fused op reads (skip if > 0) and, with check, sets when it
+        # finds an Inf/NaN gradient. A GradScaler's found_inf has already scanned the gradients.
+        found, check = found_inf, False
+        if self.skip_nonfinite:
+            device = self.params[0].device
+            found = torch.zeros((), dtype=torch.float32, device=device) if found_inf is None else found_inf.clone()
+            if loss is not None:
+                found = torch.maximum(found, (~torch.isfinite(loss)).to(torch.float32).reshape(()))
+            check = found_inf is None
+        self._stash = self._t1_update(stash_now, grad_scale, found, check)
+        if found is not None and float(found) > 0:
+            self._stash = None
+            if loss is not None and not bool(torch.isfinite(loss)):
+                reason = f"non-finite training loss ({float(loss)})"
+            elif found_inf is not None:
+                reason = "GradScaler found Inf/NaN gradients" + (
+                    f" (scale {float(grad_scale):g})" if grad_scale is not None else "")
+            else:
+                reason = "non-finite training gradient"
+            self._count_skip("t1", f"T1 step {self.steps + 1}: {reason}")
+            self._prepare_noise()  # the retry draws this step's noise again
+            return loss
+        self._took("t1")
         g0 = None
         if self._noise and stash_now and self.noise_hypergrad_mode == "fd":
             g0 = noise_hyper.recorded_grads(self._noise, self.compute_dtype)
+            if grad_scale is not None:  # recorded from the scaled backward (a power of 2: exact)
+                inv = 1.0 / float(grad_scale)
+                g0 = [g * inv for g in g0]
         self.steps += 1
-        self._stash = self._t1_update(stash_now)
-        if self._stash is not None and self._noise:
-            self._stash["noise"] = {"g0": g0, "step": self.steps,
-                                    "replay": None if closure is None else
-                                    noise_hyper.Replay(closure, self.steps, rng)}
+        if self._stash is not None:
+            self._stash["grad_scale"] = None if grad_scale is None else float(grad_scale)
+            if self._noise:
+                self._stash["noise"] = {"g0": g0, "step": self.steps,
+                                        "replay": None if closure is None else
+                                        noise_hyper.Replay(closure, self.steps, rng)}
         self._prepare_noise()  # for a forward the user runs before the next step()
         return loss
 
@@ -209,22 +354,26 @@ class T1T2(torch.optim.Optimizer):
         record = self.noise_hypergrad_mode == "fd" and nxt % self.hyper_every == 0
         noise_hyper.prepare(self._noise, nxt, record)
 
-    def _t1_update(self, stash: bool) -> dict | None:
+    def _t1_update(self, stash: bool, grad_scale=None, found_inf=None, check_finite=False) -> dict | None:
         group = self.param_groups[0]
         indices = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in indices]
         return t1_step(self.backend, params, [p.grad for p in params], [self.state[p] for p in params],
                        self.hypers, indices, self.optimizer_name, group["lr"], group["momentum"],
                        group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash,
-                       buffers=self._stash_buffers)
+                       buffers=self._stash_buffers, grad_scale=grad_scale, found_inf=found_inf,
+                       check_finite=check_finite)
 
     # -- T2 -----------------------------------------------------------------------------------
     def hyper_step(self, closure: Callable[[], torch.Tensor],
-                   train: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                   train: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor:
         """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run without noise),
         hypergradients through the last T1 step, then the hyper-optimizer update. Noise
         hyperparameters rerun the T1 step's training closure (the one given to ``step``, or
-        ``train`` here). Returns the (detached) validation loss."""
+        ``train`` here). ``scaler``: a GradScaler whose scale multiplies the validation loss for the
+        backward (fp16 autocast), v is unscaled in float32/64 before use. With ``skip_nonfinite``, an
+        Inf/NaN validation loss, v or hypergradient skips the update (λ and the hyper-optimizer state
+        stay as they were; ``last_skip`` says why). Returns the (detached) validation loss."""
         if self._stash is None:
             if self.steps == 0:
                 raise RuntimeError("hyper_step() called before any step(): run a T1 step first")
@@ -242,14 +391,26 @@ class T1T2(torch.optim.Optimizer):
                                    "training loss: call step(closure), or pass it here as "
                                    "hyper_step(val_closure, train=train_closure)")
         indices = sorted(stash["theta"])
+        guard = self.skip_nonfinite
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         # Under DDP, the validation pass and the noise replay run in no_sync(): each rank's v stays its
         # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
         with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
             loss = _scalar_loss(closure(), "validation")
-            grads = torch.autograd.grad(loss, [self.params[i] for i in indices], allow_unused=True)
+            bad = f"non-finite validation loss ({float(loss)})" if guard and not bool(torch.isfinite(loss)) else None
+            if bad and self._dist is None:  # across processes every rank must reach the all-reduces below
+                return self._skip_hyper(bad, loss)
+            grads = torch.autograd.grad(loss if scale is None else loss * scale, [self.params[i] for i in indices],
+                                        allow_unused=True)
         acc = self.compute_dtype
         v = [torch.zeros_like(stash["theta"][i]) if g is None else g.detach().to(acc).contiguous()
              for i, g in zip(indices, grads)]
+        if scale is not None:
+            torch._foreach_mul_(v, 1.0 / scale)  # in the compute dtype: no fp16 underflow left
+        if guard and bad is None and not _all_finite(v):
+            bad = "non-finite validation gradient"
+            if self._dist is None:
+                return self._skip_hyper(bad, loss)
         hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash)
         if self._noise:
             if self._dist is not None and self.distributed_noise == "exact":
@@ -262,13 +423,28 @@ class T1T2(torch.optim.Optimizer):
                 hypergrads.update(noise_hyper.noise_hypergrads(
                     mode=self.noise_hypergrad_mode, fd_eps=self.fd_eps, backend=self.backend, model=self._model,
                     bindings=self._noise, params=params, theta=[stash["theta"][i] for i in indices], u=u,
-                    g0=stash["noise"]["g0"], replay=replay, save=self._saved_theta(indices), dtype=acc))
+                    g0=stash["noise"]["g0"], replay=replay, save=self._saved_theta(indices), dtype=acc,
+                    loss_scale=stash.get("grad_scale")))
+        if bad is not None:  # a rank's own Inf/NaN: NaN hypergradients make every rank skip together
+            hypergrads = {n: torch.full_like(g, math.nan) for n, g in hypergrads.items()}
         if self._dist is not None and hypergrads:
             # mean over ranks of the per-rank hypergradients (and the check that λ agrees everywhere)
             hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
+        if guard:
+            nonfinite = [n for n, g in hypergrads.items() if not _all_finite([g])]
+            if nonfinite:
+                return self._skip_hyper(bad or f"non-finite hypergradient of {', '.join(nonfinite[:3])}"
+                                        + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
+                                        + ("" if self._dist is None else " (on some rank)"), loss)
+        self._took("t2")
         self.last_hypergrad = hypergrads
         self._hyper_update(hypergrads)
         self.hyper_steps += 1
+        return loss.detach()
+
+    def _skip_hyper(self, reason: str, loss: torch.Tensor) -> torch.Tensor:
+        """A T2 step skipped for Inf/NaN: λ, the hyper-optimizer state and last_hypergrad unchanged."""
+        self._count_skip("t2", f"T2 step after T1 step {self.steps}: {reason}")
         return loss.detach()
 
     def _saved_theta(self, indices: list[int]) -> list[torch.Tensor]:
@@ -292,7 +468,8 @@ class T1T2(torch.optim.Optimizer):
                 st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(self.hyper_eps)
                 h.raw.addcdiv_(st["exp_avg"], denom, value=-self.hyper_lr / (1 - b1 ** t))
-            h.project()
+            if h.project():
+                self.clipped[h.name] += 1
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -303,7 +480,7 @@ class T1T2(torch.optim.Optimizer):
                  for i, p in enumerate(self.params) if p in self.state}
         stash = None
         if self._stash is not None:
-            stash = {"lr": self._stash["lr"],
+            stash = {"lr": self._stash["lr"], "grad_scale": self._stash.get("grad_scale"),
                      "theta": {self.param_names[i]: t.clone() for i, t in self._stash["theta"].items()},
                      "jac": {self.param_names[i]: clone(j) for i, j in self._stash["jac"].items()}}
             if "noise" in self._stash:  # the training closure itself is not saved: pass hyper_step(train=)
@@ -321,6 +498,9 @@ class T1T2(torch.optim.Optimizer):
             "hyper_state": {n: {k: v.clone() for k, v in st.items()} for n, st in self._hyper_state.items()},
             "stash": stash,
             "last_hypergrad": {n: g.clone() for n, g in self.last_hypergrad.items()},
+            "skipped": dict(self.skipped),
+            "consecutive_skips": dict(self.consecutive_skips),
+            "clipped": dict(self.clipped),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -349,7 +529,7 @@ class T1T2(torch.optim.Optimizer):
                              for n, st in state_dict["hyper_state"].items()}
         stash = state_dict["stash"]
         self._stash = None if stash is None else {
-            "lr": stash["lr"],
+            "lr": stash["lr"], "grad_scale": stash.get("grad_scale"),
             "theta": {names[n]: t.to(dev).clone() for n, t in stash["theta"].items()},
             "jac": {names[n]: move(j) for n, j in stash["jac"].items()}}
         if stash is not None and self._noise:
@@ -358,6 +538,11 @@ class T1T2(torch.optim.Optimizer):
                                     "g0": None if saved["g0"] is None else [g.to(dev).clone() for g in saved["g0"]]}
         self._prepare_noise()
         self.last_hypergrad = {n: g.to(dev).clone() for n, g in state_dict["last_hypergrad"].items()}
+        # the guard's counters (absent from state_dicts written before they existed)
+        self.skipped = {"t1": 0, "t2": 0, **state_dict.get("skipped", {})}
+        self.consecutive_skips = {"t1": 0, "t2": 0, **state_dict.get("consecutive_skips", {})}
+        self.clipped = {h.name: int(state_dict.get("clipped", {}).get(h.name, 0)) for h in self.all_hypers}
+        self.last_skip = None
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything for deepcopy.
     def __getstate__(self):

@@ -64,17 +64,37 @@ def _entry(lst, i):
 @torch.no_grad()
 def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer: str, lr: float,
              momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
-             bias_correction1, bias_correction2) -> None:
+             bias_correction1, bias_correction2, grad_scale=None, found_inf=None, check_finite: bool = False) -> None:
     """Reference twin of ``torch.ops.t1t2.t1_step_`` (schema and argument contract in csrc/ops.cpp):
-    one T1 step per tensor, in place, with the penalty gradients added and the stash written."""
+    one T1 step per tensor, in place, with the penalty gradients added and the stash written.
+    ``grad_scale``/``found_inf``/``check_finite``: GradScaler's unscale and the non-finite guard."""
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
+    if check_finite and found_inf is None:
+        raise RuntimeError("t1t2::t1_step_: check_finite=True needs a found_inf tensor to report a non-finite "
+                           "gradient in")
+    for name, flag in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if flag is not None and (flag.numel() != 1 or flag.dtype != torch.float32):
+            raise RuntimeError(f"t1t2::t1_step_: {name} must be a one-element float32 tensor (as "
+                               f"torch.amp.GradScaler makes), got {flag.dtype} with {flag.numel()} elements")
+    if found_inf is not None and float(found_inf) > 0:
+        return  # a GradScaler (or the caller) saw Inf/NaN: the step is skipped
+    inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None  # in double, like the kernels
+
+    def unscaled(i, acc):
+        g = grads[i].detach().to(acc)
+        return g * torch.tensor(inv_scale, dtype=acc) if inv_scale is not None else g
+
+    if check_finite and any(not bool(torch.isfinite(unscaled(i, accumulate_dtype(p.dtype))).all())
+                            for i, p in enumerate(params)):
+        found_inf.fill_(1.0)
+        return
     for i, p in enumerate(params):
         acc = accumulate_dtype(p.dtype)
         theta = p.detach().to(acc)
         if theta.data_ptr() == p.data_ptr():
             theta = theta.clone()  # p is overwritten below; θ must stay the pre-step value
-        ghat = grads[i].detach().to(acc)
+        ghat = unscaled(i, acc)
         c2, c1, cd = _entry(l2, i), _entry(l1, i), _entry(decay, i)
         if c2 is not None:
             ghat = ghat + penalty_grad(theta, _per_group(c2, theta), "l2")

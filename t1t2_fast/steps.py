@@ -45,12 +45,17 @@ def reused_buffer(cache: dict, key, like: torch.Tensor, dtype: torch.dtype) -> t
 def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
             hypers: list[Hyperparameter], indices: list[int], optimizer: str, lr: float, momentum: float,
             nesterov: bool, betas: tuple[float, float], eps: float, hypergrad: str, stash: bool,
-            buffers: dict | None = None) -> dict | None:
+            buffers: dict | None = None, grad_scale: torch.Tensor | None = None,
+            found_inf: torch.Tensor | None = None, check_finite: bool = False) -> dict | None:
     """One T1 step of ``params`` in place through the backend's fused op. ``indices`` are the
     tensors' positions in the hyperparameters' target lists; ``states`` their optimizer state dicts
     (created and advanced here). Returns the stash for T2 when ``stash`` is set. ``buffers``, if
     given, keeps the stash tensors between calls (keyed like the stash) so a hyper iteration does
-    not fault in fresh pages for them every time; the previous stash is then overwritten."""
+    not fault in fresh pages for them every time; the previous stash is then overwritten.
+
+    ``grad_scale``/``found_inf``/``check_finite``: the op's GradScaler unscale and non-finite guard.
+    When ``found_inf`` is given, it is read back after the op (one host sync): if it is set, the
+    step was skipped, nothing was written (adam's step count stays too) and this returns None."""
     beta1, beta2 = betas
     acc = reference.accumulate_dtype(params[0].dtype) if params else torch.float32
     state1, state2, bc1, bc2 = [], [], [], []
@@ -60,8 +65,7 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, dtype=acc)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc)
-            t = int(state.get("step", 0)) + 1
-            state["step"] = torch.tensor(float(t), dtype=torch.float64)
+            t = int(state.get("step", 0)) + 1  # committed below, once the step is known to be taken
             state1.append(state["exp_avg"])
             state2.append(state["exp_avg_sq"])
             bc1.append(1 - beta1 ** t)
@@ -80,8 +84,15 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     adam_exact = adam and hypergrad == "exact"
     stash_theta = stash_buffers("theta") if stash else []
     stash_jac = stash_buffers("jac") if stash and adam_exact else []
+    guard = {} if grad_scale is None and found_inf is None and not check_finite else dict(
+        grad_scale=grad_scale, found_inf=found_inf, check_finite=check_finite)
     backend.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
-                     nesterov, beta1, beta2, eps, bc1, bc2)
+                     nesterov, beta1, beta2, eps, bc1, bc2, **guard)
+    if found_inf is not None and float(found_inf) > 0:
+        return None  # skipped: θ, the optimizer state and the stash buffers are as they were
+    if adam:
+        for state in states:
+            state["step"] = torch.tensor(float(int(state.get("step", 0)) + 1), dtype=torch.float64)
     if not stash:
         return None
     if hypergrad == "sgd" or adam:

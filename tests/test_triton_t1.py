@@ -392,14 +392,20 @@ def test_kernels_compile_for_a_gpu():
             return len(re.findall(r"ld\\.global(\\.\\w+)*\\.v[24]", ptx))
 
         common = dict(CHUNK=4096, BLOCK=2048, EMULATE_RTNE=False)
-        for P, opt, stash, aligned in [(tl.float32, "adam", True, True), (tl.bfloat16, "nesterov", True, True),
-                                       (tl.float16, "momentum", False, False), (tl.float64, "sgd", True, True),
-                                       (tl.float64, "adam", False, True)]:
+        for P, opt, stash, aligned, guard in [(tl.float32, "adam", True, True, False),
+                                              (tl.bfloat16, "nesterov", True, True, True),
+                                              (tl.float16, "momentum", False, False, True),
+                                              (tl.float64, "sgd", True, True, False),
+                                              (tl.float64, "adam", False, True, True)]:
             adam = opt == "adam"
             vector_loads = compile(t1_step._t1_step_table_kernel, P=P, ALIGNED=aligned, FP64=P == tl.float64,
                                    ADAM=adam, MOMENTUM=not adam and opt != "sgd", NESTEROV=opt == "nesterov",
-                                   STASH_THETA=stash, STASH_JAC=adam and stash, **common)
-            assert (vector_loads > 0) == aligned, (P, opt, aligned, vector_loads)
+                                   STASH_THETA=stash, STASH_JAC=adam and stash, HAS_SCALE=guard, HAS_FOUND=guard,
+                                   **common)
+            assert (vector_loads > 0) == aligned, (P, opt, aligned, guard, vector_loads)
+        for P in (tl.float16, tl.float32, tl.float64):  # the non-finite scan of check_finite
+            assert compile(t1_step._scan_table_kernel, P=P, ALIGNED=True, FP64=P == tl.float64, HAS_SCALE=True,
+                           **common) > 0
         for save, restore in [(True, False), (False, False), (True, True)]:
             assert compile(perturb._perturb_table_kernel, P=tl.bfloat16, ALIGNED=True, FP64=False, SAVE=save,
                            RESTORE=restore, **common) > 0

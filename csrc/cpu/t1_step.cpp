@@ -5,6 +5,9 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -41,13 +44,13 @@ struct TensorJob {
 // Scalars shared by every tensor, cast once from double.
 template <typename T>
 struct StepScalars {
-  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_scale;
 };
 
 // Per-run constants, passed by value so the compiler knows no store in the loop can change them.
 template <typename T>
 struct RunScalars {
-  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bc1, bc2, a, c2, c1, cd;
+  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_scale, bc1, bc2, a, c2, c1, cd;
 };
 
 // The element loop over one run. The arrays are __restrict__ parameters (GCC ignores restrict on
@@ -59,7 +62,7 @@ T1T2_ALWAYS_INLINE void run_elements(P* __restrict__ param, const P* __restrict_
                                      int64_t n, const RunScalars<T> k) {
   for (int64_t i = 0; i < n; ++i) {
     const T theta = static_cast<T>(param[i]);
-    T ghat = static_cast<T>(grad[i]);
+    T ghat = static_cast<T>(grad[i]) * k.inv_scale;  // 1 without a GradScaler: exact
     ghat += penalty_grad(PenaltyKind::L2, theta, k.c2);
     ghat += penalty_grad(PenaltyKind::L1, theta, k.c1);
     T direction;
@@ -97,13 +100,68 @@ T1T2_ALWAYS_INLINE void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64
     };
     const T c2 = coefficient(j.l2, j.l2_inner), c1 = coefficient(j.l1, j.l1_inner);
     const T cd = coefficient(j.decay, j.decay_inner);
-    const RunScalars<T> scalars{k.lr, k.momentum, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps,
-                                j.bc1, j.bc2, j.a, c2, c1, cd};
+    const RunScalars<T> scalars{k.lr,  k.momentum, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps,
+                                k.inv_scale, j.bc1, j.bc2, j.a, c2, c1, cd};
     run_elements<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac>(
         j.param + run_begin, j.grad + run_begin, at(j.state1, run_begin), at(j.state2, run_begin),
         at(j.stash_theta, run_begin), at(j.stash_jac, run_begin), run_end - run_begin, scalars);
     run_begin = run_end;
   }
+}
+
+// The non-finite scan of check_finite: is any g·(1/scale), in the compute type, Inf or NaN? A value
+// is non-finite exactly when its exponent bits are all ones, so (bits & exp) ^ exp is 0 for it and
+// positive otherwise; a min-reduction over unsigned integers vectorizes, where a float reduction
+// would not without reassociation.
+template <typename T>
+struct FloatBits;
+template <>
+struct FloatBits<float> {
+  using U = uint32_t;
+  static constexpr U kExponent = 0x7f800000u;
+};
+template <>
+struct FloatBits<double> {
+  using U = uint64_t;
+  static constexpr U kExponent = 0x7ff0000000000000ull;
+};
+
+template <typename P, typename T>
+T1T2_ALWAYS_INLINE bool any_nonfinite(const P* __restrict__ grad, int64_t n, T inv_scale) {
+  using Bits = FloatBits<T>;
+  typename Bits::U least = Bits::kExponent;
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = static_cast<T>(grad[i]) * inv_scale;
+    typename Bits::U bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const typename Bits::U e = (bits & Bits::kExponent) ^ Bits::kExponent;
+    least = e < least ? e : least;
+  }
+  return least == 0;
+}
+
+template <typename P, typename T>
+using ScanFn = bool (*)(const P*, int64_t, T);
+
+template <typename P, typename T>
+bool any_nonfinite_default(const P* grad, int64_t n, T inv_scale) {
+  return any_nonfinite(grad, n, inv_scale);
+}
+
+#if T1T2_AVX2_CLONES
+template <typename P, typename T>
+T1T2_TARGET_AVX2 bool any_nonfinite_avx2(const P* grad, int64_t n, T inv_scale) {
+  return any_nonfinite(grad, n, inv_scale);
+}
+#endif
+
+template <typename P, typename T>
+ScanFn<P, T> scan_kernel(bool avx2) {
+#if T1T2_AVX2_CLONES
+  if (avx2) return &any_nonfinite_avx2<P, T>;
+#endif
+  (void)avx2;
+  return &any_nonfinite_default<P, T>;
 }
 
 template <typename P, typename T>
@@ -154,9 +212,14 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  at::TensorList l2, at::TensorList l1, at::TensorList decay, at::TensorList stash_theta,
                  at::TensorList stash_jac, c10::string_view optimizer, double lr, double momentum, bool nesterov,
                  double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
-                 at::ArrayRef<double> bias_correction2) {
+                 at::ArrayRef<double> bias_correction2, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, bool check_finite) {
   const T1StepInputs in = check_t1_step_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac,
                                                optimizer, momentum, bias_correction1, bias_correction2, at::kCPU);
+  check_t1_step_guard(grad_scale, found_inf, check_finite, params);
+  const bool has_found = found_inf.has_value() && found_inf->defined();
+  if (has_found && found_inf->item<float>() > 0) return;  // a GradScaler (or the caller) saw Inf/NaN: skip
+  const double inv_scale = grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<float>() : 1.0;
   const size_t n = params.size();
   if (n == 0) return;
   const Optimizer opt = in.adam ? Optimizer::Adam : Optimizer::Sgd;
@@ -190,8 +253,23 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
     }
     const StepScalars<T> scalars{static_cast<T>(lr),          static_cast<T>(momentum), static_cast<T>(beta1),
                                  static_cast<T>(1.0 - beta1), static_cast<T>(beta2),    static_cast<T>(1.0 - beta2),
-                                 static_cast<T>(eps)};
+                                 static_cast<T>(eps),         static_cast<T>(inv_scale)};
     const bool avx2 = use_avx2();
+    if (check_finite) {  // read-only pass first: a non-finite gradient anywhere means nothing is written
+      const ScanFn<P, T> scan = scan_kernel<P, T>(avx2);
+      std::atomic<bool> found{false};
+      at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t first, int64_t last) {
+        for (int64_t k = first; k < last && !found.load(std::memory_order_relaxed); ++k) {
+          const size_t i = static_cast<size_t>(items[k].first);
+          const int64_t begin = items[k].second, end = std::min(jobs[i].numel, begin + kChunk);
+          if (scan(jobs[i].grad + begin, end - begin, scalars.inv_scale)) found.store(true, std::memory_order_relaxed);
+        }
+      });
+      if (found.load()) {
+        found_inf->fill_(1.0);
+        return;
+      }
+    }
     std::vector<ChunkFn<P, T>> kernels(n);
     for (size_t i = 0; i < n; ++i)
       kernels[i] = chunk_kernel<P, T>(opt, jobs[i].state1 != nullptr, nesterov, jobs[i].stash_theta != nullptr,

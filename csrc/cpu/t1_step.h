@@ -2,6 +2,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
+
 namespace t1t2 {
 
 // Fused T1 step over a list of tensors, in place (DESIGN.md §2): ĝ = g + Σ penalty gradients, the
@@ -11,6 +13,7 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  at::TensorList l2, at::TensorList l1, at::TensorList decay, at::TensorList stash_theta,
                  at::TensorList stash_jac, c10::string_view optimizer, double lr, double momentum, bool nesterov,
                  double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
-                 at::ArrayRef<double> bias_correction2);
+                 at::ArrayRef<double> bias_correction2, const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf, bool check_finite);
 
 }  // namespace t1t2

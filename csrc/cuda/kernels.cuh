@@ -130,6 +130,11 @@ struct T1StepScalars {
   double one_minus_beta2;
   double eps;
   bool nesterov;
+  // Mixed precision and the non-finite guard (device pointers to one float each, null if absent):
+  // the update uses g·(1/*grad_scale) and writes nothing where *found_inf > 0. Read on the device,
+  // so neither needs a host sync.
+  const float* grad_scale;
+  const float* found_inf;
 };
 
 using T1StepTableLayout = TableLayout;
@@ -149,6 +154,12 @@ inline T1StepTable t1_step_table_view(const void* device_table, const T1StepTabl
 // (cudaSuccess when there is nothing to do); errors during execution surface at the next sync.
 cudaError_t launch_t1_step(Storage storage, Optimizer optimizer, const T1StepTable& table,
                            const T1StepScalars& scalars, cudaStream_t stream);
+
+// The scan of check_finite: sets *found_inf = 1 if any g·(1/*grad_scale) of the table (computed in
+// the compute type) is Inf or NaN. Enqueued before launch_t1_step on the same stream, whose blocks
+// then see the flag and write nothing. grad_scale may be null (scale 1).
+cudaError_t launch_t1_step_scan(Storage storage, const T1StepTable& table, const float* grad_scale, float* found_inf,
+                                cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // penalty_segment_dot: out_g = Σ_{i∈g} u_i m_i(θ_i) over num_groups contiguous groups of `inner`

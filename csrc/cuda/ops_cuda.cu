@@ -61,10 +61,12 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   at::TensorList l2, at::TensorList l1, at::TensorList decay, at::TensorList stash_theta,
                   at::TensorList stash_jac, c10::string_view optimizer_name, double lr, double momentum,
                   bool nesterov, double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
-                  at::ArrayRef<double> bias_correction2) {
+                  at::ArrayRef<double> bias_correction2, const std::optional<at::Tensor>& grad_scale,
+                  const std::optional<at::Tensor>& found_inf, bool check_finite) {
   const T1StepInputs in = check_t1_step_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac,
                                                optimizer_name, momentum, bias_correction1, bias_correction2,
                                                at::kCUDA);
+  check_t1_step_guard(grad_scale, found_inf, check_finite, params);
   const size_t n = params.size();
   if (n == 0) return;
   const bool adam = in.adam;
@@ -102,9 +104,18 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   at::Tensor device_table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
   device_table.copy_(host_table, /*non_blocking=*/true);
 
-  const cuda::T1StepScalars scalars{lr, momentum, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, nesterov};
+  // grad_scale and found_inf stay on the device: the kernels read them, the host never syncs on them.
+  const float* scale_ptr = grad_scale.has_value() && grad_scale->defined() ? grad_scale->const_data_ptr<float>()
+                                                                          : nullptr;
+  float* found_ptr = found_inf.has_value() && found_inf->defined() ? found_inf->mutable_data_ptr<float>() : nullptr;
+  const cuda::T1StepTable table = cuda::t1_step_table_view(device_table.const_data_ptr(), layout);
+  if (check_finite)
+    C10_CUDA_CHECK(cuda::launch_t1_step_scan(storage_of(in.dtype), table, scale_ptr, found_ptr,
+                                             c10::cuda::getCurrentCUDAStream()));
+  const cuda::T1StepScalars scalars{lr, momentum, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, nesterov, scale_ptr,
+                                    found_ptr};
   C10_CUDA_CHECK(cuda::launch_t1_step(storage_of(in.dtype), adam ? cuda::Optimizer::Adam : cuda::Optimizer::Sgd,
-                                      cuda::t1_step_table_view(device_table.const_data_ptr(), layout), scalars,
+                                      table, scalars,
                                       c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -19,7 +19,15 @@ template <typename T>
 struct Scalars {
   T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
   bool nesterov;
+  const float* grad_scale;  // null: scale 1
+  const float* found_inf;   // null: no guard
 };
+
+// 1/scale in double, cast to the compute type (the CPU kernel's and the reference's rounding).
+template <typename T>
+__device__ __forceinline__ T inverse_scale(const float* grad_scale) {
+  return grad_scale ? static_cast<T>(1.0 / static_cast<double>(*grad_scale)) : T(1);
+}
 
 // c[i / inner] without a 64-bit division in the common cases (one coefficient, one per element,
 // tensors under 2³¹ elements). The branches are uniform over a block.
@@ -51,6 +59,8 @@ __global__ void __launch_bounds__(kThreads)
   const T bc1 = static_cast<T>(d.bias_correction1), bc2 = static_cast<T>(d.bias_correction2);
   const T adam_a = static_cast<T>(d.adam_a);
   const T lr = k.lr;
+  if (k.found_inf && *k.found_inf > 0.f) return;  // uniform over the grid: the step is skipped
+  const T inv_scale = inverse_scale<T>(k.grad_scale);
 
   for (int64_t base = chunk.begin + threadIdx.x; base < end; base += kIlp * kThreads) {
     T theta[kIlp], g[kIlp], s1[kIlp], s2[kIlp];
@@ -59,7 +69,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t i = base + r * kThreads;
       if (i < end) {
         theta[r] = to_compute(param[i]);
-        g[r] = to_compute(grad[i]);
+        g[r] = to_compute(grad[i]) * inv_scale;
         if (state1) s1[r] = state1[i];
         if (kOptimizer == Optimizer::Adam) s2[r] = state2[i];
       }
@@ -101,7 +111,9 @@ cudaError_t launch_typed(Optimizer optimizer, const T1StepTable& table, const T1
                      static_cast<T>(s.beta2),
                      static_cast<T>(s.one_minus_beta2),
                      static_cast<T>(s.eps),
-                     s.nesterov};
+                     s.nesterov,
+                     s.grad_scale,
+                     s.found_inf};
   const dim3 grid(static_cast<unsigned>(table.num_chunks));
   if (optimizer == Optimizer::Sgd)
     t1_step_kernel<P, T, Optimizer::Sgd><<<grid, kThreads, 0, stream>>>(table.tensors, table.chunks, k);
@@ -110,7 +122,48 @@ cudaError_t launch_typed(Optimizer optimizer, const T1StepTable& table, const T1
   return cudaGetLastError();
 }
 
+// One block scans one chunk of grads; any non-finite value sets *found_inf (a benign race: every
+// writer stores 1).
+template <typename P, typename T>
+__global__ void __launch_bounds__(kThreads)
+    t1_step_scan_kernel(const T1StepTensor* __restrict__ tensors, const T1StepChunk* __restrict__ chunks,
+                        const float* grad_scale, float* found_inf) {
+  const T1StepChunk chunk = chunks[blockIdx.x];
+  const T1StepTensor& d = tensors[chunk.tensor];
+  const P* __restrict__ grad = static_cast<const P*>(d.grad);
+  const int64_t end = d.numel < chunk.begin + kT1StepChunk ? d.numel : chunk.begin + kT1StepChunk;
+  const T inv_scale = inverse_scale<T>(grad_scale);
+  int bad = 0;
+  for (int64_t i = chunk.begin + threadIdx.x; i < end; i += kThreads) {
+    const T x = to_compute(grad[i]) * inv_scale;
+    bad |= !isfinite(x);
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.f;
+}
+
+template <typename P, typename T>
+cudaError_t launch_scan_typed(const T1StepTable& table, const float* grad_scale, float* found_inf,
+                              cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(table.num_chunks));
+  t1_step_scan_kernel<P, T><<<grid, kThreads, 0, stream>>>(table.tensors, table.chunks, grad_scale, found_inf);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t launch_t1_step_scan(Storage storage, const T1StepTable& table, const float* grad_scale, float* found_inf,
+                                cudaStream_t stream) {
+  if (table.num_chunks == 0) return cudaSuccess;
+  if (table.num_chunks > INT_MAX || table.tensors == nullptr || table.chunks == nullptr || found_inf == nullptr)
+    return cudaErrorInvalidValue;
+  switch (storage) {
+    case Storage::Float64: return launch_scan_typed<double, double>(table, grad_scale, found_inf, stream);
+    case Storage::Float32: return launch_scan_typed<float, float>(table, grad_scale, found_inf, stream);
+    case Storage::BFloat16: return launch_scan_typed<__nv_bfloat16, float>(table, grad_scale, found_inf, stream);
+    case Storage::Float16: return launch_scan_typed<__half, float>(table, grad_scale, found_inf, stream);
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t launch_t1_step(Storage storage, Optimizer optimizer, const T1StepTable& table,
                            const T1StepScalars& scalars, cudaStream_t stream) {

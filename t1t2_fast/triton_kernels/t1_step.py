@@ -16,13 +16,14 @@ from ._common import divide, load, row_pointer, square_root, store, table_float,
 OP = "t1t2_triton::t1_step_"
 
 # Columns of one tensor's row in the pointer table (layout: _common's docstring), as _run writes them:
-# 9 buffer addresses, then numel and the three group sizes, then three floats.
-(_PARAM, _GRAD, _STATE1, _STATE2, _L2, _L1, _DECAY, _STASH_THETA, _STASH_JAC, _NUMEL, _L2_INNER, _L1_INNER,
- _DECAY_INNER, _BC1, _BC2, _ADAM_A) = (tl.constexpr(c) for c in range(16))
+# 11 buffer addresses (the last two, grad_scale and found_inf, are the same one-float tensors in
+# every row), then numel and the three group sizes, then three floats.
+(_PARAM, _GRAD, _STATE1, _STATE2, _L2, _L1, _DECAY, _STASH_THETA, _STASH_JAC, _GRAD_SCALE, _FOUND_INF, _NUMEL,
+ _L2_INNER, _L1_INNER, _DECAY_INNER, _BC1, _BC2, _ADAM_A) = (tl.constexpr(c) for c in range(18))
 # The call's scalars, in the order _run lists them.
 _LR, _MOMENTUM, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS = (tl.constexpr(c) for c in range(7))
 _NUM_SCALARS = tl.constexpr(_common.NUM_SCALARS)
-_ROW_WIDTH = tl.constexpr(16)
+_ROW_WIDTH = tl.constexpr(18)
 
 
 @triton.jit
@@ -46,12 +47,12 @@ def _sign(x):
 @triton.jit
 def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, mask, numel,
                    l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                   bc1, bc2, adam_a, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
+                   bc1, bc2, adam_a, inv_scale, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
                    NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, BLOCK: tl.constexpr,
                    MASKED: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """The T1 update of the elements offs (csrc/include/t1t2/math.h in the same operation order)."""
     theta = upcast(load(param + offs, mask, MASKED), FP64)
-    ghat = upcast(load(grad + offs, mask, MASKED), FP64)
+    ghat = upcast(load(grad + offs, mask, MASKED), FP64) * inv_scale  # 1 without a GradScaler: exact
     if l2_inner > 0:
         ghat += 2.0 * _coefficient(l2, l2_inner, offs, mask, numel, BLOCK, MASKED) * theta
     if l1_inner > 0:
@@ -88,9 +89,20 @@ def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
 
 
 @triton.jit
-def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, row, start, table,
-                   FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                   STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+def _inverse_scale(grad_scale, FP64: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """1/scale in float64, cast to the compute dtype (the C++ kernels' rounding); 1 without a scale."""
+    if HAS_SCALE:
+        inv = upcast(1.0 / tl.load(grad_scale).to(tl.float64), FP64)
+    else:
+        inv = upcast(tl.full([], 1.0, tl.float32), FP64)
+    return inv
+
+
+@triton.jit
+def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf, row,
+                   start, table, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                    EMULATE_RTNE: tl.constexpr):
     """One chunk [start, start + CHUNK) of one tensor; the buffers are typed pointers, the row holds
     its sizes and per-tensor floats, the table's head the call's scalars. Whole blocks go unmasked
@@ -109,27 +121,31 @@ def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
     bc1 = table_float(row, _BC1, FP64)
     bc2 = table_float(row, _BC2, FP64)
     adam_a = table_float(row, _ADAM_A, FP64)
+    inv_scale = _inverse_scale(grad_scale, FP64, HAS_SCALE)
     end = tl.minimum(start + CHUNK, numel)
+    if HAS_FOUND:  # found_inf > 0 (a GradScaler's, or the scan's): nothing is written
+        end = tl.where(tl.load(found_inf) > 0, start, end)
     whole_end = start + (end - start) // BLOCK * BLOCK
     for block_start in range(start, whole_end, BLOCK):
         offs = block_start + tl.arange(0, BLOCK)
         _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, offs < end, numel,
                        l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2,
-                       one_minus_beta2, eps, bc1, bc2, adam_a, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
+                       one_minus_beta2, eps, bc1, bc2, adam_a, inv_scale, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
                        STASH_JAC, BLOCK, False, EMULATE_RTNE)
     if whole_end < end:
         offs = whole_end + tl.arange(0, BLOCK)
         _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, offs < end, numel,
                        l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2,
-                       one_minus_beta2, eps, bc1, bc2, adam_a, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
+                       one_minus_beta2, eps, bc1, bc2, adam_a, inv_scale, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
                        STASH_JAC, BLOCK, True, EMULATE_RTNE)
 
 
 @triton.jit
 def _t1_step_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr, FP64: tl.constexpr,
                           ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                          STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, CHUNK: tl.constexpr,
-                          BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+                          STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                          EMULATE_RTNE: tl.constexpr):
     """Program p updates work item p of the pointer table: any number of tensors in one launch."""
     t, start = work_item(table, work_at, CHUNK)
     row = table + _NUM_SCALARS + t * _ROW_WIDTH
@@ -138,22 +154,67 @@ def _t1_step_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr
                    row_pointer(row, _STATE1, T, ALIGNED), row_pointer(row, _STATE2, T, ALIGNED),
                    row_pointer(row, _L2, T, ALIGNED), row_pointer(row, _L1, T, ALIGNED),
                    row_pointer(row, _DECAY, T, ALIGNED), row_pointer(row, _STASH_THETA, T, ALIGNED),
-                   row_pointer(row, _STASH_JAC, T, ALIGNED),
-                   row, start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, CHUNK, BLOCK,
-                   EMULATE_RTNE)
+                   row_pointer(row, _STASH_JAC, T, ALIGNED), row_pointer(row, _GRAD_SCALE, tl.float32, False),
+                   row_pointer(row, _FOUND_INF, tl.float32, False),
+                   row, start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, HAS_SCALE, HAS_FOUND,
+                   CHUNK, BLOCK, EMULATE_RTNE)
 
 
 @triton.jit
-def _t1_step_tensor_kernel(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, table, t,
-                           FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                           STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, CHUNK: tl.constexpr,
+def _t1_step_tensor_kernel(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
+                           table, t, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
+                           NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr,
+                           HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """One tensor, its buffers as arguments (the traced path: torch.compile sees what is written);
     the table holds the scalars and row t but no addresses."""
     row = table + _NUM_SCALARS + t * _ROW_WIDTH
     start = tl.program_id(0).to(tl.int64) * CHUNK
-    _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, row, start, table, FP64,
-                   ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, CHUNK, BLOCK, EMULATE_RTNE)
+    _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf, row,
+                   start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, HAS_SCALE, HAS_FOUND,
+                   CHUNK, BLOCK, EMULATE_RTNE)
+
+
+# ---- the non-finite scan of check_finite: found_inf = 1 if any g·(1/scale) is Inf or NaN ----------
+
+@triton.jit
+def _count_nonfinite(grad, offs, end, inv_scale, FP64: tl.constexpr, MASKED: tl.constexpr):
+    x = upcast(load(grad + offs, offs < end, MASKED), FP64) * inv_scale
+    return tl.sum(((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32), axis=0)
+
+
+@triton.jit
+def _scan_chunk(grad, grad_scale, found_inf, row, start, FP64: tl.constexpr, HAS_SCALE: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    numel = tl.load(row + _NUMEL)
+    inv_scale = _inverse_scale(grad_scale, FP64, HAS_SCALE)
+    end = tl.minimum(start + CHUNK, numel)
+    whole_end = start + (end - start) // BLOCK * BLOCK  # unmasked whole blocks, then a masked tail
+    bad = 0
+    for block_start in range(start, whole_end, BLOCK):
+        bad += _count_nonfinite(grad, block_start + tl.arange(0, BLOCK), end, inv_scale, FP64, False)
+    if whole_end < end:
+        bad += _count_nonfinite(grad, whole_end + tl.arange(0, BLOCK), end, inv_scale, FP64, True)
+    if bad > 0:  # every writer stores 1: a benign race
+        tl.store(found_inf, 1.0)
+
+
+@triton.jit
+def _scan_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr, FP64: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    t, start = work_item(table, work_at, CHUNK)
+    row = table + _NUM_SCALARS + t * _ROW_WIDTH
+    _scan_chunk(row_pointer(row, _GRAD, P, ALIGNED), row_pointer(row, _GRAD_SCALE, tl.float32, False),
+                row_pointer(row, _FOUND_INF, tl.float32, False), row, start, FP64, HAS_SCALE, CHUNK, BLOCK)
+
+
+@triton.jit
+def _scan_tensor_kernel(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
+                        table, t, FP64: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+    row = table + _NUM_SCALARS + t * _ROW_WIDTH
+    start = tl.program_id(0).to(tl.int64) * CHUNK
+    _scan_chunk(grad, grad_scale, found_inf, row, start, FP64, HAS_SCALE, CHUNK, BLOCK)
 
 
 # ---- host side -------------------------------------------------------------------------------------
@@ -226,30 +287,52 @@ def _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, sta
     return contiguous_grads, inners
 
 
+# grad_scale and found_inf are float32 whatever the dtypes; the column flag only picks the dtype of
+# the placeholder an absent one gets, which no kernel reads.
+_COMPUTE_COLUMNS = (False, False) + (True,) * 9
 KERNELS = _common.MultiTensorKernels(_t1_step_table_kernel, _t1_step_tensor_kernel,
-                                     compute_columns=(False, False) + (True,) * 7, row_width=_ROW_WIDTH.value)
+                                     compute_columns=_COMPUTE_COLUMNS, row_width=_ROW_WIDTH.value)
+SCAN = _common.MultiTensorKernels(_scan_table_kernel, _scan_tensor_kernel, compute_columns=_COMPUTE_COLUMNS,
+                                  row_width=_ROW_WIDTH.value)
 
 
-@torch.library.triton_op(OP, mutates_args=("params", "state1", "state2", "stash_theta", "stash_jac"))
+@torch.library.triton_op(OP, mutates_args=("params", "state1", "state2", "stash_theta", "stash_jac", "found_inf"))
 def t1_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state1: list[torch.Tensor],
              state2: list[torch.Tensor], l2: list[torch.Tensor], l1: list[torch.Tensor], decay: list[torch.Tensor],
              stash_theta: list[torch.Tensor], stash_jac: list[torch.Tensor], optimizer: str, lr: float,
              momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
-             bias_correction1: list[float], bias_correction2: list[float]) -> None:
+             bias_correction1: list[float], bias_correction2: list[float], grad_scale: torch.Tensor | None = None,
+             found_inf: torch.Tensor | None = None, check_finite: bool = False) -> None:
     """Fused T1 step over many tensors, in place: ĝ = g + coupled L2/L1 penalty gradients, the sgd
     (momentum, Nesterov) or adam update, decoupled L2, and the stash of the pre-step θ and adam's
     ∂θ⁺/∂ĝ. Arguments and semantics: ``reference.t1_step_`` / the schema in csrc/ops.cpp."""
     kind = _common.tensor_kind(OP, [*params, *grads])
     _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum, nesterov,
-         beta1, beta2, eps, bias_correction1, bias_correction2, kind)
+         beta1, beta2, eps, bias_correction1, bias_correction2, kind, grad_scale, found_inf, check_finite)
+
+
+def _check_guard(params, grad_scale, found_inf, check_finite) -> None:
+    """The checks and messages of csrc/checks.cpp's check_t1_step_guard."""
+    if check_finite and found_inf is None:
+        _fail("check_finite=True needs a found_inf tensor to report a non-finite gradient in")
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        if t.numel() != 1 or t.dtype != torch.float32:
+            _fail(f"{name} must be a one-element float32 tensor (as torch.amp.GradScaler makes), got {t.dtype} "
+                  f"with {t.numel()} elements")
+        if params and t.device != params[0].device:
+            _fail(f"{name} is on {t.device} but the params are on {params[0].device}")
 
 
 def _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum, nesterov,
-         beta1, beta2, eps, bias_correction1, bias_correction2, kind: str) -> None:
+         beta1, beta2, eps, bias_correction1, bias_correction2, kind: str, grad_scale=None, found_inf=None,
+         check_finite=False) -> None:
     """The op's body: checks, then launches (``MultiTensorKernels.launch``; kind from
     ``_common.tensor_kind``, tests force "functional" on real tensors)."""
     grads, inners = _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer,
                                   momentum, bias_correction1, bias_correction2)
+    _check_guard(params, grad_scale, found_inf, check_finite)
     if not params or kind == "fake":
         return
     adam = optimizer == "adam"
@@ -259,10 +342,17 @@ def _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, o
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     buffers = [(params[i], grads[i], state1[i] if adam or sgd_momentum else None, state2[i] if adam else None,
                 l2[i] if inners[i][0] else None, l1[i] if inners[i][1] else None, decay[i] if inners[i][2] else None,
-                stash_theta[i] if stash_theta else None, stash_jac[i] if stash_jac else None) for i in live]
+                stash_theta[i] if stash_theta else None, stash_jac[i] if stash_jac else None, grad_scale, found_inf)
+               for i in live]
     extras = []
     for i in live:
         bc1, bc2 = (bias_correction1[i], bias_correction2[i]) if adam else (1.0, 1.0)
         extras.append([params[i].numel(), *inners[i], *map(_common.float_bits, (bc1, bc2, (1.0 - beta1) / bc1))])
     scalars = [lr, momentum, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps]  # 1 − β in double, as math.h asks
-    KERNELS.launch(kind, params[0].dtype, params[0].device, scalars, buffers, extras, flags)
+    # The guard reads found_inf on the device (no host sync): the scan, queued first on the same stream,
+    # sets it, and every program of the update then finds it set and writes nothing.
+    guard = dict(HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None)
+    if check_finite:
+        SCAN.launch(kind, params[0].dtype, params[0].device, scalars, buffers, extras,
+                    dict(FP64=flags["FP64"], HAS_SCALE=guard["HAS_SCALE"]))
+    KERNELS.launch(kind, params[0].dtype, params[0].device, scalars, buffers, extras, {**flags, **guard})
