@@ -116,12 +116,14 @@ T1StepInputs check_t1_step_inputs(at::TensorList params, at::TensorList grads, a
   check_list(stash_theta, n, "stash_theta");
   check_list(stash_jac, n, "stash_jac");
   if (in.adam) {
-    TORCH_CHECK(!state1.empty() && !state2.empty(), kT1Step, ": adam needs state1 (exp_avg) and state2 (exp_avg_sq)");
+    TORCH_CHECK(n == 0 || (!state1.empty() && !state2.empty()), kT1Step,
+                ": adam needs state1 (exp_avg) and state2 (exp_avg_sq)");
     TORCH_CHECK(bias_correction1.size() == n && bias_correction2.size() == n, kT1Step,
                 ": adam needs one bias correction per parameter, got ", bias_correction1.size(), " and ",
                 bias_correction2.size(), " for ", n, " params");
   } else {
-    TORCH_CHECK(momentum == 0 || !state1.empty(), kT1Step, ": sgd with momentum needs state1 (momentum buffers)");
+    TORCH_CHECK(momentum == 0 || n == 0 || !state1.empty(), kT1Step,
+                ": sgd with momentum needs state1 (momentum buffers)");
     TORCH_CHECK(stash_jac.empty(), kT1Step, ": stash_jac is only written by adam (sgd's Jacobian is a scalar)");
   }
   if (n == 0) return in;

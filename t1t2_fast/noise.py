@@ -291,6 +291,7 @@ class GaussianNoise(nn.Module):
             return x
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         sigma = sigma.to(device=x.device, dtype=compute)
+        self.input_dtype = x.dtype  # what the noise hypergradient's finite difference is made of
         if self._recording:
             sigma = sigma.clone().requires_grad_(True)
             sigma.register_hook(self._accumulate)

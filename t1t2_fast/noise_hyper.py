@@ -21,6 +21,7 @@ buffers (BatchNorm running statistics) as the T1 step left them.
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -169,6 +170,14 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
         else:
             r = fd_eps / norm
             plus = sigma_grads_at(r)
+            low = sorted({str(b.module.input_dtype) for b in bindings
+                          if getattr(b.module, "input_dtype", None) in (torch.float16, torch.bfloat16)})
+            if low:
+                warnings.warn(f"noise_hypergrad={mode!r} differences two forward/backward passes that run in "
+                              f"{', '.join(low)} (autocast or low-precision parameters): with fd_eps={fd_eps:g} "
+                              f"the difference is mostly rounding and the noise levels drift. Use "
+                              f"noise_hypergrad='exact', or fd_eps >= 0.1 (README \"Reliability\")", RuntimeWarning,
+                              stacklevel=4)
             if mode == "fd":
                 if g0 is None:
                     raise RuntimeError("noise_hypergrad='fd' needs ∇σL(θ) from the T1 backward, and the T1 step "

@@ -397,7 +397,7 @@ class T1T2(torch.optim.Optimizer):
         # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
         with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
             loss = _scalar_loss(closure(), "validation")
-            bad = f"non-finite validation loss ({float(loss)})" if guard and not bool(torch.isfinite(loss)) else None
+            bad = f"non-finite validation loss ({float(loss.detach())})" if guard and not bool(torch.isfinite(loss)) else None
             if bad and self._dist is None:  # across processes every rank must reach the all-reduces below
                 return self._skip_hyper(bad, loss)
             grads = torch.autograd.grad(loss if scale is None else loss * scale, [self.params[i] for i in indices],

@@ -255,13 +255,13 @@ def _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, sta
                       (stash_theta, "stash_theta"), (stash_jac, "stash_jac")):
         _check_list(lst, n, name)
     if adam:
-        if not state1 or not state2:
+        if n and (not state1 or not state2):
             _fail("adam needs state1 (exp_avg) and state2 (exp_avg_sq)")
         if len(bias_correction1) != n or len(bias_correction2) != n:
             _fail(f"adam needs one bias correction per parameter, got {len(bias_correction1)} and "
                   f"{len(bias_correction2)} for {n} params")
     else:
-        if momentum != 0 and not state1:
+        if momentum != 0 and n and not state1:
             _fail("sgd with momentum needs state1 (momentum buffers)")
         if stash_jac:
             _fail("stash_jac is only written by adam (sgd's Jacobian is a scalar)")
