@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "approximation (Jacobian -lr for every optimizer)")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="implementation of the fused ops")
+    g.add_argument("--max-skips", type=positive_int, default=25,
+                   help="stop with an error after this many consecutive T1 (or T2) steps skipped for Inf/NaN "
+                        "values; each skip is logged")
 
     g = tr.add_argument_group("run")
     g.add_argument("--seed", type=nonneg_int, default=0,
@@ -839,6 +842,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
 
     import t1t2_fast as t1t2
     from .data import load_data
+    from .optimizer import NonFiniteError
 
     try:
         device = torch.device(args.device)
@@ -893,7 +897,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
                         nesterov=args.nesterov, hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr,
                         hyper_every=args.hyper_every, hypergrad=args.hypergrad,
                         noise_hypergrad=args.noise_hypergrad, fd_eps=args.fd_eps, backend=args.backend,
-                        seed=args.seed)
+                        seed=args.seed, max_consecutive_skips=args.max_skips)
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise UsageError(str(exc)) from None
     backend_name = getattr(getattr(opt, "backend", None), "name", args.backend)
@@ -976,14 +980,33 @@ def _train(args, ddp: _Dist | None = None) -> int:
     if main_rank:
         record(0)
     model.train()
-    diverged = None
+    diverged, stop_reason = None, None
+    logged_skips = 0
+
+    def log_skip(step):
+        """Each skipped step on its own line (the first 20, then every 100th), above the bar."""
+        nonlocal logged_skips
+        total = sum(opt.skipped.values())
+        if main_rank and opt.last_skip and total > logged_skips:
+            logged_skips = total
+            if total <= 20 or total % 100 == 0:
+                bar.write(f"t1t2 train: iteration {step}: skipped {opt.last_skip} ({opt.skipped['t1']} T1 and "
+                          f"{opt.skipped['t2']} T2 steps skipped so far)")
+
     t_train = time.perf_counter()
     try:
         for step in range(1, total_steps + 1):
-            loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches))))
-            if tuning and opt.hyper_due:
-                opt.hyper_step(shard_loss(val_x, val_y, next(val_batches)))
-            if not math.isfinite(float(loss)):
+            try:
+                loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches))))
+                log_skip(step)
+                if tuning and opt.hyper_due:
+                    opt.hyper_step(shard_loss(val_x, val_y, next(val_batches)))
+                    log_skip(step)
+            except NonFiniteError as exc:  # --max-skips consecutive skips: the run is not recovering
+                log_skip(step)
+                diverged, stop_reason = step, str(exc)
+                loss = torch.tensor(math.nan)
+            if not opt.skip_nonfinite and not math.isfinite(float(loss)):
                 diverged = step
             if main_rank and (step % log_every == 0 or step == total_steps or diverged):
                 tl, vl, hp = record(step)
@@ -1027,6 +1050,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
         "steps_done": rows[-1][0], "hyper_steps": int(getattr(opt, "hyper_steps", 0)),
         "world_size": world, "hyper_comm_bytes": int(getattr(opt, "comm_bytes", 0)),
         "diverged_at_step": diverged,
+        "skipped_steps": dict(opt.skipped), "clipped_hyper_steps": dict(opt.clipped),
         "train_time_s": train_time, "wall_time_s": wall,
         "dataset": {"name": data.name, "train": n_train, "val": n_val, "test": len(data.test),
                     "features": data.num_features, "classes": data.num_classes},
@@ -1050,9 +1074,11 @@ def _train(args, ddp: _Dist | None = None) -> int:
     print(f"run time {wall:.1f} s ({train_time:.1f} s training, {rows[-1][0]} steps, "
           f"{metrics['hyper_steps']} hyper steps, backend {backend_name})")
     print("wrote " + "\n      ".join(paths.values()))
+    if any(opt.skipped.values()):
+        print(f"skipped for Inf/NaN: {opt.skipped['t1']} T1 and {opt.skipped['t2']} T2 steps")
     if diverged:
-        print(f"t1t2 train: error: the training loss became non-finite at step {diverged} (training stopped "
-              f"there); try a smaller --lr or --hyper-lr", file=sys.stderr)
+        why = stop_reason or "the training loss became non-finite. Try a smaller --lr or --hyper-lr"
+        print(f"t1t2 train: error: training stopped at iteration {diverged}: {why}", file=sys.stderr)
         return 1
     return 0
 

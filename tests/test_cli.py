@@ -185,3 +185,16 @@ def test_divergence_stops_with_status_1_and_strict_json(tmp_path, capsys):
     m = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=reject)
     assert m["diverged_at_step"] is not None and m["steps_done"] == m["diverged_at_step"] < 40
     assert_valid_png(tmp_path / "trajectories.png")
+
+
+def test_skipped_steps_are_logged_and_max_skips_stops_the_run(tmp_path, capsys):
+    """lr 1e6 overflows θ within two steps (from finite inputs, which no guard can see coming); every
+    later step has a NaN loss and is skipped and logged, and --max-skips consecutive skips stop the run."""
+    import re
+    assert run(tmp_path, "--lr", "1e6", "--steps", "40", "--max-skips", "3") == 1
+    captured = capsys.readouterr()
+    logged = re.findall(r"iteration (\d+): skipped T1 step \d+: non-finite training loss \(nan\)", captured.out)
+    assert len(logged) == 3
+    assert "3 consecutive T1 (training) steps were skipped" in captured.err
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["skipped_steps"]["t1"] == 3 and m["diverged_at_step"] == int(logged[-1]) < 40
