@@ -14,6 +14,10 @@ layernorm tensors, widths scaled to the count):
   fused), without stash, and vs ``reference.t1_step_``.
 - T1 adam: ``ops.t1_step_`` with the adam-exact stash (θ and ∂θ⁺/∂ĝ) and without, vs
   ``torch.optim.Adam(weight_decay=...)`` in each mode and the reference.
+- The non-finite guard (issue 8), for both: ``ops.t1_step_`` with ``check_finite`` (what ``T1T2``
+  runs by default: a read-only scan of the grads, then the update), and under a GradScaler (torch's
+  ``_amp_foreach_non_finite_check_and_unscale_``, then the op with grad_scale/found_inf) next to
+  torch's fused optimizer after the same check (what ``GradScaler.step`` does for it).
 - T2: the per-layer L2 hypergradient over the weight tensors, for sgd (J = −η, a scalar) and
   adam-exact (J a stashed tensor): the fused multi-tensor ``ops.penalty_hypergrad`` (what
   ``T1T2.hyper_step`` runs) when the extension has it, the per-tensor path (u = J ⊙ v in torch,
@@ -269,6 +273,18 @@ def t1_cases(prob: Problem, optimizer: str, ops, triton_ops=None) -> list[tuple]
         cases.append(("t1t2 fused, stash in fresh buffers", stash_name, nbytes(arrays + stash_arrays),
                       fresh_stash_step))
         cases.append(("t1t2 fused", "-", nbytes(arrays), lambda: ops.t1_step_(*without)))
+        # the non-finite guard T1T2 runs by default: a read-only scan of the grads, then the update
+        found = torch.zeros((), dtype=torch.float32, device=prob.device)
+        cases.append(("t1t2 fused, guarded (check_finite)", "-", nbytes(arrays + 1),
+                      lambda: ops.t1_step_(*without, found_inf=found, check_finite=True)))
+        # under a GradScaler: its own check (torch's op), then the fused step unscales in its pass
+        scale = torch.full((), 1.0, dtype=torch.float32, device=prob.device)
+        inv = torch.full((), 1.0, dtype=torch.float32, device=prob.device)
+
+        def scaler_step():
+            torch._amp_foreach_non_finite_check_and_unscale_(prob.grads(), found, inv)
+            ops.t1_step_(*without, grad_scale=scale, found_inf=found)
+        cases.append(("t1t2 fused + GradScaler's check", "-", nbytes(arrays + 2), scaler_step))
     else:
         cases.append(("t1t2 fused", stash_name, nbytes(arrays + stash_arrays), "extension not loaded"))
     if triton_ops is not None:
@@ -289,6 +305,18 @@ def t1_cases(prob: Problem, optimizer: str, ops, triton_ops=None) -> list[tuple]
             cases.append((name, "-", nbytes(arrays), f"unsupported: {str(e).splitlines()[0]}"))
             continue
         cases.append((name, "-", nbytes(arrays), opt.step))
+        if mode == "fused":  # what GradScaler.step does for a fused torch optimizer: its check, then the step
+            found_t = torch.zeros((), dtype=torch.float32, device=prob.device)
+            inv_t = torch.full((), 1.0, dtype=torch.float32, device=prob.device)
+
+            def torch_scaler_step(opt=opt):
+                torch._amp_foreach_non_finite_check_and_unscale_(prob.grads(), found_t, inv_t)
+                opt.grad_scale, opt.found_inf = inv_t, found_t
+                try:
+                    opt.step()
+                finally:
+                    del opt.grad_scale, opt.found_inf
+            cases.append((f"{name} + GradScaler's check", "-", nbytes(arrays + 2), torch_scaler_step))
     return cases
 
 
@@ -432,6 +460,11 @@ def run(args) -> list[dict]:
     return rows
 
 
+def plain_torch(row) -> bool:
+    """A torch.optim step on its own (the GradScaler variants are compared among themselves)."""
+    return row["impl"].startswith("torch.optim") and "GradScaler" not in row["impl"]
+
+
 def add_ratios(rows):
     """speedup_vs_reference: the reference time of the same kernel and stash over this time;
     vs_fastest_torch: this time over torch's fastest mode of the same kernel (without stash)."""
@@ -441,7 +474,7 @@ def add_ratios(rows):
         same = [q for q in rows if "ms" in q and (q["model"], q["numel"], q["kernel"]) == (r["model"], r["numel"],
                                                                                        r["kernel"])]
         ref = [q["ms"] for q in same if q["impl"] == "reference" and q["stash"] == r["stash"]]
-        torch_ms = [q["ms"] for q in same if q["impl"].startswith("torch.optim")]
+        torch_ms = [q["ms"] for q in same if plain_torch(q)]
         r["speedup_vs_reference"] = ref[0] / r["ms"] if ref else None
         r["vs_fastest_torch"] = r["ms"] / min(torch_ms) if torch_ms else None
 
@@ -458,7 +491,7 @@ def targets(rows, at=TARGET_SIZE) -> list[str]:
     for model in dict.fromkeys(r["model"] for r in timed):
         mine = [r for r in timed if r["model"] == model]
         t1 = [r for r in mine if r["kernel"] == "T1 sgd" and r["impl"] == "t1t2 fused" and r["stash"] != "-"]
-        torch_sgd = [r for r in mine if r["kernel"] == "T1 sgd" and r["impl"].startswith("torch.optim")]
+        torch_sgd = [r for r in mine if r["kernel"] == "T1 sgd" and plain_torch(r)]
         if t1 and torch_sgd:
             best = min(torch_sgd, key=lambda r: r["ms"])
             ratio = t1[0]["ms"] / best["ms"]
