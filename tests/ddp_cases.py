@@ -138,6 +138,31 @@ def drift(rank: int, world: int) -> str:
     return "no error"
 
 
+def nonfinite(case: str, rank: int, world: int) -> dict:
+    """Rank 1 alone gets a NaN in its training shard at step 2 and in its validation shard at step 4:
+    every rank must skip the same T1 and T2 steps (DDP's all-reduce spreads the NaN gradient; the
+    hypergradient all-reduce spreads a rank's skip) and stay identical."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    inner = make_model(CASES[case][1])
+    model = DDP(inner)
+    opt = make_opt(model, case)
+    skips = []
+    for k, (x, y, xv, yv) in enumerate(batches()):
+        xs, ys, xvs, yvs = (shard(t, rank, world).clone() for t in (x, y, xv, yv))
+        if rank == 1 and k == 1:
+            xs[0, 0] = float("nan")
+        if rank == 1 and k == 3:
+            xvs[0, 0] = float("nan")
+        opt.step(lambda: F.cross_entropy(model(xs), ys))
+        if opt.hyper_due:
+            opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
+        skips.append(dict(opt.skipped))
+    out = snapshot(inner, opt)
+    out.update(skips=skips, steps=opt.steps, hyper_steps=opt.hyper_steps)
+    return out
+
+
 def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
     import torch.distributed as dist
 
@@ -150,6 +175,8 @@ def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
             result["drift"] = drift(rank, world)
             # each rank's own v in the noise hypergradient: no parameter-sized all-reduce
             result["local-noise"] = run_rank("momentum-noise-fd", rank, world, distributed_noise="local")
+            result["nonfinite"] = {case: nonfinite(case, rank, world) for case in ("momentum-penalties",
+                                                                                  "adam-noise-fd")}
             torch.save(result, out)
             return 0
         # mode "hang": rank 1 raises in its validation closure at the 3rd hyper step and, instead of

@@ -100,6 +100,18 @@ def test_local_noise_reduction_sends_only_hypergradients(ranks):
     assert any(not torch.allclose(r0["raw"][n], exact[n], rtol=1e-9, atol=0) for n in exact if n.startswith("noise"))
 
 
+def test_a_nonfinite_shard_on_one_rank_skips_the_step_on_every_rank(ranks):
+    for case in ("momentum-penalties", "adam-noise-fd"):
+        r0, r1 = ranks[0]["nonfinite"][case], ranks[1]["nonfinite"][case]
+        assert r0["skips"] == r1["skips"], case
+        assert r0["skips"][1] == {"t1": 1, "t2": 0} and r0["skips"][-1] == {"t1": 1, "t2": 1}, case
+        assert r0["steps"] == cases.STEPS - 1 and r0["hyper_steps"] == cases.STEPS - 2
+        for key in ("theta", "raw"):
+            for name in r0[key]:
+                assert torch.equal(r0[key][name], r1[key][name]), (case, key, name)
+                assert torch.isfinite(r0[key][name]).all(), (case, key, name)
+
+
 def test_drift_of_lambda_on_one_rank_fails_on_every_rank(ranks):
     for r in range(WORLD):
         msg = ranks[r]["drift"]
