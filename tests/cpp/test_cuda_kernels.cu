@@ -166,6 +166,11 @@ void test_workspace_and_argument_errors() {
   const tc::T1StepScalars scalars{0.1, 0.9, 0.9, 0.1, 0.999, 0.001, 1e-8, false};
   CHECK(tc::launch_t1_step(tc::Storage::Float32, tc::Optimizer::Sgd, empty, scalars, nullptr) == cudaSuccess,
         "no chunks, nothing to do");
+  CHECK(tc::launch_t1_step_scan(tc::Storage::Float32, empty, nullptr, nullptr, nullptr) == cudaSuccess,
+        "no chunks, nothing to scan");
+  const tc::T1StepTable one_chunk{nullptr, nullptr, 1, 1};
+  CHECK(tc::launch_t1_step_scan(tc::Storage::Float32, one_chunk, nullptr, nullptr, nullptr) == cudaErrorInvalidValue,
+        "the scan needs found_inf (and a table)");
 }
 
 void test_hypergrad_plan() {
@@ -424,6 +429,69 @@ void test_t1_step_dtype(std::mt19937& rng) {
   }
 }
 
+// ---- device checks: the non-finite guard and grad_scale of t1_step ----
+
+// One tensor, sgd with momentum: (1) g·4 with grad_scale 4 writes the bits of g without a scale;
+// (2) a NaN in the grads makes the scan set found_inf, after which the update writes nothing;
+// (3) found_inf already set on entry: nothing written, without a scan.
+template <typename P>
+void test_t1_step_guard(std::mt19937& rng) {
+  using T = typename std::conditional<std::is_same<P, double>::value, double, float>::type;
+  std::normal_distribution<double> normal;
+  const int64_t n = 40000;
+  std::vector<P> param, grad, grad4;
+  std::vector<T> s1;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = normal(rng);
+    param.push_back(from_float<P>(normal(rng)));
+    grad.push_back(from_float<P>(g));
+    grad4.push_back(from_float<P>(4.0 * to_double(grad.back())));
+    s1.push_back(static_cast<T>(normal(rng)));
+  }
+  const tc::T1StepScalars plain{0.05, 0.9, 0.9, 0.1, 0.999, 0.001, 1e-8, false};
+  auto run = [&](const std::vector<P>& g, const float* scale, float* found, bool scan, std::vector<P>& param_out,
+                 std::vector<T>& s1_out) {
+    DeviceBuffer<P> d_param(param), d_grad(g);
+    DeviceBuffer<T> d_s1(s1);
+    tc::T1StepTensor d{};
+    d.param = d_param.ptr;
+    d.grad = d_grad.ptr;
+    d.state1 = d_s1.ptr;
+    d.numel = n;
+    d.bias_correction1 = d.bias_correction2 = 1.0;
+    const tc::T1StepTableLayout layout = tc::t1_step_table_layout(&d, 1);
+    std::vector<unsigned char> table(layout.bytes);
+    tc::t1_step_fill_table(&d, layout, table.data());
+    DeviceBuffer<unsigned char> d_table(table);
+    const tc::T1StepTable view = tc::t1_step_table_view(d_table.ptr, layout);
+    tc::T1StepScalars k = plain;
+    k.grad_scale = scale;
+    k.found_inf = found;
+    if (scan) CUDA_OK(tc::launch_t1_step_scan(storage_of<P>(), view, scale, found, nullptr));
+    CUDA_OK(tc::launch_t1_step(storage_of<P>(), tc::Optimizer::Sgd, view, k, nullptr));
+    CUDA_OK(cudaDeviceSynchronize());
+    param_out = d_param.host();
+    s1_out = d_s1.host();
+  };
+  auto same = [](const auto& a, const auto& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(a[0])) == 0;
+  };
+  DeviceBuffer<float> d_scale(std::vector<float>{4.f}), d_found(std::vector<float>{0.f});
+  std::vector<P> p_plain, p_scaled, p_out;
+  std::vector<T> s_plain, s_scaled, s_out;
+  run(grad, nullptr, nullptr, false, p_plain, s_plain);
+  run(grad4, d_scale.ptr, d_found.ptr, true, p_scaled, s_scaled);
+  CHECK(d_found.host()[0] == 0.f, "guard %s: finite grads leave found_inf at 0", name_of<P>());
+  CHECK(same(p_plain, p_scaled) && same(s_plain, s_scaled), "guard %s: g·4 with grad_scale 4 is g", name_of<P>());
+  std::vector<P> bad = grad;
+  bad[33333] = from_float<P>(std::numeric_limits<double>::quiet_NaN());
+  run(bad, nullptr, d_found.ptr, true, p_out, s_out);
+  CHECK(d_found.host()[0] == 1.f, "guard %s: the scan sets found_inf", name_of<P>());
+  CHECK(same(p_out, param) && same(s_out, s1), "guard %s: a NaN gradient writes nothing", name_of<P>());
+  run(grad, nullptr, d_found.ptr, false, p_out, s_out);  // found_inf still 1 from the scan above
+  CHECK(same(p_out, param) && same(s_out, s1), "guard %s: found_inf set on entry writes nothing", name_of<P>());
+}
+
 // ---- device checks: penalty_segment_dot ----
 
 template <typename P>
@@ -657,6 +725,10 @@ int main() {
   test_t1_step_dtype<float>(rng);
   test_t1_step_dtype<__nv_bfloat16>(rng);
   test_t1_step_dtype<__half>(rng);
+  test_t1_step_guard<double>(rng);
+  test_t1_step_guard<float>(rng);
+  test_t1_step_guard<__nv_bfloat16>(rng);
+  test_t1_step_guard<__half>(rng);
   test_segment_dot_dtype<double>(rng);
   test_segment_dot_dtype<float>(rng);
   test_segment_dot_dtype<__nv_bfloat16>(rng);
