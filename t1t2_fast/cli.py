@@ -806,8 +806,8 @@ def _torchrun_env() -> tuple[int, int, int] | None:
 # ---------------------------------------------------------------------------------------------
 CHECKPOINT_FORMAT = "t1t2-train-checkpoint"
 # Flags that change where and how a run reports, not what it computes: they may differ on --resume.
-RUN_ONLY_FLAGS = ("out", "name", "quiet", "threads", "dist_timeout", "checkpoint", "checkpoint_every", "resume",
-                  "func")
+# (--threads is not one of them: torch's kernels may sum in another order with another thread count.)
+RUN_ONLY_FLAGS = ("out", "name", "quiet", "dist_timeout", "checkpoint", "checkpoint_every", "resume", "func")
 
 
 class _BatchStream:
