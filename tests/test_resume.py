@@ -45,7 +45,8 @@ BACKENDS = [
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the same intra-op thread count as this process, which ran the uninterrupted run
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env  # TRITON_INTERPRET, when conftest set it, is inherited
 
