@@ -172,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits in a collective for the others before it "
                         "fails (a rank that died or hangs does not block the rest forever)")
+    g = tr.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="write a checkpoint to PATH every --checkpoint-every steps and at the end (atomically: "
+                        "a temporary file renamed over PATH; under torchrun rank 0 writes it)")
+    g.add_argument("--checkpoint-every", type=positive_int, default=500, metavar="N",
+                   help="steps between checkpoints")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue the run saved in this checkpoint: run the same command with --resume added; "
+                        "it goes on with the same data order, step count and random states and ends with "
+                        "the same outputs as a run that was never interrupted. A checkpoint of a run with "
+                        "other settings is refused")
     tr.set_defaults(func=cmd_train)
     _add_experiment_commands(sub)
     _add_overhead_command(sub)
@@ -793,6 +804,132 @@ def _torchrun_env() -> tuple[int, int, int] | None:
     return rank, world, local
 
 
+# ---------------------------------------------------------------------------------------------
+# train: checkpoints
+# ---------------------------------------------------------------------------------------------
+CHECKPOINT_FORMAT = "t1t2-train-checkpoint"
+# Flags that change where and how a run reports, not what it computes: they may differ on --resume.
+# (--threads is not one of them: torch's kernels may sum in another order with another thread count.)
+RUN_ONLY_FLAGS = ("out", "name", "quiet", "dist_timeout", "checkpoint", "checkpoint_every", "resume", "max_skips", "func")
+
+
+class _BatchStream:
+    """Batches of indices into a split of ``n`` examples: one random permutation of the split per
+    pass, drawn from the stream's own generator, cut into batches of ``size`` (the last one of a
+    pass may be shorter). ``state_dict()`` (the generator's state before the current permutation
+    and the position in it) restarts the same sequence in another process."""
+
+    def __init__(self, n: int, size: int, seed: int, device):
+        import torch
+
+        self.n, self.size, self.device = n, size, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self._start = None  # generator state before the current permutation (None: no pass drawn yet)
+        self._perm, self._pos = None, 0
+
+    def _draw(self):
+        import torch
+
+        self._start = self.gen.get_state()
+        self._perm, self._pos = torch.randperm(self.n, generator=self.gen).to(self.device), 0
+
+    def __next__(self):
+        if self._perm is None or self._pos >= self.n:
+            self._draw()
+        idx = self._perm[self._pos:self._pos + self.size]
+        self._pos += self.size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "size": self.size, "start": None if self._start is None else self._start.clone(),
+                "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n"], state["size"]) != (self.n, self.size):
+            raise ValueError(f"batch stream of {state['n']} examples in batches of {state['size']}, not "
+                             f"{self.n} / {self.size}")
+        if state["start"] is None:
+            self._start, self._perm, self._pos = None, None, 0
+            return
+        self.gen.set_state(state["start"])
+        self._draw()
+        self._pos = int(state["pos"])
+
+
+def _train_settings(args, world: int) -> dict:
+    """What a `train` run computes from: every flag but the run-only ones (after defaults are
+    resolved), and the number of processes."""
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY_FLAGS}
+    settings["noise"] = list(settings["noise"])
+    settings["world_size"] = world
+    return settings
+
+
+def _rng_states(device) -> dict:
+    """torch's (and CUDA's), numpy's and Python's global generator states, in types that
+    torch.load(weights_only=True) reads back."""
+    import torch
+
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate()}
+
+
+def _set_rng_states(states: dict, device) -> None:
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
+    name, key, *rest = states["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _write_checkpoint(path: str, state: dict) -> None:
+    """torch.save to a temporary file next to ``path``, flushed to disk, then renamed over it: a
+    crash mid-write leaves the previous checkpoint whole."""
+    import torch
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_checkpoint(path: str, settings: dict) -> dict:
+    """The checkpoint at ``path``, refused (UsageError) unless a `train` run with ``settings`` wrote it."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {path}: no such file") from None
+    except Exception as exc:  # not a torch file, truncated, or holding other objects
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"--resume {path}: not a checkpoint written by `t1t2 train --checkpoint`")
+    saved = state["settings"]
+    differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k, "(unset)") != settings.get(k, "(unset)")]
+    if differ:
+        detail = "; ".join(f"{k.replace('_', '-')}: {saved.get(k, '(unset)')!r} there, "
+                           f"{settings.get(k, '(unset)')!r} here" for k in differ)
+        raise UsageError(f"--resume {path}: the checkpoint was written by a run with other settings ({detail}); "
+                         f"resume with the command that wrote it")
+    return state
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -875,9 +1012,14 @@ def _train(args, ddp: _Dist | None = None) -> int:
         raise UsageError(f"--batch-size {batch} and the validation batch size {val_batch} must be at least the "
                          f"number of processes ({world}): every rank takes an equal share of each batch")
 
-    _seed_everything(args.seed)
     if "hidden" in args.noise and args.depth == 0:
         raise UsageError("--noise hidden needs hidden layers (--depth >= 1)")
+    settings = _train_settings(args, world)
+    # every rank reads the file rank 0 wrote (one state for all: DDP keeps θ, the optimizer and λ
+    # identical on every rank, and every rank draws the same global batches)
+    ckpt = _read_checkpoint(args.resume, settings) if args.resume else None
+
+    _seed_everything(args.seed)
     model = make_mlp(data.num_features, data.num_classes, args.width, args.depth, noise=args.noise,
                      noise_init=args.noise_init, noise_per=args.noise_per, noise_mode=args.noise_mode).to(device)
     net = model  # the module itself: evaluation and names; `model` is what the training closures call
@@ -919,17 +1061,8 @@ def _train(args, ddp: _Dist | None = None) -> int:
         if not tuning:
             print("no penalty or noise selected (--l2 0, no --l1, no --noise): plain training, nothing to tune")
 
-    gen = torch.Generator().manual_seed(args.seed)
-    val_gen = torch.Generator().manual_seed(args.seed + 1)
-
-    def batches(n, size, g):
-        while True:
-            perm = torch.randperm(n, generator=g).to(device)
-            for i in range(0, n, size):
-                yield perm[i:i + size]
-
-    train_batches = batches(n_train, batch, gen)
-    val_batches = batches(n_val, val_batch, val_gen)
+    train_batches = _BatchStream(n_train, batch, args.seed, device)
+    val_batches = _BatchStream(n_val, val_batch, args.seed + 1, device)
 
     @torch.no_grad()
     def evaluate(x, y):
@@ -977,7 +1110,36 @@ def _train(args, ddp: _Dist | None = None) -> int:
         torch.distributed.all_reduce(total)
         return total[0] / world
 
-    if main_rank:
+    done, train_time_before = 0, 0.0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        train_batches.load_state_dict(ckpt["train_batches"])
+        val_batches.load_state_dict(ckpt["val_batches"])
+        _set_rng_states(ckpt["rng"], device)
+        done, train_time_before = int(ckpt["step"]), float(ckpt["train_time_s"])
+        rows[:] = [list(r) for r in ckpt["log"]["rows"]]
+        bands.update({n: [tuple(b) for b in v] for n, v in ckpt["log"]["bands"].items()})
+        initial = ckpt["log"]["initial"]
+        bar.update(done)
+        if ckpt["backend_used"] != backend_name:  # --backend auto found another implementation here
+            print(f"t1t2 train: warning: the checkpoint was written with backend {ckpt['backend_used']}, this run "
+                  f"uses {backend_name}: the continuation is not bit-identical to the original run's",
+                  file=sys.stderr)
+        if not args.quiet:
+            print(f"resumed from {args.resume} at step {done}")
+
+    def checkpoint(step, train_time):
+        if not (args.checkpoint and main_rank):
+            return
+        _write_checkpoint(args.checkpoint, {
+            "format": CHECKPOINT_FORMAT, "version": 1, "settings": settings, "step": step,
+            "train_time_s": train_time, "backend_used": backend_name,
+            "model": net.state_dict(), "opt": opt.state_dict(),
+            "train_batches": train_batches.state_dict(), "val_batches": val_batches.state_dict(),
+            "rng": _rng_states(device), "log": {"rows": rows, "bands": bands, "initial": initial}})
+
+    if main_rank and not args.resume:
         record(0)
     model.train()
     diverged, stop_reason = None, None
@@ -995,7 +1157,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
 
     t_train = time.perf_counter()
     try:
-        for step in range(1, total_steps + 1):
+        for step in range(done + 1, total_steps + 1):
             try:
                 loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches))))
                 log_skip(step)
@@ -1012,11 +1174,15 @@ def _train(args, ddp: _Dist | None = None) -> int:
                 tl, vl, hp = record(step)
                 bar.set_postfix_str(f"loss {tl:.3f} val {vl:.3f} {_compact_hypers(hp)}", refresh=False)
             bar.update(1)
-            if diverged:
+            if diverged:  # no checkpoint: the last one written stays the last good state
                 break
+            if step % args.checkpoint_every == 0 or step == total_steps:
+                checkpoint(step, train_time_before + time.perf_counter() - t_train)
     finally:
         bar.close()
-    train_time = time.perf_counter() - t_train
+    train_time = train_time_before + time.perf_counter() - t_train
+    if done == total_steps:  # resumed from the final checkpoint: nothing ran, the outputs are rewritten
+        checkpoint(done, train_time)
     if not main_rank:  # rank 0 evaluates, writes and reports
         return 1 if diverged else 0
 
@@ -1073,7 +1239,8 @@ def _train(args, ddp: _Dist | None = None) -> int:
             print(f"  {n:<{width}}  {_summary_value(v):.4g}  (initial {init:.4g})")
     print(f"run time {wall:.1f} s ({train_time:.1f} s training, {rows[-1][0]} steps, "
           f"{metrics['hyper_steps']} hyper steps, backend {backend_name})")
-    print("wrote " + "\n      ".join(paths.values()))
+    written = list(paths.values()) + ([args.checkpoint] if args.checkpoint else [])
+    print("wrote " + "\n      ".join(written))
     if any(opt.skipped.values()):
         print(f"skipped for Inf/NaN: {opt.skipped['t1']} T1 and {opt.skipped['t2']} T2 steps")
     if diverged:

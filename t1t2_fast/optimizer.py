@@ -5,6 +5,7 @@ backend's fused ops; noise hyperparameters are handled in ``noise_hyper``.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from typing import Callable, Iterable
@@ -49,6 +50,21 @@ def _scalar_loss(loss, where: str) -> torch.Tensor:
         raise ValueError(f"the {where} closure returned a loss that does not require grad; is it computed from "
                          f"the model's parameters outside torch.no_grad()?")
     return loss.reshape(())
+
+
+def _stashed_rng(noise_stash: dict) -> tuple | None:
+    """torch's generator state(s) just before the stashed T1 step's closure ran (None if unknown):
+    from the step's replay, or from a loaded state_dict."""
+    replay = noise_stash.get("replay")
+    return replay.rng if replay is not None else noise_stash.get("rng")
+
+
+def _copy_rng(state: tuple | None) -> tuple | None:
+    """A copy of a (CPU generator state, CUDA generator state or None) pair; generator states are
+    CPU byte tensors wherever the model lives."""
+    if state is None:
+        return None
+    return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in state)
 
 
 class T1T2(torch.optim.Optimizer):
@@ -384,8 +400,8 @@ class T1T2(torch.optim.Optimizer):
         replay = None
         if self._noise:
             replay = stash["noise"]["replay"]
-            if train is not None:
-                replay = noise_hyper.Replay(train, stash["noise"]["step"], None)
+            if train is not None:  # the T1 step's generator state still applies (its dropout masks)
+                replay = noise_hyper.Replay(train, stash["noise"]["step"], _stashed_rng(stash["noise"]))
             if replay is None:
                 raise RuntimeError("the model has noise hyperparameters, whose hypergradient reruns the T1 step's "
                                    "training loss: call step(closure), or pass it here as "
@@ -486,11 +502,13 @@ class T1T2(torch.optim.Optimizer):
             if "noise" in self._stash:  # the training closure itself is not saved: pass hyper_step(train=)
                 g0 = self._stash["noise"]["g0"]
                 stash["noise"] = {"step": self._stash["noise"]["step"],
-                                  "g0": None if g0 is None else [g.clone() for g in g0]}
+                                  "g0": None if g0 is None else [g.clone() for g in g0],
+                                  "rng": _copy_rng(_stashed_rng(self._stash["noise"]))}
         group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return {
             "version": 1,
             "param_group": group,
+            "hyper_group": self._hyper_group(),
             "state": state,
             "steps": self.steps,
             "hyper_steps": self.hyper_steps,
@@ -498,9 +516,8 @@ class T1T2(torch.optim.Optimizer):
             "hyper_state": {n: {k: v.clone() for k, v in st.items()} for n, st in self._hyper_state.items()},
             "stash": stash,
             "last_hypergrad": {n: g.clone() for n, g in self.last_hypergrad.items()},
-            "skipped": dict(self.skipped),
-            "consecutive_skips": dict(self.consecutive_skips),
-            "clipped": dict(self.clipped),
+            "counters": {n: copy.deepcopy(getattr(self, n)) for n in self._EXTRA_COUNTERS if hasattr(self, n)},
+            "settings": self._trajectory_settings(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -515,9 +532,12 @@ class T1T2(torch.optim.Optimizer):
         unknown = set(state_dict["state"]) - set(names)
         if unknown:
             raise ValueError(f"state_dict has optimizer state for unknown parameters {sorted(unknown)}")
+        self._check_settings(state_dict.get("settings"))
         dev = self.params[0].device
         move = lambda x: x.to(dev) if isinstance(x, torch.Tensor) and x.dim() > 0 else (x.clone() if isinstance(x, torch.Tensor) else x)
         self.param_groups[0].update(state_dict["param_group"])
+        for k, v in state_dict.get("hyper_group", {}).items():  # like the param group: the saved values win
+            setattr(self, k, tuple(v) if isinstance(v, (list, tuple)) else v)
         self.state.clear()
         for n, st in state_dict["state"].items():
             self.state[self.params[names[n]]] = {k: move(v) for k, v in st.items()}
@@ -534,15 +554,42 @@ class T1T2(torch.optim.Optimizer):
             "jac": {names[n]: move(j) for n, j in stash["jac"].items()}}
         if stash is not None and self._noise:
             saved = stash.get("noise") or {"step": self.steps, "g0": None}
-            self._stash["noise"] = {"step": saved["step"], "replay": None,
+            self._stash["noise"] = {"step": saved["step"], "replay": None, "rng": _copy_rng(saved.get("rng")),
                                     "g0": None if saved["g0"] is None else [g.to(dev).clone() for g in saved["g0"]]}
         self._prepare_noise()
         self.last_hypergrad = {n: g.to(dev).clone() for n, g in state_dict["last_hypergrad"].items()}
-        # the guard's counters (absent from state_dicts written before they existed)
-        self.skipped = {"t1": 0, "t2": 0, **state_dict.get("skipped", {})}
-        self.consecutive_skips = {"t1": 0, "t2": 0, **state_dict.get("consecutive_skips", {})}
-        self.clipped = {h.name: int(state_dict.get("clipped", {}).get(h.name, 0)) for h in self.all_hypers}
+        for n, value in state_dict.get("counters", {}).items():
+            if n in self._EXTRA_COUNTERS:
+                setattr(self, n, copy.deepcopy(value))
         self.last_skip = None
+
+    # Counters besides steps / hyper_steps that a resumed run must continue from: the non-finite
+    # guard's (consecutive_skips decides when NonFiniteError comes) and the bounds' clip counts.
+    _EXTRA_COUNTERS = ("skipped", "consecutive_skips", "clipped")
+
+    def _hyper_group(self) -> dict:
+        """The hyper-optimizer's (and the noise finite difference's) numbers, saved and restored like the
+        param group's lr."""
+        return {"hyper_lr": self.hyper_lr, "hyper_betas": tuple(self.hyper_betas), "hyper_eps": self.hyper_eps,
+                "fd_eps": self.fd_eps}
+
+    def _trajectory_settings(self) -> dict:
+        """Constructor settings that are not in the param group or the state, and without which the
+        saved state does not continue the same trajectory: the layout of the optimizer state and of
+        the stash, the stash schedule and the noise keys."""
+        return {"optimizer": self.optimizer_name, "hyper_optimizer": self.hyper_optimizer_name,
+                "hypergrad": self.hypergrad_mode, "noise_hypergrad": self.noise_hypergrad_mode,
+                "hyper_every": self.hyper_every, "seed": self.seed}
+
+    def _check_settings(self, saved: dict | None) -> None:
+        if saved is None:  # a state_dict from before the settings were saved
+            return
+        ours = self._trajectory_settings()
+        differ = {k: (v, ours.get(k)) for k, v in saved.items() if ours.get(k) != v}
+        if differ:
+            detail = ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in differ.items())
+            raise ValueError(f"state_dict was saved by a T1T2 with other settings ({detail}); build the T1T2 with "
+                             f"the settings of the run that saved it")
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything for deepcopy.
     def __getstate__(self):

@@ -40,3 +40,21 @@ def test_distributed_bench_quick_run_counts_bytes(tmp_path):
     assert float(rows["noise", "2"]["t1t2_bytes_per_hyper_step"]) == 8 * (6 + 2) + 4 * params
     assert float(rows["penalties", "2"]["ddp_bytes_per_step"]) == 4 * params
     assert float(rows["penalties", "1"]["t1t2_bytes_per_hyper_step"]) == 0
+
+
+def test_long_run_bench_quick_run_writes_csv_table_and_plot(tmp_path):
+    """bench/long_run.py at tiny size: rows at 0, every --every iterations and the last, the verdict
+    line, and a PNG (the memory figures are reported, not asserted)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "long_run.py"), "--iters", "12", "--every", "5", "--model", "mlp8",
+           "--batch", "4", "--backend", "reference", "--threads", "1", "--quiet", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "long_run.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == [0, 5, 10, 12]
+    assert all(float(r["peak_rss_MB"]) >= float(r["rss_MB"]) > 0 for r in rows)
+    assert [int(r["graph_tensors_alive"]) for r in rows] == [0, 0, 0, 0]
+    assert rows[1]["live_tensors"] == rows[-1]["live_tensors"] and float(rows[1]["optimizer_MB"]) > 0
+    md = (tmp_path / "long_run.md").read_text()
+    assert md.startswith("Long run: mlp8") and "Peak RSS at iteration 5:" in md
+    assert (tmp_path / "long_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

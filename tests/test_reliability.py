@@ -506,7 +506,8 @@ def test_state_dict_carries_the_counters():
     opt.step(lambda: F.cross_entropy(model(bad), y))
     _train(model, opt, _batches(3), _data(32, seed=5))
     sd = opt.state_dict()
-    other = _opt(_model(), "reference", hyper_every=1)
+    other = _opt(_model(), "reference", hyper_every=1, hyper_optimizer="sgd")
     other.load_state_dict(sd)
     assert other.skipped == opt.skipped == {"t1": 1, "t2": 0}
     assert other.clipped == opt.clipped and sum(opt.clipped.values()) > 0
+    assert other.consecutive_skips == opt.consecutive_skips
