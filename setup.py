@@ -7,6 +7,8 @@ Environment:
   T1T2_NO_EXT=1     skip the extension (the package then runs on the reference path)
   T1T2_CUDA=0|1     force the CUDA sources off/on (default: on when torch has CUDA and a CUDA toolkit)
   DEBUG=1           -O0 -g instead of -O3
+  T1T2_SANITIZE=address  build with these sanitizers (-fsanitize=..., as CMake's -DT1T2_SANITIZE); load
+                    the result with the sanitizer runtime preloaded (README "Fuzzing and sanitizers")
   MAX_JOBS=N        parallel compile jobs (ninja)
 """
 import glob
@@ -50,6 +52,11 @@ def extension_build():
     # vector (we never enable floating-point traps). Neither changes a result, unlike -ffast-math.
     cxx = opt + ["-fno-math-errno", "-fno-trapping-math", "-fdiagnostics-color=always"]
     link = []
+    sanitize = os.environ.get("T1T2_SANITIZE", "")
+    if sanitize:
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+        cxx += flags
+        link += flags
     if torch.backends.openmp.is_available():  # at::parallel_for runs on OpenMP in such builds
         cxx.append("-fopenmp")
         link.append("-fopenmp")

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <limits>
+
 namespace t1t2 {
 namespace {
 
@@ -223,6 +225,8 @@ HypergradInputs check_penalty_hypergrad_inputs(at::TensorList v, at::TensorList 
     const int64_t numel = theta[t].numel();
     TORCH_CHECK(groups >= 0 && ((groups == 0 && numel == 0) || (groups > 0 && numel % groups == 0)), op, ": segment ",
                 s, ": ", groups, " groups do not divide the ", numel, " elements of tensor ", t);
+    TORCH_CHECK(groups <= std::numeric_limits<int64_t>::max() - in.total, op, ": segment ", s, ": its ", groups,
+                " groups after ", in.total, " in the segments before it overflow the result's int64 length");
     in.segments[s] = {t, kind, groups, groups ? numel / groups : 0, in.total};
     in.total += groups;
   }

@@ -1,6 +1,8 @@
 // Operator schemas of the t1t2 namespace and their CPU implementations.
 #include <torch/library.h>
 
+#include <initializer_list>
+
 #include "cpu/cpu_features.h"
 #include "cpu/noise.h"
 #include "cpu/penalty_hypergrad.h"
@@ -56,6 +58,46 @@ TORCH_LIBRARY(t1t2, m) {
   m.def(
       "gaussian_noise_backward(Tensor grad_y, Tensor x, Tensor sigma, int key, int channels, int inner, str mode, "
       "bool need_x_grad, bool need_sigma_grad) -> (Tensor, Tensor)");
+}
+
+namespace {
+
+// A call whose tensor lists are all empty carries no dispatch key: the dispatcher then runs the
+// CompositeExplicitAutograd kernel, and without one it raises NotImplementedError ("There were no
+// tensor arguments to this function"). The same kernel runs for tensors on a device this build has
+// no kernel for. With no tensors the call is valid and has nothing to do: the CPU kernel runs its
+// checks and returns (penalty_hypergrad: an empty float32 result). Tensors get a clear error.
+void require_no_tensors(const char* op, std::initializer_list<at::TensorList> lists) {
+  for (at::TensorList list : lists) {
+    TORCH_CHECK(list.empty(), op, ": this build has no kernel for tensors on ", list[0].device(),
+                " (it has CPU kernels, and CUDA kernels when built with T1T2_CUDA=1)");
+  }
+}
+
+at::Tensor penalty_hypergrad_no_tensors(at::TensorList v, at::TensorList theta, at::TensorList jac,
+                                        at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
+                                        at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr) {
+  require_no_tensors("t1t2::penalty_hypergrad", {v, theta, jac});
+  return t1t2::penalty_hypergrad_cpu(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr);
+}
+
+void perturb_no_tensors(at::TensorList params, at::TensorList save, at::TensorList base, at::TensorList direction,
+                        double scale) {
+  require_no_tensors("t1t2::perturb_", {params, save, base, direction});
+  t1t2::perturb_cpu(params, save, base, direction, scale);
+}
+
+void restore_no_tensors(at::TensorList params, at::TensorList save) {
+  require_no_tensors("t1t2::restore_", {params, save});
+  t1t2::restore_cpu(params, save);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(t1t2, CompositeExplicitAutograd, m) {
+  m.impl("penalty_hypergrad", &penalty_hypergrad_no_tensors);
+  m.impl("perturb_", &perturb_no_tensors);
+  m.impl("restore_", &restore_no_tensors);
 }
 
 TORCH_LIBRARY_IMPL(t1t2, CPU, m) {

@@ -63,26 +63,124 @@ def restore_(params, save) -> None:
     torch.ops.t1t2.restore_(params, save)
 
 
+# ---- the fake impls' checks: those of csrc/checks.cpp, with its messages ----
+# A call that mixes devices (say CPU and meta tensors) dispatches to the fake impl, so without these
+# checks it would return uninitialized memory or do nothing instead of raising.
+_COMPUTE = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
+            torch.float16: torch.float32}
+
+
+def _check_like(op, t, p, dtype, name, i):
+    """csrc/checks.cpp check_like: a buffer that goes with params[i] (p)."""
+    torch._check(t.shape == p.shape,
+                 lambda: f"{op}: {name}[{i}] has shape {list(t.shape)} but params[{i}] has {list(p.shape)}")
+    torch._check(t.dtype == dtype, lambda: f"{op}: {name}[{i}] has dtype {t.dtype}, expected {dtype}")
+    torch._check(t.device == p.device, lambda: f"{op}: {name}[{i}] is on {t.device}, expected {p.device}")
+    torch._check(t.is_contiguous(), lambda: f"{op}: {name}[{i}] must be contiguous")
+
+
+def _check_params(op, params):
+    """csrc/checks.cpp check_params: one supported dtype and one device, contiguous (written in place)."""
+    dtype, device = params[0].dtype, params[0].device
+    torch._check(dtype in _SUPPORTED_DTYPES,
+                 lambda: f"{op}: params must be float64, float32, bfloat16 or float16, got {dtype}")
+    for i, p in enumerate(params):
+        torch._check(p.device == device, lambda: f"{op}: params[{i}] is on {p.device}, expected {device}")
+        torch._check(p.is_contiguous(), lambda: f"{op}: params[{i}] must be contiguous (it is written in place)")
+        torch._check(p.dtype == dtype, lambda: f"{op}: params[{i}] has dtype {p.dtype} but params[0] has {dtype}")
+
+
+def _check_perturb_fake(params, save, base, direction):
+    op, n = "t1t2::perturb_", len(params)
+    torch._check(len(base) == n and len(direction) == n,
+                 lambda: f"{op}: got {n} params, {len(base)} base and {len(direction)} direction tensors")
+    torch._check(not save or len(save) == n,
+                 lambda: f"{op}: save must be empty or have one tensor per parameter ({n}), got {len(save)}")
+    if not n:
+        return
+    _check_params(op, params)
+    compute = _COMPUTE[params[0].dtype]
+    for i, p in enumerate(params):
+        _check_like(op, base[i], p, compute, "base", i)
+        _check_like(op, direction[i], p, compute, "direction", i)
+        if save:
+            _check_like(op, save[i], p, p.dtype, "save", i)
+
+
+def _check_restore_fake(params, save):
+    op = "t1t2::restore_"
+    torch._check(len(save) == len(params), lambda: f"{op}: got {len(params)} params but {len(save)} saved")
+    if params:
+        _check_params(op, params)
+        for i, p in enumerate(params):
+            _check_like(op, save[i], p, p.dtype, "save", i)
+
+
+def _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups):
+    """csrc/checks.cpp check_penalty_hypergrad_inputs; returns the result's length."""
+    op, n = "t1t2::penalty_hypergrad", len(theta)
+    torch._check(len(v) == n, lambda: f"{op}: got {n} theta but {len(v)} v")
+    torch._check(not jac or len(jac) == n,
+                 lambda: f"{op}: jac must be empty or have one tensor per theta ({n}), got {len(jac)}")
+    torch._check(len(jac_scalar) == n, lambda: f"{op}: jac_scalar must have one value per theta ({n}), got "
+                                               f"{len(jac_scalar)}")
+    ns = len(segment_tensor)
+    torch._check(len(segment_kind) == ns and len(segment_groups) == ns,
+                 lambda: f"{op}: segment_tensor, segment_kind and segment_groups must have one entry per segment, "
+                         f"got {ns}, {len(segment_kind)} and {len(segment_groups)}")
+    dtype = theta[0].dtype if n else torch.float32
+    torch._check(dtype in (torch.float64, torch.float32),
+                 lambda: f"{op}: theta must be in the compute dtype (float64 or float32), got {dtype}")
+    device = theta[0].device if n else None
+    for i in range(n):
+        torch._check(theta[i].dtype == dtype and v[i].dtype == dtype,
+                     lambda: f"{op}: v[{i}] and theta[{i}] must both be {dtype}, got {v[i].dtype} and {theta[i].dtype}")
+        torch._check(theta[i].device == device and v[i].device == device,
+                     lambda: f"{op}: got v[{i}] on {v[i].device} and theta[{i}] on {theta[i].device}, expected "
+                             f"{device}")
+        torch._check(v[i].shape == theta[i].shape,
+                     lambda: f"{op}: v[{i}] has shape {list(v[i].shape)} but theta[{i}] has {list(theta[i].shape)}")
+        torch._check(theta[i].is_contiguous() and v[i].is_contiguous(),
+                     lambda: f"{op}: v[{i}] and theta[{i}] must be contiguous")
+        if jac and jac[i].numel() > 0:
+            j = jac[i]
+            torch._check(j.shape == theta[i].shape and j.dtype == dtype and j.is_contiguous() and j.device == device,
+                         lambda: f"{op}: jac[{i}] must be a contiguous {dtype} tensor on {device} of shape "
+                                 f"{list(theta[i].shape)} (or empty to use jac_scalar[{i}]), got {j.dtype} "
+                                 f"{list(j.shape)} on {j.device}")
+    total = 0
+    for s in range(ns):
+        t, kind, groups = segment_tensor[s], segment_kind[s], segment_groups[s]
+        torch._check(0 <= t < n, lambda: f"{op}: segment {s} names tensor {t} of {n}")
+        torch._check(kind in (0, 1, 2),
+                     lambda: f"{op}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1) or 2 (decoupled l2)")
+        numel = theta[t].numel()
+        torch._check(groups >= 0 and ((groups == 0 and numel == 0) or (groups > 0 and numel % groups == 0)),
+                     lambda: f"{op}: segment {s}: {groups} groups do not divide the {numel} elements of tensor {t}")
+        torch._check(total + groups < 2**63, lambda: f"{op}: segment {s}: its {groups} groups after {total} in the "
+                                                     f"segments before it overflow the result's int64 length")
+        total += groups
+    return total
+
+
 if _extension.AVAILABLE:
     @torch.library.register_fake("t1t2::perturb_")
     def _perturb_fake(params, save, base, direction, scale):
-        torch._check(len(base) == len(params) and len(direction) == len(params),
-                     lambda: f"t1t2::perturb_: got {len(params)} params, {len(base)} base and "
-                             f"{len(direction)} direction tensors")
+        _check_perturb_fake(params, save, base, direction)
         return None
 
     @torch.library.register_fake("t1t2::restore_")
     def _restore_fake(params, save):
-        torch._check(len(save) == len(params),
-                     lambda: f"t1t2::restore_: got {len(params)} params but {len(save)} saved")
+        _check_restore_fake(params, save)
         return None
 
     @torch.library.register_fake("t1t2::penalty_hypergrad")
     def _penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr):
-        torch._check(len(v) == len(theta), lambda: f"t1t2::penalty_hypergrad: got {len(theta)} theta but {len(v)} v")
+        total = _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind,
+                                              segment_groups)
         dtype = theta[0].dtype if theta else torch.float32
         device = theta[0].device if theta else torch.device("cpu")
-        return torch.empty((sum(segment_groups),), dtype=dtype, device=device)
+        return torch.empty((total,), dtype=dtype, device=device)
 
     @torch.library.register_fake("t1t2::t1_step_")
     def _t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr,
@@ -160,6 +258,10 @@ def _check_noise_fake(op, x, sigma, channels, inner, mode):
     torch._check(sigma.device == x.device, lambda: f"{op}: sigma is on {sigma.device} but x is on {x.device}")
     torch._check(sigma.numel() == channels,
                  lambda: f"{op}: sigma has {sigma.numel()} elements, expected channels = {channels}")
+    torch._check(x.is_contiguous(), lambda: f"{op}: x (shape {list(x.shape)}, strides {list(x.stride())}) must be "
+                                            f"contiguous: the noise of element i is drawn from its index in the "
+                                            f"contiguous layout; call .contiguous() first")
+    torch._check(sigma.is_contiguous(), lambda: f"{op}: sigma must be contiguous")
 
 
 if _extension.AVAILABLE:
@@ -171,9 +273,12 @@ if _extension.AVAILABLE:
     @torch.library.register_fake(_NOISE_BACKWARD_OP)
     def _gaussian_noise_backward_fake(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, need_sigma_grad):
         _check_noise_fake(_NOISE_BACKWARD_OP, x, sigma, channels, inner, mode)
-        torch._check(grad_y.shape == x.shape and grad_y.dtype == x.dtype,
-                     lambda: f"{_NOISE_BACKWARD_OP}: grad_y is {grad_y.dtype} {list(grad_y.shape)} but x is "
-                             f"{x.dtype} {list(x.shape)}")
+        op = _NOISE_BACKWARD_OP
+        torch._check(grad_y.device == x.device, lambda: f"{op}: grad_y is on {grad_y.device} but x is on {x.device}")
+        torch._check(grad_y.shape == x.shape,
+                     lambda: f"{op}: grad_y has shape {list(grad_y.shape)} but x has shape {list(x.shape)}")
+        torch._check(grad_y.dtype == x.dtype, lambda: f"{op}: grad_y has dtype {grad_y.dtype} but x has dtype {x.dtype}")
+        torch._check(grad_y.is_contiguous(), lambda: f"{op}: grad_y must be contiguous; call .contiguous() first")
         grad_x = torch.empty_like(x) if need_x_grad else x.new_empty((0,))
         grad_sigma = torch.empty_like(sigma) if need_sigma_grad else sigma.new_empty((0,))
         return grad_x, grad_sigma

@@ -140,7 +140,8 @@ def _tile_rows(vp, tp, jp, out_ptr, part_ptr, kind, inner, groups, out_off, pbas
         u = tl.where(has_jac, j, js.to(CT)) * v          # J⊙v in the compute dtype, as the C++ op
         sign = (theta > 0).to(tl.float64) - (theta < 0).to(tl.float64)   # sign(NaN) = sign(±0) = 0
         m = tl.where(kind == 1, sign, theta + theta)      # l1: sign θ; l2 and decoupled l2: 2θ
-        acc += u.to(tl.float64) * m
+        # masked-off lanes load v = θ = 0, but J·v = inf·0 = NaN when jac_scalar is ±inf: drop them
+        acc += tl.where(mask, u.to(tl.float64) * m, 0.0)
     total = tl.sum(acc, axis=1) * scale
     if nch == 1:
         tl.store(out_ptr + out_off + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
@@ -251,7 +252,7 @@ def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, se
                 _fail(f"{_HG}: jac[{i}] must be a contiguous {dtype} tensor on {device} of shape "
                       f"{list(theta[i].shape)} (or empty to use jac_scalar[{i}]), got {j.dtype} {list(j.shape)} "
                       f"on {j.device}")
-    segments = []
+    segments, total = [], 0
     for s in range(ns):
         t, kind, groups = int(segment_tensor[s]), int(segment_kind[s]), int(segment_groups[s])
         if not 0 <= t < n:
@@ -261,6 +262,10 @@ def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, se
         numel = theta[t].numel()
         if not (groups >= 0 and ((groups == 0 and numel == 0) or (groups > 0 and numel % groups == 0))):
             _fail(f"{_HG}: segment {s}: {groups} groups do not divide the {numel} elements of tensor {t}")
+        if total + groups >= 2**63:
+            _fail(f"{_HG}: segment {s}: its {groups} groups after {total} in the segments before it overflow the "
+                  f"result's int64 length")
+        total += groups
         segments.append((t, kind, groups, numel // groups if groups else 0))
     return dtype, segments
 
