@@ -92,9 +92,23 @@ void restore_no_tensors(at::TensorList params, at::TensorList save) {
   t1t2::restore_cpu(params, save);
 }
 
+void t1_step_no_tensors(at::TensorList params, at::TensorList grads, at::TensorList state1, at::TensorList state2,
+                        at::TensorList l2, at::TensorList l1, at::TensorList decay, at::TensorList stash_theta,
+                        at::TensorList stash_jac, c10::string_view optimizer, double lr, double momentum,
+                        bool nesterov, double beta1, double beta2, double eps,
+                        at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2,
+                        const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                        bool check_finite) {
+  require_no_tensors("t1t2::t1_step_", {params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac});
+  t1t2::t1_step_cpu(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
+                    nesterov, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale, found_inf,
+                    check_finite);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(t1t2, CompositeExplicitAutograd, m) {
+  m.impl("t1_step_", &t1_step_no_tensors);
   m.impl("penalty_hypergrad", &penalty_hypergrad_no_tensors);
   m.impl("perturb_", &perturb_no_tensors);
   m.impl("restore_", &restore_no_tensors);

@@ -116,6 +116,34 @@ def _check_restore_fake(params, save):
             _check_like(op, save[i], p, p.dtype, "save", i)
 
 
+def _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf):
+    """csrc/checks.cpp check_t1_step_inputs and check_t1_step_guard: dtypes, shapes and one device."""
+    op = "t1t2::t1_step_"
+    if not params:
+        return
+    _check_params(op, params)
+    p0 = params[0]
+    compute = _COMPUTE[p0.dtype]
+    for i, p in enumerate(params):
+        g = grads[i]
+        torch._check(g.shape == p.shape, lambda: f"{op}: grads[{i}] has shape {list(g.shape)} but params[{i}] has "
+                                                 f"{list(p.shape)}")
+        torch._check(g.dtype == p.dtype and g.device == p.device,
+                     lambda: f"{op}: grads[{i}] is {g.dtype} on {g.device}, expected {p.dtype} on {p.device}")
+        for lst, name in ((state1, "state1"), (state2, "state2"), (stash_theta, "stash_theta"),
+                          (stash_jac, "stash_jac"), (l2, "l2"), (l1, "l1"), (decay, "decay")):
+            t = lst[i] if i < len(lst) else None
+            if t is None or t.numel() == 0:
+                continue
+            torch._check(t.dtype == compute and t.device == p.device,
+                         lambda: f"{op}: {name}[{i}] is {t.dtype} on {t.device}, expected {compute} on {p.device}")
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            torch._check(t.numel() == 1 and t.dtype == torch.float32 and t.device == p0.device,
+                         lambda: f"{op}: {name} must be a one-element float32 tensor on {p0.device}, got {t.dtype} "
+                                 f"with {t.numel()} elements on {t.device}")
+
+
 def _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups):
     """csrc/checks.cpp check_penalty_hypergrad_inputs; returns the result's length."""
     op, n = "t1t2::penalty_hypergrad", len(theta)
@@ -193,6 +221,8 @@ if _extension.AVAILABLE:
         torch._check(not check_finite or found_inf is not None,
                      lambda: "t1t2::t1_step_: check_finite=True needs a found_inf tensor to report a non-finite "
                              "gradient in")
+        _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale,
+                            found_inf)
         return None
 
     # Shape/dtype propagation for meta tensors, FakeTensor and torch.compile; the same checks and

@@ -24,6 +24,14 @@ def penalty_grad(theta: torch.Tensor, c: torch.Tensor, kind: str) -> torch.Tenso
     raise ValueError(f"unknown penalty kind {kind!r}; expected one of {PENALTY_KINDS}")
 
 
+def _step_penalty_grad(theta: torch.Tensor, c: torch.Tensor, kind: str) -> torch.Tensor:
+    """``penalty_grad`` as the fused T1 ops apply it (csrc/include/t1t2/math.h): c = 0 contributes
+    exactly 0, also where θ is ±inf or NaN (0·inf would be NaN). Not for autograd: at c = 0 its
+    derivative in c would be 0, not 2θ."""
+    grad = penalty_grad(theta, c, kind)
+    return torch.where(c == 0, torch.zeros((), dtype=grad.dtype, device=grad.device), grad) if kind == "l2" else grad
+
+
 def penalty_mixed(theta: torch.Tensor, kind: str) -> torch.Tensor:
     """Mixed derivative m = ∂²Ω/∂θ∂c: 2θ for l2, sign(θ) for l1."""
     if kind == "l2":
@@ -97,7 +105,7 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
         ghat = unscaled(i, acc)
         c2, c1, cd = _entry(l2, i), _entry(l1, i), _entry(decay, i)
         if c2 is not None:
-            ghat = ghat + penalty_grad(theta, _per_group(c2, theta), "l2")
+            ghat = ghat + _step_penalty_grad(theta, _per_group(c2, theta), "l2")
         if c1 is not None:
             ghat = ghat + penalty_grad(theta, _per_group(c1, theta), "l1")
         if optimizer == "sgd":
@@ -119,7 +127,7 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
                 stash_jac[i].view_as(theta).copy_(-lr * ((1 - beta1) / bc1 / denom - second))
         updated = theta - lr * direction
         if cd is not None:
-            updated = updated - lr * penalty_grad(theta, _per_group(cd, theta), "l2")
+            updated = updated - lr * _step_penalty_grad(theta, _per_group(cd, theta), "l2")
         if stash_theta:
             stash_theta[i].view_as(theta).copy_(theta)
         p.copy_(updated)

@@ -39,6 +39,12 @@ def _coefficient(c, inner, offs, mask, numel, BLOCK: tl.constexpr, MASKED: tl.co
 
 
 @triton.jit
+def _l2_grad(c, theta):
+    """2cθ, exactly 0 where c = 0 even for a non-finite θ (math.h's penalty_grad)."""
+    return tl.where(c == 0, 0.0, 2.0 * c * theta).to(theta.dtype)
+
+
+@triton.jit
 def _sign(x):
     """sign(±0) = sign(NaN) = 0, as torch.sign."""
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(x.dtype)
@@ -54,7 +60,7 @@ def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
     theta = upcast(load(param + offs, mask, MASKED), FP64)
     ghat = upcast(load(grad + offs, mask, MASKED), FP64) * inv_scale  # 1 without a GradScaler: exact
     if l2_inner > 0:
-        ghat += 2.0 * _coefficient(l2, l2_inner, offs, mask, numel, BLOCK, MASKED) * theta
+        ghat += _l2_grad(_coefficient(l2, l2_inner, offs, mask, numel, BLOCK, MASKED), theta)
     if l1_inner > 0:
         ghat += _coefficient(l1, l1_inner, offs, mask, numel, BLOCK, MASKED) * _sign(theta)
     if ADAM:
@@ -82,7 +88,7 @@ def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
         direction = ghat
     updated = theta - lr * direction
     if decay_inner > 0:
-        updated = updated - lr * (2.0 * _coefficient(decay, decay_inner, offs, mask, numel, BLOCK, MASKED) * theta)
+        updated = updated - lr * _l2_grad(_coefficient(decay, decay_inner, offs, mask, numel, BLOCK, MASKED), theta)
     if STASH_THETA:
         store(stash_theta + offs, theta, mask, MASKED)
     store(param + offs, to_storage(updated, param.dtype.element_ty, EMULATE_RTNE), mask, MASKED)

@@ -20,10 +20,12 @@ T1T2_HOST_DEVICE inline T sign(T x) {
   return static_cast<T>((x > T(0)) - (x < T(0)));
 }
 
-// dΩ/dθ for Ω = Σ c θ² (L2, no ½ as in the paper) or Ω = Σ c |θ| (L1).
+// dΩ/dθ for Ω = Σ c θ² (L2, no ½ as in the paper) or Ω = Σ c |θ| (L1). c = 0 contributes exactly 0,
+// also where θ is ±inf or NaN (0·inf would be NaN): the CPU kernel enters an absent penalty as c = 0,
+// and a non-finite θ must then propagate as it does without the penalty.
 template <typename T>
 T1T2_HOST_DEVICE inline T penalty_grad(PenaltyKind kind, T theta, T c) {
-  return kind == PenaltyKind::L2 ? T(2) * c * theta : c * sign(theta);
+  return kind == PenaltyKind::L2 ? (c == T(0) ? T(0) : T(2) * c * theta) : c * sign(theta);
 }
 
 // Mixed derivative m = ∂²Ω/∂θ∂c: what a unit change of c does to the gradient.
