@@ -196,18 +196,17 @@ class Hyperparameter:
         return self.transform.derivative(self.raw)
 
     @torch.no_grad()
-    def project(self) -> int:
-        """Clamp λ so that c stays inside ``bounds``; returns how many entries it moved."""
+    def project(self) -> torch.Tensor:
+        """Clamp λ so that c stays inside ``bounds``; returns how many entries it moved, as a 0-d
+        int64 tensor on λ's device (no host sync here: a caller reads many at once)."""
         lo, hi = self.bounds
         raw_lo, raw_hi = self.transform.inverse(lo), self.transform.inverse(hi) if math.isfinite(hi) else math.inf
-        if not (math.isfinite(raw_lo) or math.isfinite(raw_hi)):
-            return 0
-        below = self.raw < raw_lo if math.isfinite(raw_lo) else None
-        above = self.raw > raw_hi if math.isfinite(raw_hi) else None
-        moved = sum(int(m.sum()) for m in (below, above) if m is not None)
-        if moved:
-            self.raw.clamp_(min=raw_lo if math.isfinite(raw_lo) else None,
-                            max=raw_hi if math.isfinite(raw_hi) else None)
+        raw_lo, raw_hi = (raw_lo if math.isfinite(raw_lo) else None), (raw_hi if math.isfinite(raw_hi) else None)
+        if raw_lo is None and raw_hi is None:
+            return torch.zeros((), dtype=torch.int64, device=self.raw.device)
+        clamped = self.raw.clamp(min=raw_lo, max=raw_hi)
+        moved = torch.count_nonzero(self.raw != clamped)
+        self.raw.copy_(clamped)
         return moved
 
 

@@ -327,7 +327,8 @@ class T1T2(torch.optim.Optimizer):
         found, check = found_inf, False
         if self.skip_nonfinite:
             device = self.params[0].device
-            found = torch.zeros((), dtype=torch.float32, device=device) if found_inf is None else found_inf.clone()
+            # a GradScaler's found_inf is only read (check stays off), never written
+            found = torch.zeros((), dtype=torch.float32, device=device) if found_inf is None else found_inf
             if loss is not None:
                 found = torch.maximum(found, (~torch.isfinite(loss)).to(torch.float32).reshape(()))
             check = found_inf is None
@@ -446,8 +447,8 @@ class T1T2(torch.optim.Optimizer):
         if self._dist is not None and hypergrads:
             # mean over ranks of the per-rank hypergradients (and the check that λ agrees everywhere)
             hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
-        if guard:
-            nonfinite = [n for n, g in hypergrads.items() if not _all_finite([g])]
+        if guard and not _all_finite(list(hypergrads.values())):  # one pass; names only when it fails
+            nonfinite = [n for n, g in hypergrads.items() if not bool(torch.isfinite(g).all())]
             if nonfinite:
                 return self._skip_hyper(bad or f"non-finite hypergradient of {', '.join(nonfinite[:3])}"
                                         + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
@@ -470,6 +471,7 @@ class T1T2(torch.optim.Optimizer):
     @torch.no_grad()
     def _hyper_update(self, hypergrads: dict[str, torch.Tensor]) -> None:
         t = self.hyper_steps + 1
+        moved = []  # per hyperparameter, how many entries the projection moved (read back once, below)
         for h in self.all_hypers:
             g = hypergrads[h.name]
             if self.hyper_optimizer_name == "sgd":
@@ -484,8 +486,9 @@ class T1T2(torch.optim.Optimizer):
                 st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(self.hyper_eps)
                 h.raw.addcdiv_(st["exp_avg"], denom, value=-self.hyper_lr / (1 - b1 ** t))
-            if h.project():
-                self.clipped[h.name] += 1
+            moved.append(h.project())
+        for h, m in zip(self.all_hypers, torch.stack(moved).tolist() if moved else []):
+            self.clipped[h.name] += m > 0
 
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:

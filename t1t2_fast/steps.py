@@ -58,7 +58,7 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     step was skipped, nothing was written (adam's step count stays too) and this returns None."""
     beta1, beta2 = betas
     acc = reference.accumulate_dtype(params[0].dtype) if params else torch.float32
-    state1, state2, bc1, bc2 = [], [], [], []
+    state1, state2, bc1, bc2, adam_steps = [], [], [], [], []
     adam = optimizer == "adam"
     for p, state in zip(params, states):
         if adam:
@@ -66,6 +66,7 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
                 state["exp_avg"] = torch.zeros_like(p, dtype=acc)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc)
             t = int(state.get("step", 0)) + 1  # committed below, once the step is known to be taken
+            adam_steps.append(t)
             state1.append(state["exp_avg"])
             state2.append(state["exp_avg_sq"])
             bc1.append(1 - beta1 ** t)
@@ -90,9 +91,8 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
                      nesterov, beta1, beta2, eps, bc1, bc2, **guard)
     if found_inf is not None and float(found_inf) > 0:
         return None  # skipped: θ, the optimizer state and the stash buffers are as they were
-    if adam:
-        for state in states:
-            state["step"] = torch.tensor(float(int(state.get("step", 0)) + 1), dtype=torch.float64)
+    for state, t in zip(states, adam_steps):  # empty unless adam
+        state["step"] = torch.tensor(float(t), dtype=torch.float64)
     if not stash:
         return None
     if hypergrad == "sgd" or adam:
