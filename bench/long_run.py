@@ -26,6 +26,7 @@ import csv
 import os
 import platform
 import sys
+import textwrap
 import time
 
 import torch
@@ -149,26 +150,18 @@ def plot(path: str, rows: list[dict], title: str) -> None:
     from matplotlib.figure import Figure
 
     it = [r["iteration"] for r in rows]
+    process = [("peak_rss_MB", "peak RSS (VmHWM)"), ("rss_MB", "RSS"),
+               ("cuda_max_allocated_MB", "CUDA peak allocated")]
+    kept = [("live_tensor_MB", "live tensors (gc scan)"), ("optimizer_MB", "optimizer containers")]
     fig = Figure(figsize=(10, 4))
-    ax, ax2 = fig.subplots(1, 2)
-    ax.plot(it, [r["peak_rss_MB"] for r in rows], label="peak RSS (VmHWM)", lw=1.6)
-    ax.plot(it, [r["rss_MB"] for r in rows], label="RSS", lw=1.2)
-    if "cuda_max_allocated_MB" in rows[-1]:
-        ax.plot(it, [r["cuda_max_allocated_MB"] for r in rows], label="CUDA peak allocated", lw=1.2)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("MB")
-    ax.set_title("process memory")
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
-    ax2.plot(it, [r["live_tensor_MB"] for r in rows], label="live tensors (gc scan)", lw=1.6)
-    ax2.plot(it, [r["optimizer_MB"] for r in rows], label="optimizer containers", lw=1.2)
-    ax2.set_xlabel("iteration")
-    ax2.set_ylabel("MB")
-    ax2.set_title("what Python keeps")
-    ax2.legend(fontsize=8)
-    ax2.grid(True, alpha=0.3)
-    import textwrap
-
+    for ax, title, series in zip(fig.subplots(1, 2), ("process memory", "what Python keeps"), (process, kept)):
+        for k, (key, label) in enumerate(s for s in series if s[0] in rows[-1]):
+            ax.plot(it, [r[key] for r in rows], label=label, lw=1.6 if k == 0 else 1.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("MB")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        ax.grid(True, alpha=0.3)
     fig.suptitle("\n".join(textwrap.wrap(title, 150)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
