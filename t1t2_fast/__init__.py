@@ -1,10 +1,11 @@
 """t1t2_fast: tune continuous regularization hyperparameters inside one training run (T1-T2,
 Luketina et al., ICML 2016) with fused kernels and a pure-PyTorch reference path."""
 from . import functional, reference
-from .hyper import L1, L2, Penalty
+from .backend import BACKENDS
+from .hyper import L1, L2, PER_CHOICES, Penalty
 from .noise import GaussianNoise, no_noise, noise_enabled
-from .optimizer import T1T2
+from .optimizer import NonFiniteError, T1T2
 
 __version__ = "0.1.0"
-__all__ = ["T1T2", "L2", "L1", "Penalty", "GaussianNoise", "no_noise", "noise_enabled", "functional", "reference",
-           "__version__"]
+__all__ = ["T1T2", "L2", "L1", "Penalty", "GaussianNoise", "no_noise", "noise_enabled", "NonFiniteError",
+           "BACKENDS", "PER_CHOICES", "functional", "reference", "__version__"]
