@@ -1,18 +1,17 @@
 """Pure-PyTorch reference path: the oracle for every fused kernel.
 
 Every fused op in ``t1t2_fast.ops`` has a twin here with the same signature and
-the same semantics (DESIGN.md §2).  These functions favour clarity over speed.
+the same semantics (docs/design.md).  These functions favour clarity over speed.
 """
 from __future__ import annotations
 
 import torch
 
-PENALTY_KINDS = ("l2", "l1")
+from ._dtypes import NOISE_MODES, OPTIMIZERS, PENALTY_KINDS, SEGMENT_DECOUPLED_L2, SEGMENT_KINDS, compute_dtype
+from .rng import philox_randn
 
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+#: The compute-dtype rule under the name the reference path has always used for it.
+accumulate_dtype = compute_dtype
 
 
 def penalty_grad(theta: torch.Tensor, c: torch.Tensor, kind: str) -> torch.Tensor:
@@ -76,7 +75,7 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
     """Reference twin of ``torch.ops.t1t2.t1_step_`` (schema and argument contract in csrc/ops.cpp):
     one T1 step per tensor, in place, with the penalty gradients added and the stash written.
     ``grad_scale``/``found_inf``/``check_finite``: GradScaler's unscale and the non-finite guard."""
-    if optimizer not in ("sgd", "adam"):
+    if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
     if check_finite and found_inf is None:
         raise RuntimeError("t1t2::t1_step_: check_finite=True needs a found_inf tensor to report a non-finite "
@@ -133,9 +132,6 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
         p.copy_(updated)
 
 
-SEGMENT_KINDS = ("l2", "l1", "decoupled_l2")  # segment_kind codes 0, 1, 2 of penalty_hypergrad
-
-
 def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
                       lr: float) -> torch.Tensor:
     """Reference twin of ``torch.ops.t1t2.penalty_hypergrad`` (contract in csrc/ops.cpp): for each
@@ -143,7 +139,7 @@ def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, s
     is empty), decoupled l2 gives Σ_{i∈g} v_i·(−2ηθ_i); the segments' results concatenated."""
     out = []
     for t, kind, groups in zip(segment_tensor, segment_kind, segment_groups):
-        if SEGMENT_KINDS[kind] == "decoupled_l2":
+        if kind == SEGMENT_DECOUPLED_L2:
             out.append(-lr * penalty_segment_dot(v[t], theta[t], groups, "l2"))
             continue
         j = jac[t] if jac and jac[t].numel() > 0 else jac_scalar[t]
@@ -171,13 +167,10 @@ def restore_(params, save) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Gaussian noise (DESIGN.md §2 "Noise modules"): twins of torch.ops.t1t2.gaussian_noise and
+# Gaussian noise (docs/design.md, "Noise modules"): twins of torch.ops.t1t2.gaussian_noise and
 # gaussian_noise_backward (contract in csrc/ops.cpp). Built from differentiable torch ops, so the
 # backward twin also serves double backward (create_graph=True).
 # ---------------------------------------------------------------------------------------------
-NOISE_MODES = ("additive", "multiplicative")
-
-
 def _noise_inputs(op: str, x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int, inner: int, mode: str):
     """ε (float32, shaped (outer, channels, inner)) and σ shaped (1, channels, 1), after the op's checks.
     Element i is the i-th in row-major order, i.e. of the contiguous layout."""
@@ -191,7 +184,6 @@ def _noise_inputs(op: str, x: torch.Tensor, sigma: torch.Tensor, key: int, chann
     if sigma.numel() != channels:
         raise ValueError(f"{op}: sigma has {sigma.numel()} elements (shape {tuple(sigma.shape)}), "
                          f"expected channels = {channels}")
-    from .rng import philox_randn
     eps = philox_randn(key, torch.arange(x.numel(), device=x.device)).reshape(-1, channels, inner)
     return eps, sigma.reshape(1, channels, 1)
 

@@ -1,7 +1,7 @@
 """What every Triton kernel of t1t2_fast shares: whether Triton can run here, how one launch walks
 many tensors (a pointer table), launch configurations, input-kind checks and small jit helpers.
 
-Pointer table (DESIGN.md §4, as torch's multi-tensor apply does it): one int64 tensor per call,
+Pointer table (docs/design.md, "Architecture"; as torch's multi-tensor apply does it): one int64 tensor per call,
 copied to the device in one transfer, laid out as
 
     [ scalars (NUM_SCALARS) | rows (num_tensors × ROW_WIDTH) | work items (one per chunk) ]
@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from .._dtypes import SUPPORTED_DTYPES, compute_dtype
+
 try:
     import triton
     import triton.language as tl
@@ -31,7 +33,6 @@ except Exception as exc:  # ImportError, or a broken install that fails while im
 else:
     _IMPORT_ERROR = None
 
-SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 NUM_SCALARS = 8
 CHUNK = 4096  # elements per work item (a multiple of every BLOCK below)
 
@@ -62,10 +63,6 @@ def interpreting() -> bool:
     """Whether the kernels run in Triton's numpy interpreter (TRITON_INTERPRET=1 when they were
     defined; CPU tensors only)."""
     return _INTERPRETING
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):

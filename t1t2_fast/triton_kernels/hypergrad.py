@@ -1,4 +1,4 @@
-"""Triton twins of ``t1t2::penalty_hypergrad`` and ``t1t2::penalty_segment_dot`` (DESIGN.md §2, T2 step):
+"""Triton twins of ``t1t2::penalty_hypergrad`` and ``t1t2::penalty_segment_dot`` (docs/design.md, "T2 step"):
 ``torch.ops.t1t2_triton.penalty_hypergrad`` / ``penalty_segment_dot`` take the same arguments as the
 C++ ops and their ``reference`` twins and return the same values.
 
@@ -37,6 +37,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
+from .._dtypes import PENALTY_KINDS, SEGMENT_KINDS, SUPPORTED_DTYPES
 from ._common import call_kind, compute_dtype, interpreting
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +46,6 @@ from ._common import call_kind, compute_dtype, interpreting
 # Triton decides at decoration time whether @triton.jit gives a compiled or an interpreted
 # (numpy, CPU tensors) kernel; _common reads the same switch once.
 INTERPRET = interpreting()
-_SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 # Launch option: every multiply and add rounded on its own, as in the C++ kernels. A GPU would
 # otherwise fuse a*b + c into one FMA (Triton's default, which 3.10 means to change): the noise
 # would lose the C++ op's bits, and float64 sums would depend on the Triton version.
@@ -257,7 +257,7 @@ def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, se
         t, kind, groups = int(segment_tensor[s]), int(segment_kind[s]), int(segment_groups[s])
         if not 0 <= t < n:
             _fail(f"{_HG}: segment {s} names tensor {t} of {n}")
-        if kind not in (0, 1, 2):
+        if not 0 <= kind < len(SEGMENT_KINDS):
             _fail(f"{_HG}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1) or 2 (decoupled l2)")
         numel = theta[t].numel()
         if not (groups >= 0 and ((groups == 0 and numel == 0) or (groups > 0 and numel % groups == 0))):
@@ -392,7 +392,7 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
         _fail(f"{_SD}: u is on {u.device} but theta is on {theta.device}; move both to one device")
     if u.dtype != theta.dtype:
         _fail(f"{_SD}: u has dtype {u.dtype} but theta has dtype {theta.dtype}; cast them to one dtype")
-    if theta.dtype not in _SUPPORTED:
+    if theta.dtype not in SUPPORTED_DTYPES:
         _fail(f"{_SD}: expected floating-point u and theta (Double, Float, BFloat16 or Half), got {theta.dtype}")
     if u.shape != theta.shape:
         _fail(f"{_SD}: u has shape {list(u.shape)} but theta has shape {list(theta.shape)}")
@@ -402,7 +402,7 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
     if not ((num_groups == 0 and numel == 0) or (num_groups > 0 and numel % num_groups == 0)):
         _fail(f"{_SD}: num_groups={num_groups} does not divide numel={numel} "
               f"(groups are equal contiguous slices of the flattened tensors)")
-    if kind not in ("l2", "l1"):
+    if kind not in PENALTY_KINDS:
         _fail(f"{_SD}: unknown kind '{kind}'; expected 'l2' or 'l1'")
     acc = compute_dtype(theta.dtype)
     out = torch.empty(num_groups, dtype=acc, device=theta.device)
@@ -413,6 +413,6 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
     if call == "functional" and INTERPRET:  # see penalty_hypergrad
         return reference.penalty_segment_dot(u, theta, num_groups, kind)
     inner = numel // num_groups
-    _launch([u.contiguous()], [theta.contiguous()], [], [1.0], [(0, 0 if kind == "l2" else 1, num_groups, inner)],
+    _launch([u.contiguous()], [theta.contiguous()], [], [1.0], [(0, SEGMENT_KINDS.index(kind), num_groups, inner)],
             [1.0], [False], out, True, theta.dtype)
     return out

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._dtypes import OPTIMIZERS
 from . import _common
 from ._common import divide, load, row_pointer, square_root, store, table_float, to_storage, upcast, work_item
 
@@ -251,7 +252,7 @@ def _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, sta
     """The checks and messages of the C++ op (csrc/checks.cpp, check_t1_step_inputs); returns the
     contiguous grads and the group sizes of the three penalties per tensor."""
     n = len(params)
-    if optimizer not in ("sgd", "adam"):
+    if optimizer not in OPTIMIZERS:
         _fail(f"unknown optimizer '{optimizer}'; expected 'sgd' or 'adam'")
     adam = optimizer == "adam"
     uses_state1 = adam or momentum != 0
