@@ -1,4 +1,10 @@
-"""Backend selection: which implementation runs the fused ops."""
+"""Backend selection: which implementation runs the fused ops.
+
+A ``Backend`` holds one implementation of every fused op (the T1 step, the T2 reductions, the
+perturb/restore pair of the noise hypergradient, and the Gaussian noise op with its backward);
+``resolve_backend`` is the one place that maps a user's choice and a device to it, for ``T1T2``,
+``functional`` and ``GaussianNoise`` alike.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +12,12 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import _extension, ops, reference
 
 BACKENDS = ("auto", "reference", "cpp", "triton")
+# The fused ops every backend implements, in the order of Backend's fields; "t1t2::<op>" in the extension.
+COMPILED_OPS = ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_", "gaussian_noise",
+                "gaussian_noise_backward")
 
 
 @dataclass(frozen=True)
@@ -19,6 +28,8 @@ class Backend:
     penalty_hypergrad: Callable
     perturb_: Callable
     restore_: Callable
+    gaussian_noise: Callable
+    gaussian_noise_backward: Callable
 
     # Immutable and made of module-level functions or registered ops (a triton_op cannot be copied):
     # copies of an optimizer share it.
@@ -29,11 +40,6 @@ class Backend:
         return self
 
 
-def _compiled_available() -> tuple[bool, str | None]:
-    from . import _extension
-    return _extension.AVAILABLE, _extension.LOAD_ERROR
-
-
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """Map a user's backend choice and the parameters' device to the implementation to run."""
     if name not in BACKENDS:
@@ -42,12 +48,12 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
         return _triton(device)
     if name == "reference":
         return _reference()
-    available, error = _compiled_available()
+    available, error = _extension.AVAILABLE, _extension.LOAD_ERROR
     # CUDA tensors: the extension's CUDA kernels (csrc/cuda), registered only when it was built with
     # them; every op the Backend holds must have one.
     cuda_ok = available and device.type == "cuda" and all(
         torch._C._dispatch_has_kernel_for_dispatch_key(f"t1t2::{op}", "CUDA")
-        for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "restore_"))
+        for op in COMPILED_OPS)
     compiled_ok = available and (device.type == "cpu" or cuda_ok)
     if name == "cpp":
         if not available:
@@ -62,33 +68,35 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
             raise RuntimeError(f"backend='cpp' has kernels for CPU and CUDA tensors only in this version; the "
                                f"parameters are on {device}. Use backend='auto' or 'reference'")
     if name == "auto" and device.type == "cuda" and not cuda_ok:
-        from . import triton_kernels
+        from . import triton_kernels  # optional, and slow to import: only when asked for
         if triton_kernels.available():  # no CUDA kernels in this build: Triton is the GPU path
             return _triton(device)
     if compiled_ok:
-        from . import ops
-        return Backend("cpp", ops.penalty_segment_dot, ops.t1_step_, ops.penalty_hypergrad, ops.perturb_,
-                       ops.restore_)
+        return _compiled()
     if device.type == "cpu":
-        from ._extension import warn_if_missing
-        warn_if_missing()
+        _extension.warn_if_missing()
     return _reference()
 
 
+def _ops_of(name: str, module) -> Backend:
+    return Backend(name, *(getattr(module, op) for op in COMPILED_OPS))
+
+
 def _reference() -> Backend:
-    return Backend("reference", reference.penalty_segment_dot, reference.t1_step_, reference.penalty_hypergrad,
-                   reference.perturb_, reference.restore_)
+    return _ops_of("reference", reference)
+
+
+def _compiled() -> Backend:
+    return _ops_of("cpp", ops)
 
 
 def _triton(device: torch.device) -> Backend:
     """The Triton kernels (t1t2_fast.triton_kernels): CUDA tensors, or CPU tensors in Triton's
     interpreter (TRITON_INTERPRET=1, for tests: slow)."""
-    from . import triton_kernels
+    from . import triton_kernels  # optional, and slow to import: only when asked for
     triton_kernels.require("backend='triton'")
     if device.type != "cuda" and not (device.type == "cpu" and triton_kernels.interpreting()):
         raise RuntimeError(f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, "
                            f"Triton's slow interpreter, for testing); the parameters are on {device}. Use "
                            f"backend='auto', 'cpp' or 'reference'")
-    from .triton_kernels import hypergrad, perturb, t1_step
-    return Backend("triton", hypergrad.penalty_segment_dot, t1_step.t1_step_, hypergrad.penalty_hypergrad,
-                   perturb.perturb_, perturb.restore_)
+    return _ops_of("triton", triton_kernels)

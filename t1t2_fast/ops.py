@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from . import _extension
+from ._noise_autograd import register_autograd as register_noise_autograd
+from ._dtypes import NOISE_MODES, OPTIMIZERS, PENALTY_KINDS, SEGMENT_KINDS, SUPPORTED_DTYPES, compute_dtype
 
 _OP = "t1t2::penalty_segment_dot"
-_SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
 
 def _require_extension(name: str) -> None:
@@ -66,8 +67,6 @@ def restore_(params, save) -> None:
 # ---- the fake impls' checks: those of csrc/checks.cpp, with its messages ----
 # A call that mixes devices (say CPU and meta tensors) dispatches to the fake impl, so without these
 # checks it would return uninitialized memory or do nothing instead of raising.
-_COMPUTE = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
-            torch.float16: torch.float32}
 
 
 def _check_like(op, t, p, dtype, name, i):
@@ -82,7 +81,7 @@ def _check_like(op, t, p, dtype, name, i):
 def _check_params(op, params):
     """csrc/checks.cpp check_params: one supported dtype and one device, contiguous (written in place)."""
     dtype, device = params[0].dtype, params[0].device
-    torch._check(dtype in _SUPPORTED_DTYPES,
+    torch._check(dtype in SUPPORTED_DTYPES,
                  lambda: f"{op}: params must be float64, float32, bfloat16 or float16, got {dtype}")
     for i, p in enumerate(params):
         torch._check(p.device == device, lambda: f"{op}: params[{i}] is on {p.device}, expected {device}")
@@ -99,7 +98,7 @@ def _check_perturb_fake(params, save, base, direction):
     if not n:
         return
     _check_params(op, params)
-    compute = _COMPUTE[params[0].dtype]
+    compute = compute_dtype(params[0].dtype)
     for i, p in enumerate(params):
         _check_like(op, base[i], p, compute, "base", i)
         _check_like(op, direction[i], p, compute, "direction", i)
@@ -123,7 +122,7 @@ def _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_thet
         return
     _check_params(op, params)
     p0 = params[0]
-    compute = _COMPUTE[p0.dtype]
+    compute = compute_dtype(p0.dtype)
     for i, p in enumerate(params):
         g = grads[i]
         torch._check(g.shape == p.shape, lambda: f"{op}: grads[{i}] has shape {list(g.shape)} but params[{i}] has "
@@ -180,7 +179,7 @@ def _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, seg
     for s in range(ns):
         t, kind, groups = segment_tensor[s], segment_kind[s], segment_groups[s]
         torch._check(0 <= t < n, lambda: f"{op}: segment {s} names tensor {t} of {n}")
-        torch._check(kind in (0, 1, 2),
+        torch._check(0 <= kind < len(SEGMENT_KINDS),
                      lambda: f"{op}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1) or 2 (decoupled l2)")
         numel = theta[t].numel()
         torch._check(groups >= 0 and ((groups == 0 and numel == 0) or (groups > 0 and numel % groups == 0)),
@@ -216,7 +215,7 @@ if _extension.AVAILABLE:
                       found_inf=None, check_finite=False):
         torch._check(len(grads) == len(params),
                      lambda: f"t1t2::t1_step_: got {len(params)} params but {len(grads)} grads")
-        torch._check(optimizer in ("sgd", "adam"),
+        torch._check(optimizer in OPTIMIZERS,
                      lambda: f"t1t2::t1_step_: unknown optimizer '{optimizer}'; expected 'sgd' or 'adam'")
         torch._check(not check_finite or found_inf is not None,
                      lambda: "t1t2::t1_step_: check_finite=True needs a found_inf tensor to report a non-finite "
@@ -233,23 +232,22 @@ if _extension.AVAILABLE:
                      lambda: f"{_OP}: u is on {u.device} but theta is on {theta.device}; move both to one device")
         torch._check(u.dtype == theta.dtype,
                      lambda: f"{_OP}: u has dtype {u.dtype} but theta has dtype {theta.dtype}; cast them to one dtype")
-        torch._check(theta.dtype in _SUPPORTED_DTYPES,
+        torch._check(theta.dtype in SUPPORTED_DTYPES,
                      lambda: f"{_OP}: expected floating-point u and theta (float64, float32, bfloat16 or "
                              f"float16), got {theta.dtype}")
         torch._check(u.shape == theta.shape,
                      lambda: f"{_OP}: u has shape {list(u.shape)} but theta has shape {list(theta.shape)}")
-        torch._check(kind in ("l2", "l1"), lambda: f"{_OP}: unknown kind {kind!r}; expected 'l2' or 'l1'")
+        torch._check(kind in PENALTY_KINDS, lambda: f"{_OP}: unknown kind {kind!r}; expected 'l2' or 'l1'")
         torch._check(num_groups >= 0, lambda: f"{_OP}: num_groups must be >= 0, got {num_groups}")
         numel = theta.numel()
         torch._check(numel == 0 if num_groups == 0 else numel % num_groups == 0,
                      lambda: f"{_OP}: num_groups={num_groups} does not divide numel={numel} "
                              f"(groups are equal contiguous slices of the flattened tensors)")
-        out = torch.float64 if theta.dtype == torch.float64 else torch.float32
-        return theta.new_empty((num_groups,), dtype=out)
+        return theta.new_empty((num_groups,), dtype=compute_dtype(theta.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
-# Gaussian noise (DESIGN.md §2 "Noise modules"); the differentiable entry point with backend
+# Gaussian noise (docs/design.md, "Noise modules"); the differentiable entry point with backend
 # choice is t1t2_fast.noise.gaussian_noise.
 # ---------------------------------------------------------------------------------------------
 _NOISE_OP = "t1t2::gaussian_noise"
@@ -275,15 +273,15 @@ def gaussian_noise_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.
 
 
 def _check_noise_fake(op, x, sigma, channels, inner, mode):
-    torch._check(mode in ("additive", "multiplicative"),
+    torch._check(mode in NOISE_MODES,
                  lambda: f"{op}: unknown mode '{mode}'; expected 'additive' or 'multiplicative'")
-    torch._check(x.dtype in _SUPPORTED_DTYPES,
+    torch._check(x.dtype in SUPPORTED_DTYPES,
                  lambda: f"{op}: x must be float64, float32, bfloat16 or float16, got {x.dtype}")
     torch._check(channels >= 1 and inner >= 1,
                  lambda: f"{op}: channels and inner must be >= 1, got {channels} and {inner}")
     torch._check(x.numel() % (channels * inner) == 0,
                  lambda: f"{op}: channels·inner = {channels}·{inner} does not divide the {x.numel()} elements of x")
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x.dtype)
     torch._check(sigma.dtype == compute, lambda: f"{op}: sigma has dtype {sigma.dtype}, expected {compute}")
     torch._check(sigma.device == x.device, lambda: f"{op}: sigma is on {sigma.device} but x is on {x.device}")
     torch._check(sigma.numel() == channels,
@@ -313,19 +311,4 @@ if _extension.AVAILABLE:
         grad_sigma = torch.empty_like(sigma) if need_sigma_grad else sigma.new_empty((0,))
         return grad_x, grad_sigma
 
-    def _gaussian_noise_setup_context(ctx, inputs, output):
-        x, sigma, key, channels, inner, mode = inputs
-        ctx.noise_args = (key, channels, inner, mode)
-        # x is needed only for the multiplicative ∂L/∂σ; σ is tiny
-        keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]
-        ctx.save_for_backward(x if keep_x else None, sigma)
-
-    def _gaussian_noise_backward_formula(ctx, grad_y):
-        from .noise import noise_backward
-        x, sigma = ctx.saved_tensors
-        grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[1], impl="cpp")
-        return grad_x, grad_sigma, None, None, None, None
-
-    torch.library.register_autograd(_NOISE_OP, _gaussian_noise_backward_formula,
-                                    setup_context=_gaussian_noise_setup_context)
+    register_noise_autograd(_NOISE_OP, gaussian_noise_backward)

@@ -1,4 +1,4 @@
-"""Triton twins of ``t1t2::gaussian_noise`` and ``t1t2::gaussian_noise_backward`` (DESIGN.md §2,
+"""Triton twins of ``t1t2::gaussian_noise`` and ``t1t2::gaussian_noise_backward`` (docs/design.md,
 "Noise modules"): ``torch.ops.t1t2_triton.gaussian_noise`` / ``gaussian_noise_backward``, same
 arguments, same values, and the same noise: ε_i = randn(key, i) of csrc/include/t1t2/philox.h.
 
@@ -30,10 +30,11 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import reference
+from .._noise_autograd import register_autograd as register_noise_autograd
+from .._dtypes import SUPPORTED_DTYPES
 from .hypergrad import (INTERPRET, NO_FMA, _load_ct, _store_cast, as_kernel_arg, autotuned, call_kind,
                         check_device, compute_dtype, size_bucket)
 
-_SUPPORTED = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _FWD = "t1t2_triton::gaussian_noise"
 _BWD = "t1t2_triton::gaussian_noise_backward"
 
@@ -227,7 +228,7 @@ def _check(op: str, x, grad_y, sigma, channels: int, inner: int, mode: str) -> N
         raise RuntimeError(f"{op}: sigma is on {sigma.device} but x is on {x.device}; move both to one device")
     if grad_y is not None and grad_y.device != x.device:
         raise RuntimeError(f"{op}: grad_y is on {grad_y.device} but x is on {x.device}; move both to one device")
-    if x.dtype not in _SUPPORTED:
+    if x.dtype not in SUPPORTED_DTYPES:
         raise RuntimeError(f"{op}: x must be float64, float32, bfloat16 or float16, got {x.dtype}")
     if not x.is_contiguous():
         raise RuntimeError(f"{op}: x (shape {list(x.shape)}, strides {list(x.stride())}) must be contiguous: the "
@@ -334,27 +335,5 @@ def gaussian_noise_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.
     return grad_x, grad_sigma
 
 
-# ---------------------------------------------------------------------------------------------
-# Autograd: as the C++ op (t1t2_fast/ops.py), the backward regenerates ε; under create_graph it
-# runs the reference formula, built from differentiable torch ops, so it can be differentiated again.
-# ---------------------------------------------------------------------------------------------
-def _setup_context(ctx, inputs, output):
-    x, sigma, key, channels, inner, mode = inputs
-    ctx.noise_args = (key, channels, inner, mode)
-    keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]  # only the multiplicative ∂L/∂σ reads x
-    ctx.save_for_backward(x if keep_x else None, sigma)
-
-
-def _backward(ctx, grad_y):
-    x, sigma = ctx.saved_tensors
-    key, channels, inner, mode = ctx.noise_args
-    need_x, need_sigma = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_y = grad_y.contiguous()
-    x = grad_y if x is None else x  # additive mode reads only its shape and dtype
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, sigma))
-    backward = reference.gaussian_noise_backward if differentiable else torch.ops.t1t2_triton.gaussian_noise_backward
-    grad_x, grad_sigma = backward(grad_y, x, sigma, key, channels, inner, mode, need_x, need_sigma)
-    return (grad_x if need_x else None), (grad_sigma if need_sigma else None), None, None, None, None
-
-
-gaussian_noise.register_autograd(_backward, setup_context=_setup_context)
+# Autograd: the backward formula shared with the C++ op (t1t2_fast._noise_autograd)
+register_noise_autograd(_FWD, gaussian_noise_backward)

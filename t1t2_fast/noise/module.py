@@ -1,4 +1,4 @@
-"""Gaussian noise layers whose std is a T1-T2 hyperparameter (DESIGN.md §2 "Noise modules").
+"""Gaussian noise layers whose std is a T1-T2 hyperparameter (docs/design.md, "Noise modules").
 
 ``GaussianNoise`` adds y = x + σε (or multiplies, y = x(1 + σε)) in training mode. ε comes from a
 counter-based generator (t1t2_fast.rng): ε_i = randn(key, i) for element i, so the backward
@@ -14,12 +14,12 @@ import threading
 import torch
 from torch import nn
 
-from . import _extension, reference
-from .hyper import Hyperparameter, get_transform
-from .rng import noise_key
+from .._dtypes import NOISE_MODES, compute_dtype
+from .._noise_autograd import backward_from_context, save_for_backward
+from ..backend import BACKENDS, Backend, resolve_backend
+from ..penalties import Hyperparameter, get_transform
+from ..rng import noise_key
 
-NOISE_BACKENDS = ("auto", "reference", "cpp", "triton")
-NOISE_MODES = reference.NOISE_MODES
 NOISE_PER = ("layer", "unit")
 
 
@@ -55,86 +55,20 @@ def noise_enabled() -> bool:
 # ---------------------------------------------------------------------------------------------
 # The differentiable op
 # ---------------------------------------------------------------------------------------------
-def noise_impl(backend: str, device: torch.device) -> str:
-    """Which implementation runs the noise ops for tensors on ``device``: "reference", "cpp"
-    (torch.ops.t1t2, the compiled extension) or "triton" (torch.ops.t1t2_triton). ``backend``
-    "auto" takes the compiled extension where it has a kernel for the device, else the reference;
-    "cpp" and "triton" are demanded, with a clear error where they cannot run."""
-    if backend not in NOISE_BACKENDS:
-        raise ValueError(f"unknown noise backend={backend!r}; expected one of {NOISE_BACKENDS}")
-    if backend in ("reference", "triton"):
-        if backend == "triton":
-            from .triton_kernels import require
-            require("GaussianNoise backend='triton'")
-        return backend
-    available = _extension.AVAILABLE
-    has_kernel = available and (device.type == "cpu" or (
-        device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key("t1t2::gaussian_noise", "CUDA")))
-    if backend == "cpp" and not has_kernel:
-        why = (f"the compiled extension did not load ({_extension.LOAD_ERROR}); build it with "
-               f"`pip install --no-build-isolation -e .`" if not available else
-               f"this build has no kernel for tensors on {device} (CUDA kernels need a build with T1T2_CUDA=1)")
-        raise RuntimeError(f"GaussianNoise backend='cpp': {why}; or use backend='auto' or 'reference'")
-    if not available and device.type == "cpu":
-        _extension.warn_if_missing()
-    return "cpp" if has_kernel else "reference"
-
-
-def use_compiled(backend: str, device: torch.device) -> bool:
-    """Whether the noise ops run through the compiled extension (see ``noise_impl``)."""
-    return noise_impl(backend, device) == "cpp"
-
-
-def _fused_ops(impl: str):
-    """The module whose gaussian_noise / gaussian_noise_backward run implementation ``impl``."""
-    if impl == "cpp":
-        from . import ops
-        return ops
-    from .triton_kernels import noise as triton_noise
-    return triton_noise
-
-
-def noise_backward(grad_y, x, sigma, key, channels, inner, mode, need_x_grad, need_sigma_grad, impl):
-    """(∂L/∂x or None, ∂L/∂σ or None) of ``gaussian_noise`` for a backward pass. ``x`` may be None
-    unless the multiplicative ∂L/∂σ is needed. Under create_graph (grad mode on in the backward and
-    an input that requires grad) the reference formula built from differentiable torch ops runs, so
-    that ∂L/∂σ and ∂L/∂x can be differentiated again; otherwise the fused op of ``impl`` ("cpp",
-    "triton") or the reference under no_grad."""
-    grad_y = grad_y.contiguous()
-    x = grad_y if x is None else x  # additive mode reads only its shape and dtype
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, sigma))
-    # additive ∂L/∂x is g itself: no kernel, no copy
-    op_x_grad = need_x_grad and mode == "multiplicative"
-    grad_x = grad_sigma = None
-    if op_x_grad or need_sigma_grad:
-        if impl != "reference" and not differentiable:
-            grad_x, grad_sigma = _fused_ops(impl).gaussian_noise_backward(grad_y, x.contiguous(), sigma.contiguous(), key,
-                                                             channels, inner, mode, op_x_grad, need_sigma_grad)
-        else:
-            grad_x, grad_sigma = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode,
-                                                                   op_x_grad, need_sigma_grad)
-    if need_x_grad and not op_x_grad:
-        grad_x = grad_y
-    return (grad_x if need_x_grad else None), (grad_sigma if need_sigma_grad else None)
-
-
 class _GaussianNoiseFunction(torch.autograd.Function):
+    """The noise op of a resolved backend with the shared backward formula (t1t2_fast._noise_autograd),
+    so the reference path regenerates ε too instead of keeping it for the backward."""
+
     @staticmethod
-    def forward(ctx, x, sigma, key, channels, inner, mode, impl):
-        ops = reference if impl == "reference" else _fused_ops(impl)
-        y = ops.gaussian_noise(x, sigma, key, channels, inner, mode)
-        ctx.noise_args = (key, channels, inner, mode)
-        ctx.impl = impl
-        keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]  # only the multiplicative ∂L/∂σ reads x
-        ctx.save_for_backward(x if keep_x else None, sigma)
+    def forward(ctx, x, sigma, key, channels, inner, mode, backend: Backend):
+        y = backend.gaussian_noise(x, sigma, key, channels, inner, mode)
+        save_for_backward(ctx, x, sigma, key, channels, inner, mode)
+        ctx.fused_backward = None if backend.name == "reference" else backend.gaussian_noise_backward
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, sigma = ctx.saved_tensors
-        grad_x, grad_sigma = noise_backward(grad_y, x, sigma, *ctx.noise_args, ctx.needs_input_grad[0],
-                                            ctx.needs_input_grad[1], ctx.impl)
-        return grad_x, grad_sigma, None, None, None, None, None
+        return (*backward_from_context(ctx, grad_y, ctx.fused_backward), None, None, None, None, None)
 
 
 def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int = 1, inner: int = 1,
@@ -143,8 +77,9 @@ def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int
     ε_i = randn(key, i) over the contiguous x and c = (i // inner) % channels. ``sigma``: ``channels``
     values in the compute dtype (float64 for float64 x, float32 otherwise). The backward regenerates
     ε (nothing but x, in multiplicative mode, is saved) and is itself differentiable (create_graph).
-    ``backend``: "auto" | "reference" | "cpp" | "triton" (see ``noise_impl``)."""
-    impl = noise_impl(backend, x.device)
+    ``backend``: "auto" | "reference" | "cpp" | "triton", resolved for x's device as for ``T1T2``
+    (``t1t2_fast.backend.resolve_backend``)."""
+    impl = resolve_backend(backend, x.device)
     return _GaussianNoiseFunction.apply(x.contiguous(), sigma, int(key), int(channels), int(inner), mode, impl)
 
 
@@ -189,8 +124,8 @@ class GaussianNoise(nn.Module):
             raise ValueError(f"GaussianNoise: unknown per={per!r}; expected one of {NOISE_PER}")
         if mode not in NOISE_MODES:
             raise ValueError(f"GaussianNoise: unknown mode={mode!r}; expected one of {NOISE_MODES}")
-        if backend not in NOISE_BACKENDS:
-            raise ValueError(f"GaussianNoise: unknown backend={backend!r}; expected one of {NOISE_BACKENDS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"GaussianNoise: unknown backend={backend!r}; expected one of {BACKENDS}")
         if per == "unit":
             if not isinstance(num_features, int) or num_features < 1:
                 raise ValueError(f"GaussianNoise(per='unit') needs num_features = the size of dim 1 of its input "
@@ -289,8 +224,7 @@ class GaussianNoise(nn.Module):
         key = self._next_key(draw=active)
         if not active:
             return x
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        sigma = sigma.to(device=x.device, dtype=compute)
+        sigma = sigma.to(device=x.device, dtype=compute_dtype(x.dtype))
         self.input_dtype = x.dtype  # what the noise hypergradient's finite difference is made of
         if self._recording:
             sigma = sigma.clone().requires_grad_(True)
