@@ -2,7 +2,7 @@
 Luketina et al., ICML 2016) with fused kernels and a pure-PyTorch reference path."""
 from . import functional, reference
 from .backend import BACKENDS
-from .hyper import L1, L2, PER_CHOICES, Penalty
+from .penalties import L1, L2, PER_CHOICES, Penalty
 from .noise import GaussianNoise, no_noise, noise_enabled
 from .optimizer import NonFiniteError, T1T2
 

@@ -1,6 +1,6 @@
-"""T1-T2 across processes (torch.distributed, DistributedDataParallel): issue 7.
+"""T1-T2 across processes (torch.distributed, DistributedDataParallel).
 
-The math is unchanged (DESIGN.md §2). What each piece needs across ranks:
+The math is unchanged (docs/design.md). What each piece needs across ranks:
 
 - T1: the gradient is averaged by DDP's own all-reduce; θ, optimizer state and λ are then
   identical on every rank, so the T1 update (and the stash: pre-step θ, Adam's D) is too.

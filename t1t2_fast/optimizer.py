@@ -1,27 +1,32 @@
 """The ``T1T2`` optimizer: T1 steps on the training loss, T2 steps on the hyperparameters.
 
-The math is DESIGN.md §2. The T1 update and the T2 penalty reductions run through the selected
-backend's fused ops; noise hyperparameters are handled in ``noise_hyper``.
+This class is the orchestration and the bookkeeping; the work lives in modules named for it:
+``functional`` (the fused T1 step, the T2 penalty reductions, the stash), ``penalties`` (L2/L1,
+transforms, bounds), ``noise.hypergrad`` (noise hyperparameters: keys, replay, hypergradient),
+``hyper_optim`` (the update of λ), ``guard`` (the non-finite guard), ``distributed`` (process
+groups), ``checkpoint`` (state_dict). The math is docs/design.md.
 """
 from __future__ import annotations
 
-import copy
-import fnmatch
 import math
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from . import distributed, noise_hyper, reference
+from . import checkpoint, distributed
+from ._dtypes import OPTIMIZERS, SUPPORTED_DTYPES, compute_dtype
 from .backend import Backend, resolve_backend
-from .hyper import Hyperparameter, Penalty, bind_penalties
-from .steps import penalty_hypergrads, reused_buffer, t1_step
+from .closures import scalar_loss
+from .functional import Stash, penalty_hypergrads, reused_buffer, t1_step
+from .guard import NonFiniteError, SkipGuard, all_finite
+from .hyper_optim import HYPER_OPTIMIZERS, HyperOptimizer
+from .noise import hypergrad as noise_hyper
+from .penalties import Hyperparameter, Penalty, bind_penalties, set_bounds
 
-OPTIMIZERS = ("sgd", "adam")
-HYPER_OPTIMIZERS = ("sgd", "adam")
 HYPERGRAD_MODES = ("exact", "sgd")
-SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = ["T1T2", "NonFiniteError", "OPTIMIZERS", "HYPER_OPTIMIZERS", "HYPERGRAD_MODES", "SUPPORTED_DTYPES"]
 
 
 def _check_choice(what, value, choices):
@@ -29,42 +34,44 @@ def _check_choice(what, value, choices):
         raise ValueError(f"unknown {what}={value!r}; expected one of {choices}")
 
 
-class NonFiniteError(RuntimeError):
-    """Raised after ``max_consecutive_skips`` T1 or T2 steps in a row were skipped for non-finite
-    values: the run is not recovering on its own."""
+def _check_arguments(optimizer, hyper_optimizer, hypergrad, noise_hypergrad, distributed_noise, fd_eps, lr, momentum,
+                     nesterov, betas, hyper_every) -> None:
+    """The constructor's argument checks, each with the message a user needs."""
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS)
+    _check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
+    _check_choice("noise_hypergrad", noise_hypergrad, noise_hyper.NOISE_HYPERGRAD_MODES)
+    _check_choice("distributed_noise", distributed_noise, distributed.DISTRIBUTED_NOISE)
+    if not (fd_eps > 0 and math.isfinite(fd_eps)):
+        raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+    if nesterov and (optimizer != "sgd" or momentum <= 0):
+        raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
+    if not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+    if int(hyper_every) != hyper_every or hyper_every < 1:
+        raise ValueError(f"hyper_every must be a positive integer, got {hyper_every!r}")
 
 
-def _all_finite(tensors) -> bool:
-    """Whether every element of every tensor is finite: one fused max-abs pass (NaN propagates)."""
-    tensors = [t for t in tensors if t.numel()]
-    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors, math.inf))).all())
-
-
-def _scalar_loss(loss, where: str) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the {where} closure must return a scalar loss tensor, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"the {where} closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
-                         f"reduce it (e.g. .mean()) inside the closure")
-    if not loss.requires_grad:
-        raise ValueError(f"the {where} closure returned a loss that does not require grad; is it computed from "
-                         f"the model's parameters outside torch.no_grad()?")
-    return loss.reshape(())
-
-
-def _stashed_rng(noise_stash: dict) -> tuple | None:
-    """torch's generator state(s) just before the stashed T1 step's closure ran (None if unknown):
-    from the step's replay, or from a loaded state_dict."""
-    replay = noise_stash.get("replay")
-    return replay.rng if replay is not None else noise_stash.get("rng")
-
-
-def _copy_rng(state: tuple | None) -> tuple | None:
-    """A copy of a (CPU generator state, CUDA generator state or None) pair; generator states are
-    CPU byte tensors wherever the model lives."""
-    if state is None:
-        return None
-    return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in state)
+def _trainable(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], torch.device, torch.dtype]:
+    """The model's trainable (name, parameter) pairs, which must share one device and one dtype."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    dtypes = {p.dtype for _, p in named}
+    devices = {p.device for _, p in named}
+    if len(devices) > 1 or len(dtypes) > 1:
+        detail = ", ".join(f"{n}: {p.dtype} on {p.device}" for n, p in named)
+        raise ValueError(f"T1T2 needs all trainable parameters on one device with one dtype, found "
+                         f"{sorted(map(str, devices))} and {sorted(map(str, dtypes))} ({detail}); "
+                         f"move the model with model.to(device, dtype)")
+    dtype = dtypes.pop()
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported parameter dtype {dtype}; expected one of {SUPPORTED_DTYPES}")
+    return named, devices.pop(), dtype
 
 
 class T1T2(torch.optim.Optimizer):
@@ -72,7 +79,7 @@ class T1T2(torch.optim.Optimizer):
 
     ``step(closure)`` does one training step with the penalty gradients added to the data gradient;
     after a step where ``hyper_due`` is true, ``hyper_step(val_closure)`` differentiates the
-    validation loss through that step and updates the hyperparameters. See DESIGN.md §2-3.
+    validation loss through that step and updates the hyperparameters (docs/design.md).
 
     Across processes (``t1t2_fast.distributed``): ``model`` may be a ``DistributedDataParallel``
     wrapper (hyperparameters are named after the module inside it). ``process_group`` None reduces
@@ -84,7 +91,7 @@ class T1T2(torch.optim.Optimizer):
     result is the one-process value; "local" uses each rank's own (unbiased, only the small vector
     is sent).
 
-    Reliability (README "Reliability"): with ``skip_nonfinite`` (default), a T1 step whose training
+    Reliability (docs/reliability.md): with ``skip_nonfinite`` (default), a T1 step whose training
     loss or gradients hold an Inf/NaN is skipped (the fused op scans the gradients before it writes
     anything), and so is a T2 step whose validation loss, validation gradient or hypergradient does;
     ``skipped`` counts them, ``last_skip`` says why, and ``max_consecutive_skips`` skips in a row
@@ -111,64 +118,27 @@ class T1T2(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS)
-        _check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
-        _check_choice("noise_hypergrad", noise_hypergrad, noise_hyper.NOISE_HYPERGRAD_MODES)
-        _check_choice("distributed_noise", distributed_noise, distributed.DISTRIBUTED_NOISE)
-        if not (fd_eps > 0 and math.isfinite(fd_eps)):
-            raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
-        if not (lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        if nesterov and (optimizer != "sgd" or momentum <= 0):
-            raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
-        if not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        if int(hyper_every) != hyper_every or hyper_every < 1:
-            raise ValueError(f"hyper_every must be a positive integer, got {hyper_every!r}")
-        if max_consecutive_skips is not None and (int(max_consecutive_skips) != max_consecutive_skips
-                                                  or max_consecutive_skips < 1):
-            raise ValueError(f"max_consecutive_skips must be a positive integer or None, got {max_consecutive_skips!r}")
-
+        _check_arguments(optimizer, hyper_optimizer, hypergrad, noise_hypergrad, distributed_noise, fd_eps, lr,
+                         momentum, nesterov, betas, hyper_every)
+        guard = SkipGuard(skip_nonfinite, max_consecutive_skips)
         # A DistributedDataParallel model: names (and noise modules) from the module inside it
         inner, self._ddp = distributed.unwrap(model)
-        named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("the model has no trainable parameters")
-        dtypes = {p.dtype for _, p in named}
-        devices = {p.device for _, p in named}
-        if len(devices) > 1 or len(dtypes) > 1:
-            detail = ", ".join(f"{n}: {p.dtype} on {p.device}" for n, p in named)
-            raise ValueError(f"T1T2 needs all trainable parameters on one device with one dtype, found "
-                             f"{sorted(map(str, devices))} and {sorted(map(str, dtypes))} ({detail}); "
-                             f"move the model with model.to(device, dtype)")
-        dtype = dtypes.pop()
-        if dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"unsupported parameter dtype {dtype}; expected one of {SUPPORTED_DTYPES}")
+        named, device, dtype = _trainable(inner)
 
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, betas=tuple(betas), eps=eps)
         super().__init__([p for _, p in named], defaults)
         self.param_names = [n for n, _ in named]
         self.optimizer_name, self.hypergrad_mode = optimizer, hypergrad
-        self.hyper_optimizer_name, self.hyper_lr = hyper_optimizer, hyper_lr
-        self.hyper_betas, self.hyper_eps = tuple(hyper_betas), hyper_eps
         self.hyper_every, self.seed = int(hyper_every), int(seed)
-        self.compute_dtype = reference.accumulate_dtype(dtype)
-        self.backend: Backend = resolve_backend(backend, devices.pop())
+        self.compute_dtype = compute_dtype(dtype)
+        self.backend: Backend = resolve_backend(backend, device)
         self.hypers: list[Hyperparameter] = bind_penalties(list(penalties), named, self.compute_dtype)
-        self._by_param: list[list[Hyperparameter]] = [[] for _ in named]
-        for h in self.hypers:
-            for t in h.targets:
-                self._by_param[t.index].append(h)
         self.steps = 0
         self.hyper_steps = 0
-        self._hyper_state: dict[str, dict[str, torch.Tensor]] = {}
-        self._stash: dict | None = None
-        self._stash_buffers: dict = {}  # reused stash storage (see steps.t1_step)
+        self._stash: Stash | None = None
+        self._stash_buffers: dict = {}  # reused stash storage (see functional.t1_step)
         self.last_hypergrad: dict[str, torch.Tensor] = {}
-        # Noise hyperparameters: the model's GaussianNoise modules (DESIGN.md §2).
+        # Noise hyperparameters: the model's GaussianNoise modules
         self.noise_hypergrad_mode, self.fd_eps = noise_hypergrad, float(fd_eps)
         self._model = inner
         # Across processes: the group T2 all-reduces its hypergradients over (DDP averages T1's gradients)
@@ -178,14 +148,10 @@ class T1T2(torch.optim.Optimizer):
         rank = self._dist.rank if self._dist is not None else 0
         self._noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
         self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
-        # The non-finite guard and the bounds (README "Reliability")
-        self.skip_nonfinite = bool(skip_nonfinite)
-        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
-        self.skipped = {"t1": 0, "t2": 0}       # steps skipped for Inf/NaN, in all
-        self.consecutive_skips = {"t1": 0, "t2": 0}
-        self.last_skip: str | None = None       # why the latest step was skipped (None: it was taken)
-        self.clipped = {h.name: 0 for h in self.all_hypers}  # hyper steps that hit a bound
-        self._pending = None                     # a step(closure, scaler=) waiting for scaler.step(self)
+        self._guard = guard
+        self._hyper_optim = HyperOptimizer(hyper_optimizer, hyper_lr, hyper_betas, hyper_eps,
+                                           [h.name for h in self.all_hypers])
+        self._pending = None  # a step(closure, scaler=) waiting for scaler.step(self)
         for pattern, (lo, hi) in (bounds or {}).items():
             self.set_bounds(pattern, lo, hi)
         self._prepare_noise()
@@ -236,39 +202,28 @@ class T1T2(torch.optim.Optimizer):
         """Bound the hyperparameters whose name matches ``pattern`` (a name or a glob such as
         "l2.*") to [lo, hi] in natural scale (None: unbounded on that side), and project their
         current values inside at once. Returns the names it set."""
-        lo = -math.inf if lo is None else float(lo)
-        hi = math.inf if hi is None else float(hi)
-        if math.isnan(lo) or math.isnan(hi) or lo > hi:
-            raise ValueError(f"bounds for {pattern!r} must satisfy lo <= hi, got ({lo}, {hi})")
-        matched = [h for h in self.all_hypers if fnmatch.fnmatchcase(h.name, pattern)]
-        if not matched:
-            raise ValueError(f"bounds: {pattern!r} matches no hyperparameter; they are "
-                             f"{[h.name for h in self.all_hypers]}")
-        for h in matched:
-            h.bounds = (lo, hi)
-            for b in self._noise:  # a noise module projects with its own copy of the bounds
-                if b.hyper is h:
-                    b.module.bounds = (lo, hi)
-            h.project()
+        matched = set_bounds(self.all_hypers, pattern, lo, hi)
+        noise_hyper.sync_bounds(self._noise)
         return [h.name for h in matched]
 
-    def _count_skip(self, kind: str, reason: str) -> None:
-        """Record a skipped T1 ("t1") or T2 ("t2") step; raise once too many come in a row."""
-        self.skipped[kind] += 1
-        self.consecutive_skips[kind] += 1
-        self.last_skip = reason
-        n, limit = self.consecutive_skips[kind], self.max_consecutive_skips
-        if limit is not None and n >= limit:
-            what = "T1 (training)" if kind == "t1" else "T2 (hyperparameter)"
-            raise NonFiniteError(
-                f"{n} consecutive {what} steps were skipped for non-finite values (the latest: {reason}); "
-                f"{self.skipped[kind]} skipped in all after {self.steps} T1 steps. The run is not recovering: "
-                f"lower the learning rate{' or hyper_lr' if kind == 't2' else ''}, check the data and the loss "
-                f"for Inf/NaN, or raise max_consecutive_skips (None never stops)")
+    # The hyper-optimizer's settings and counts, and the guard's, as attributes of the optimizer
+    def _delegate(owner: str, name: str, doc: str):  # noqa: N805  (a helper run at class creation)
+        return property(lambda self: getattr(getattr(self, owner), name),
+                        lambda self, value: setattr(getattr(self, owner), name, value), doc=doc)
 
-    def _took(self, kind: str) -> None:
-        self.consecutive_skips[kind] = 0
-        self.last_skip = None
+    hyper_optimizer_name = _delegate("_hyper_optim", "name", "The hyper-optimizer: 'sgd' or 'adam'.")
+    hyper_lr = _delegate("_hyper_optim", "lr", "The hyper-optimizer's learning rate η_h.")
+    hyper_betas = _delegate("_hyper_optim", "betas", "The hyper-optimizer's Adam betas.")
+    hyper_eps = _delegate("_hyper_optim", "eps", "The hyper-optimizer's Adam eps.")
+    _hyper_state = _delegate("_hyper_optim", "state", "The hyper-optimizer's Adam moments per hyperparameter name.")
+    clipped = _delegate("_hyper_optim", "clipped", "Per hyperparameter name, the hyper steps that hit a bound.")
+    skip_nonfinite = _delegate("_guard", "enabled", "Whether steps with Inf/NaN are skipped.")
+    max_consecutive_skips = _delegate("_guard", "max_consecutive_skips",
+                                      "Skips in a row after which NonFiniteError is raised (None: never).")
+    skipped = _delegate("_guard", "skipped", "Steps skipped for Inf/NaN in all, per kind ('t1', 't2').")
+    consecutive_skips = _delegate("_guard", "consecutive_skips", "Steps skipped in a row, per kind.")
+    last_skip = _delegate("_guard", "last_skip", "Why the latest step was skipped (None: it was taken).")
+    del _delegate
 
     # -- T1 -----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor | None:
@@ -316,36 +271,21 @@ class T1T2(torch.optim.Optimizer):
             rng = noise_hyper.rng_state(self.params[0].device) if stash_now else None
         with torch.enable_grad():
             self.zero_grad(set_to_none=True)
-            loss = _scalar_loss(closure(), "training")
+            loss = scalar_loss(closure(), "training")
             (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach(), rng
 
     def _update(self, loss, closure, rng, grad_scale, found_inf) -> torch.Tensor | None:
         stash_now = (self.steps + 1) % self.hyper_every == 0
-        # The guard: found is the flag the fused op reads (skip if > 0) and, with check, sets when it
-        # finds an Inf/NaN gradient. A GradScaler's found_inf has already scanned the gradients.
-        found, check = found_inf, False
-        if self.skip_nonfinite:
-            device = self.params[0].device
-            # a GradScaler's found_inf is only read (check stays off), never written
-            found = torch.zeros((), dtype=torch.float32, device=device) if found_inf is None else found_inf
-            if loss is not None:
-                found = torch.maximum(found, (~torch.isfinite(loss)).to(torch.float32).reshape(()))
-            check = found_inf is None
+        found, check = self._guard.t1_flags(loss, found_inf, self.params[0].device)
         self._stash = self._t1_update(stash_now, grad_scale, found, check)
         if found is not None and float(found) > 0:
             self._stash = None
-            if loss is not None and not bool(torch.isfinite(loss)):
-                reason = f"non-finite training loss ({float(loss)})"
-            elif found_inf is not None:
-                reason = "GradScaler found Inf/NaN gradients" + (
-                    f" (scale {float(grad_scale):g})" if grad_scale is not None else "")
-            else:
-                reason = "non-finite training gradient"
-            self._count_skip("t1", f"T1 step {self.steps + 1}: {reason}")
+            reason = self._guard.t1_reason(loss, found_inf, grad_scale)
+            self._guard.skip("t1", f"T1 step {self.steps + 1}: {reason}", self.steps)
             self._prepare_noise()  # the retry draws this step's noise again
             return loss
-        self._took("t1")
+        self._guard.took("t1")
         g0 = None
         if self._noise and stash_now and self.noise_hypergrad_mode == "fd":
             g0 = noise_hyper.recorded_grads(self._noise, self.compute_dtype)
@@ -354,11 +294,10 @@ class T1T2(torch.optim.Optimizer):
                 g0 = [g * inv for g in g0]
         self.steps += 1
         if self._stash is not None:
-            self._stash["grad_scale"] = None if grad_scale is None else float(grad_scale)
+            self._stash.grad_scale = None if grad_scale is None else float(grad_scale)
             if self._noise:
-                self._stash["noise"] = {"g0": g0, "step": self.steps,
-                                        "replay": None if closure is None else
-                                        noise_hyper.Replay(closure, self.steps, rng)}
+                self._stash.noise = noise_hyper.NoiseStash(
+                    self.steps, g0, replay=None if closure is None else noise_hyper.Replay(closure, self.steps, rng))
         self._prepare_noise()  # for a forward the user runs before the next step()
         return loss
 
@@ -371,7 +310,7 @@ class T1T2(torch.optim.Optimizer):
         record = self.noise_hypergrad_mode == "fd" and nxt % self.hyper_every == 0
         noise_hyper.prepare(self._noise, nxt, record)
 
-    def _t1_update(self, stash: bool, grad_scale=None, found_inf=None, check_finite=False) -> dict | None:
+    def _t1_update(self, stash: bool, grad_scale=None, found_inf=None, check_finite=False) -> Stash | None:
         group = self.param_groups[0]
         indices = [i for i, p in enumerate(self.params) if p.grad is not None]
         params = [self.params[i] for i in indices]
@@ -400,31 +339,31 @@ class T1T2(torch.optim.Optimizer):
         stash, self._stash = self._stash, None
         replay = None
         if self._noise:
-            replay = stash["noise"]["replay"]
+            replay = stash.noise.replay
             if train is not None:  # the T1 step's generator state still applies (its dropout masks)
-                replay = noise_hyper.Replay(train, stash["noise"]["step"], _stashed_rng(stash["noise"]))
+                replay = noise_hyper.Replay(train, stash.noise.step, stash.noise.rng_state())
             if replay is None:
                 raise RuntimeError("the model has noise hyperparameters, whose hypergradient reruns the T1 step's "
                                    "training loss: call step(closure), or pass it here as "
                                    "hyper_step(val_closure, train=train_closure)")
-        indices = sorted(stash["theta"])
-        guard = self.skip_nonfinite
+        indices = sorted(stash.theta)
+        guard = self._guard.enabled
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         # Under DDP, the validation pass and the noise replay run in no_sync(): each rank's v stays its
         # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
         with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
-            loss = _scalar_loss(closure(), "validation")
+            loss = scalar_loss(closure(), "validation")
             bad = f"non-finite validation loss ({float(loss.detach())})" if guard and not bool(torch.isfinite(loss)) else None
             if bad and self._dist is None:  # across processes every rank must reach the all-reduces below
                 return self._skip_hyper(bad, loss)
             grads = torch.autograd.grad(loss if scale is None else loss * scale, [self.params[i] for i in indices],
                                         allow_unused=True)
         acc = self.compute_dtype
-        v = [torch.zeros_like(stash["theta"][i]) if g is None else g.detach().to(acc).contiguous()
+        v = [torch.zeros_like(stash.theta[i]) if g is None else g.detach().to(acc).contiguous()
              for i, g in zip(indices, grads)]
         if scale is not None:
             torch._foreach_mul_(v, 1.0 / scale)  # in the compute dtype: no fp16 underflow left
-        if guard and bad is None and not _all_finite(v):
+        if guard and bad is None and not all_finite(v):
             bad = "non-finite validation gradient"
             if self._dist is None:
                 return self._skip_hyper(bad, loss)
@@ -434,165 +373,49 @@ class T1T2(torch.optim.Optimizer):
                 # h_σ is bilinear in v and the training shard: it needs the ranks' mean v (module docstring
                 # of t1t2_fast.distributed); the penalty h above is linear in v and used the local one.
                 self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
-            u = [v_i * stash["jac"][i] for i, v_i in zip(indices, v)]
+            u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
             params = [self.params[i] for i in indices]
             with distributed.no_sync(self._ddp):
                 hypergrads.update(noise_hyper.noise_hypergrads(
                     mode=self.noise_hypergrad_mode, fd_eps=self.fd_eps, backend=self.backend, model=self._model,
-                    bindings=self._noise, params=params, theta=[stash["theta"][i] for i in indices], u=u,
-                    g0=stash["noise"]["g0"], replay=replay, save=self._saved_theta(indices), dtype=acc,
-                    loss_scale=stash.get("grad_scale")))
+                    bindings=self._noise, params=params, theta=[stash.theta[i] for i in indices], u=u,
+                    g0=stash.noise.g0, replay=replay, save=self._saved_theta(indices), dtype=acc,
+                    loss_scale=stash.grad_scale))
         if bad is not None:  # a rank's own Inf/NaN: NaN hypergradients make every rank skip together
             hypergrads = {n: torch.full_like(g, math.nan) for n, g in hypergrads.items()}
         if self._dist is not None and hypergrads:
             # mean over ranks of the per-rank hypergradients (and the check that λ agrees everywhere)
             hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
-        if guard and not _all_finite(list(hypergrads.values())):  # one pass; names only when it fails
+        if guard and not all_finite(list(hypergrads.values())):  # one pass; names only when it fails
             nonfinite = [n for n, g in hypergrads.items() if not bool(torch.isfinite(g).all())]
             if nonfinite:
                 return self._skip_hyper(bad or f"non-finite hypergradient of {', '.join(nonfinite[:3])}"
                                         + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
                                         + ("" if self._dist is None else " (on some rank)"), loss)
-        self._took("t2")
+        self._guard.took("t2")
         self.last_hypergrad = hypergrads
-        self._hyper_update(hypergrads)
+        self._hyper_optim.step(self.all_hypers, hypergrads, self.hyper_steps + 1)
         self.hyper_steps += 1
         return loss.detach()
 
     def _skip_hyper(self, reason: str, loss: torch.Tensor) -> torch.Tensor:
         """A T2 step skipped for Inf/NaN: λ, the hyper-optimizer state and last_hypergrad unchanged."""
-        self._count_skip("t2", f"T2 step after T1 step {self.steps}: {reason}")
+        self._guard.skip("t2", f"T2 step after T1 step {self.steps}: {reason}", self.steps)
         return loss.detach()
 
     def _saved_theta(self, indices: list[int]) -> list[torch.Tensor]:
         """Buffers that hold θ⁺ while the noise hypergradient moves θ (kept between hyper steps)."""
         return [reused_buffer(self._save_buffers, i, self.params[i], self.params[i].dtype) for i in indices]
 
-    @torch.no_grad()
-    def _hyper_update(self, hypergrads: dict[str, torch.Tensor]) -> None:
-        t = self.hyper_steps + 1
-        moved = []  # per hyperparameter, how many entries the projection moved (read back once, below)
-        for h in self.all_hypers:
-            g = hypergrads[h.name]
-            if self.hyper_optimizer_name == "sgd":
-                h.raw.add_(g, alpha=-self.hyper_lr)
-            else:
-                b1, b2 = self.hyper_betas
-                st = self._hyper_state.get(h.name)
-                if st is None:
-                    st = self._hyper_state[h.name] = {"exp_avg": torch.zeros_like(h.raw),
-                                                      "exp_avg_sq": torch.zeros_like(h.raw)}
-                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(self.hyper_eps)
-                h.raw.addcdiv_(st["exp_avg"], denom, value=-self.hyper_lr / (1 - b1 ** t))
-            moved.append(h.project())
-        for h, m in zip(self.all_hypers, torch.stack(moved).tolist() if moved else []):
-            self.clipped[h.name] += m > 0
-
     # -- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically (the model's parameters are saved by the
-        model's own state_dict). Keyed by parameter and hyperparameter names."""
-        clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x
-        state = {self.param_names[i]: {k: clone(v) for k, v in self.state[p].items()}
-                 for i, p in enumerate(self.params) if p in self.state}
-        stash = None
-        if self._stash is not None:
-            stash = {"lr": self._stash["lr"], "grad_scale": self._stash.get("grad_scale"),
-                     "theta": {self.param_names[i]: t.clone() for i, t in self._stash["theta"].items()},
-                     "jac": {self.param_names[i]: clone(j) for i, j in self._stash["jac"].items()}}
-            if "noise" in self._stash:  # the training closure itself is not saved: pass hyper_step(train=)
-                g0 = self._stash["noise"]["g0"]
-                stash["noise"] = {"step": self._stash["noise"]["step"],
-                                  "g0": None if g0 is None else [g.clone() for g in g0],
-                                  "rng": _copy_rng(_stashed_rng(self._stash["noise"]))}
-        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return {
-            "version": 1,
-            "param_group": group,
-            "hyper_group": self._hyper_group(),
-            "state": state,
-            "steps": self.steps,
-            "hyper_steps": self.hyper_steps,
-            "raw": {h.name: h.raw.detach().clone() for h in self.all_hypers},
-            "hyper_state": {n: {k: v.clone() for k, v in st.items()} for n, st in self._hyper_state.items()},
-            "stash": stash,
-            "last_hypergrad": {n: g.clone() for n, g in self.last_hypergrad.items()},
-            "counters": {n: copy.deepcopy(getattr(self, n)) for n in self._EXTRA_COUNTERS if hasattr(self, n)},
-            "settings": self._trajectory_settings(),
-        }
+        model's own state_dict). Keyed by parameter and hyperparameter names (t1t2_fast.checkpoint)."""
+        return checkpoint.save(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if state_dict.get("version") != 1:
-            raise ValueError("not a T1T2 state_dict (missing version 1); was it saved by T1T2.state_dict()?")
-        names = {n: i for i, n in enumerate(self.param_names)}
-        ours = {h.name for h in self.all_hypers}
-        theirs = set(state_dict["raw"])
-        if ours != theirs:
-            raise ValueError(f"state_dict hyperparameters {sorted(theirs)} do not match this optimizer's "
-                             f"{sorted(ours)}; build the T1T2 with the same penalties and model")
-        unknown = set(state_dict["state"]) - set(names)
-        if unknown:
-            raise ValueError(f"state_dict has optimizer state for unknown parameters {sorted(unknown)}")
-        self._check_settings(state_dict.get("settings"))
-        dev = self.params[0].device
-        move = lambda x: x.to(dev) if isinstance(x, torch.Tensor) and x.dim() > 0 else (x.clone() if isinstance(x, torch.Tensor) else x)
-        self.param_groups[0].update(state_dict["param_group"])
-        for k, v in state_dict.get("hyper_group", {}).items():  # like the param group: the saved values win
-            setattr(self, k, tuple(v) if isinstance(v, (list, tuple)) else v)
-        self.state.clear()
-        for n, st in state_dict["state"].items():
-            self.state[self.params[names[n]]] = {k: move(v) for k, v in st.items()}
-        self.steps, self.hyper_steps = int(state_dict["steps"]), int(state_dict["hyper_steps"])
-        with torch.no_grad():
-            for h in self.all_hypers:
-                h.raw.copy_(state_dict["raw"][h.name])
-        self._hyper_state = {n: {k: v.to(dev).clone() for k, v in st.items()}
-                             for n, st in state_dict["hyper_state"].items()}
-        stash = state_dict["stash"]
-        self._stash = None if stash is None else {
-            "lr": stash["lr"], "grad_scale": stash.get("grad_scale"),
-            "theta": {names[n]: t.to(dev).clone() for n, t in stash["theta"].items()},
-            "jac": {names[n]: move(j) for n, j in stash["jac"].items()}}
-        if stash is not None and self._noise:
-            saved = stash.get("noise") or {"step": self.steps, "g0": None}
-            self._stash["noise"] = {"step": saved["step"], "replay": None, "rng": _copy_rng(saved.get("rng")),
-                                    "g0": None if saved["g0"] is None else [g.to(dev).clone() for g in saved["g0"]]}
+        checkpoint.load(self, state_dict)
         self._prepare_noise()
-        self.last_hypergrad = {n: g.to(dev).clone() for n, g in state_dict["last_hypergrad"].items()}
-        for n, value in state_dict.get("counters", {}).items():
-            if n in self._EXTRA_COUNTERS:
-                setattr(self, n, copy.deepcopy(value))
-        self.last_skip = None
-
-    # Counters besides steps / hyper_steps that a resumed run must continue from: the non-finite
-    # guard's (consecutive_skips decides when NonFiniteError comes) and the bounds' clip counts.
-    _EXTRA_COUNTERS = ("skipped", "consecutive_skips", "clipped")
-
-    def _hyper_group(self) -> dict:
-        """The hyper-optimizer's (and the noise finite difference's) numbers, saved and restored like the
-        param group's lr."""
-        return {"hyper_lr": self.hyper_lr, "hyper_betas": tuple(self.hyper_betas), "hyper_eps": self.hyper_eps,
-                "fd_eps": self.fd_eps}
-
-    def _trajectory_settings(self) -> dict:
-        """Constructor settings that are not in the param group or the state, and without which the
-        saved state does not continue the same trajectory: the layout of the optimizer state and of
-        the stash, the stash schedule and the noise keys."""
-        return {"optimizer": self.optimizer_name, "hyper_optimizer": self.hyper_optimizer_name,
-                "hypergrad": self.hypergrad_mode, "noise_hypergrad": self.noise_hypergrad_mode,
-                "hyper_every": self.hyper_every, "seed": self.seed}
-
-    def _check_settings(self, saved: dict | None) -> None:
-        if saved is None:  # a state_dict from before the settings were saved
-            return
-        ours = self._trajectory_settings()
-        differ = {k: (v, ours.get(k)) for k, v in saved.items() if ours.get(k) != v}
-        if differ:
-            detail = ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in differ.items())
-            raise ValueError(f"state_dict was saved by a T1T2 with other settings ({detail}); build the T1T2 with "
-                             f"the settings of the run that saved it")
 
     # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything for deepcopy.
     def __getstate__(self):

@@ -1,5 +1,5 @@
 """Noise hyperparameters inside ``T1T2``: binding the model's ``GaussianNoise`` modules, their keys,
-and the hypergradient of a noise level (DESIGN.md §2)
+and the hypergradient of a noise level (docs/design.md)
 
     h_σ = dσ/dλ · ∂/∂σ [uᵀ ∇θL(θ; σ, ε)],   u = J ⊙ v,
 
@@ -29,8 +29,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .hyper import Hyperparameter
-from .noise import GaussianNoise, no_noise
+from ..closures import scalar_loss
+from ..distributed import module_seed
+from ..penalties import Hyperparameter
+from .module import GaussianNoise, no_noise
 
 NOISE_HYPERGRAD_MODES = ("fd", "fd-central", "exact")
 
@@ -48,8 +50,6 @@ def bind_noise(model: nn.Module, seed: int, backend: str, rank: int = 0) -> list
     is the module's own buffer, so the hyper-optimizer's in-place updates reach the module. A
     module left at backend="auto" runs its noise op on the optimizer's backend. ``rank``: the
     process's rank, folded into the modules' keys (distributed.module_seed) so ranks draw their own ε."""
-    from .distributed import module_seed
-
     out = []
     for name, module in model.named_modules():
         if isinstance(module, GaussianNoise):
@@ -89,6 +89,48 @@ class Replay:
     rng: tuple | None  # torch's generator state(s) just before the T1 closure ran
 
 
+@dataclass
+class NoiseStash:
+    """The noise hyperparameters' part of a T1 step's stash: the step number its keys came from,
+    ∇σL(θ) recorded in its backward (for "fd"), and how to rerun its training closure (``replay``,
+    or after a resume only torch's generator state ``rng`` from the checkpoint)."""
+
+    step: int
+    g0: list[torch.Tensor] | None
+    replay: Replay | None = None
+    rng: tuple | None = None
+
+    def rng_state(self) -> tuple | None:
+        """torch's generator state(s) just before the stashed T1 step's closure ran (None if unknown)."""
+        return self.replay.rng if self.replay is not None else self.rng
+
+    def state(self) -> dict:
+        """A state_dict entry (the closure itself is not saved: pass ``hyper_step(train=)`` after a resume)."""
+        return {"step": self.step, "g0": None if self.g0 is None else [g.clone() for g in self.g0],
+                "rng": copy_rng(self.rng_state())}
+
+    @classmethod
+    def from_state(cls, saved: dict | None, step: int, device: torch.device) -> "NoiseStash":
+        """The inverse of ``state``; ``step`` is used for a checkpoint saved without the noise part."""
+        saved = saved or {"step": step, "g0": None}
+        return cls(saved["step"], None if saved["g0"] is None else [g.to(device).clone() for g in saved["g0"]],
+                   rng=copy_rng(saved.get("rng")))
+
+
+def copy_rng(state: tuple | None) -> tuple | None:
+    """A copy of a (CPU generator state, CUDA generator state or None) pair; generator states are
+    CPU byte tensors wherever the model lives."""
+    if state is None:
+        return None
+    return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in state)
+
+
+def sync_bounds(bindings: list[NoiseBinding]) -> None:
+    """Give each noise module the bounds of its hyperparameter (a module projects with its own copy)."""
+    for b in bindings:
+        b.module.bounds = tuple(b.hyper.bounds)
+
+
 def rng_state(device: torch.device) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.random.get_rng_state(), cuda
@@ -124,11 +166,6 @@ def replaying(model: nn.Module, bindings: list[NoiseBinding], replay: Replay, de
             b.module.step, b.module._calls = step, calls
 
 
-def _closure_loss(closure) -> torch.Tensor:
-    from .optimizer import _scalar_loss  # one definition of the closure contract
-    return _scalar_loss(closure(), "training")
-
-
 def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bindings: list[NoiseBinding],
                      params: list[torch.Tensor], theta: list[torch.Tensor], u: list[torch.Tensor],
                      g0: list[torch.Tensor] | None, replay: Replay, save: list[torch.Tensor],
@@ -142,13 +179,14 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
     multiplied by it for the backward (fp16 autocast) and the σ-gradients divided by it again."""
     device = params[0].device if params else torch.device("cpu")
     zeros = {b.hyper.name: torch.zeros_like(b.hyper.raw) for b in bindings}
-    # ‖u‖² with the backend's fused dot (float64 accumulation, no upcast copy of u)
-    norm = math.sqrt(sum(float(backend.penalty_segment_dot(x, x, 1, "l2")[0]) for x in u if x.numel())) if u else 0.0
+    # ‖u‖ with the backend's fused dot (no upcast copy of u): its "l2" kind weighs u by m = 2u, so
+    # each term is 2‖u_t‖², halved (exactly) before the square root
+    norm = math.sqrt(0.5 * sum(float(backend.penalty_segment_dot(x, x, 1, "l2")[0]) for x in u if x.numel())) if u else 0.0
     if norm == 0.0 or not math.isfinite(norm):
         return zeros  # v ⊥ every direction the step can move, or a non-finite v: no information
 
     def replay_loss() -> torch.Tensor:
-        loss = _closure_loss(replay.closure)
+        loss = scalar_loss(replay.closure(), "training")
         return loss if loss_scale is None else loss * loss_scale
 
     def unscaled(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -209,5 +247,5 @@ def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "bind_noise", "prepare", "recorded_grads", "Replay",
-           "rng_state", "noise_hypergrads", "no_noise"]
+__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "NoiseStash", "Replay", "bind_noise", "copy_rng", "prepare",
+           "recorded_grads", "rng_state", "set_rng_state", "sync_bounds", "noise_hypergrads"]

@@ -1,10 +1,11 @@
-"""Regularization hyperparameters: penalties, transforms and the tensors that hold them.
+"""Regularization hyperparameters: penalties, transforms, bounds and the tensors that hold them.
 
 A *penalty* (``L2``/``L1``) is the user's declaration; when bound to a model it becomes one or
 more *hyperparameters*, each a raw tensor λ with a transform φ so that the model uses c = φ(λ).
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
@@ -245,3 +246,21 @@ def bind_penalties(penalties: Iterable[Penalty], named_params: list[tuple[str, t
             else:  # element
                 make(f"{pen.kind}.{n}", tuple(p.shape), [Target(i, p.numel())])
     return hypers
+
+
+def set_bounds(hypers: list[Hyperparameter], pattern: str, lo: float | None = None,
+               hi: float | None = None) -> list[Hyperparameter]:
+    """Bound the hyperparameters whose name matches ``pattern`` (a name or a glob such as "l2.*")
+    to [lo, hi] in natural scale (None: unbounded on that side) and project their values inside at
+    once. Returns the hyperparameters it set."""
+    lo = -math.inf if lo is None else float(lo)
+    hi = math.inf if hi is None else float(hi)
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"bounds for {pattern!r} must satisfy lo <= hi, got ({lo}, {hi})")
+    matched = [h for h in hypers if fnmatch.fnmatchcase(h.name, pattern)]
+    if not matched:
+        raise ValueError(f"bounds: {pattern!r} matches no hyperparameter; they are {[h.name for h in hypers]}")
+    for h in matched:
+        h.bounds = (lo, hi)
+        h.project()
+    return matched
