@@ -1,4 +1,4 @@
-"""``python -m t1t2_fast train ...``: the same as the ``t1t2`` command."""
+"""``python -m t1t2_fast.apps train ...``: the same as the ``t1t2`` command."""
 import sys
 
 from .cli import main
