@@ -13,8 +13,9 @@ import torch
 
 from interrupt_train import interrupting_step
 from t1t2_fast import T1T2
-from t1t2_fast.apps import cli, train
+from t1t2_fast.apps import cli
 from t1t2_fast.apps.data import BatchStream
+from t1t2_fast.apps.train import write_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -154,7 +155,7 @@ def test_a_missing_or_foreign_resume_file_is_refused(tmp_path, capsys):
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    train.write_checkpoint(str(path), {"step": 1, "x": torch.arange(3)})
+    write_checkpoint(str(path), {"step": 1, "x": torch.arange(3)})
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -162,7 +163,7 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path, m
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train.write_checkpoint(str(path), {"step": 2, "x": torch.arange(4)})
+        write_checkpoint(str(path), {"step": 2, "x": torch.arange(4)})
     monkeypatch.undo()
     assert load(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
