@@ -27,7 +27,7 @@ from . import overhead as ov
 from . import peers as pe
 from . import search as se
 from . import train
-from .common import DEFAULT_LR, UsageError, timestamped, torch_threads, write_csv, write_json
+from .common import DEFAULT_LR, UsageError, args_config, timestamped, torch_threads, write_csv, write_json
 from .data import DATASETS, load_data
 from .models import MODELS, NOISE_SITES, is_mlp_name
 
@@ -363,6 +363,20 @@ def _add_peers_command(sub) -> None:
     pe.set_defaults(func=cmd_peers)
 
 
+def _fill_defaults(args, defaults: dict) -> None:
+    """Flags left unset (None) take their value from ``defaults`` (the command's small or --full
+    setting); explicit flags win."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _done(t0: float, paths) -> None:
+    """The last lines of a command: its run time and the files it wrote."""
+    print(f"run time {time.perf_counter() - t0:.1f} s")
+    print("wrote " + "\n      ".join(paths))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``t1t2`` command. Returns the exit status (0 ok, 1 run failed, 2 usage)."""
     parser = build_parser()
@@ -385,9 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
-    for key, value in (FULL if args.full else SMALL)[args.command].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_defaults(args, (FULL if args.full else SMALL)[args.command])
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.l2_per != "network" and args.axes != "noise-l2":
@@ -421,16 +433,13 @@ def _run_experiment(args, body) -> int:
         if not args.quiet:
             print(f"{data.describe()}; MLP width {cfg.width} depth {cfg.depth}; {cfg.steps} steps per run; "
                   f"axes {cfg.axes}")
-        paths = body(args, data, cfg, out, t0)
-        print(f"run time {time.perf_counter() - t0:.1f} s")
-        print("wrote " + "\n      ".join(paths.values()))
+        _done(t0, body(args, data, cfg, out, t0).values())
         return 0
 
 
 def _write_summary(path: str, summary: dict, args, cfg, t0: float) -> None:
-    config = dict(vars(args))
-    config.pop("func", None)
-    write_json(path, {**summary, "config": {**config, **dataclasses.asdict(cfg)}, "wall_time_s": time.perf_counter() - t0})
+    write_json(path, {**summary, "config": {**args_config(args), **dataclasses.asdict(cfg)},
+                      "wall_time_s": time.perf_counter() - t0})
 
 
 def cmd_grid(args) -> int:
@@ -543,9 +552,7 @@ def cmd_peers(args) -> int:
 
 def _peers(args) -> int:
     t0 = time.perf_counter()
-    for key, value in (PEERS_FULL if args.full else PEERS_SMALL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_defaults(args, PEERS_FULL if args.full else PEERS_SMALL)
     found, missing = pe.available_peers(args.peers)
     if not found:
         detail = "; ".join(f"{n}: {why}" for n, why in missing.items())
@@ -591,17 +598,14 @@ def _peers(args) -> int:
     pe.plot(paths["plot"], rows, methods, title=(
         f"one hyper iteration (T1 step + one-step hypergradient of per-{args.per} L2), MLP 784-w-w-10, batch "
         f"{args.batch_size}, float32, {torch.get_num_threads()} thread(s); median of {args.repeats}"))
-    config = dict(vars(args))
-    config.pop("func", None)
     summary = {"verdict": verdict, "agreement": agree, "rows": rows, "methods": methods,
                "skipped_peers": missing, "torchopt_path": torchopt_path, "memory_method": pe.MEMORY_METHOD,
                "targets": {"speedup_at_least": pe.SPEED_TARGET, "memory_ratio_at_most": pe.MEMORY_TARGET},
-               "config": config, "versions": _peer_versions(found), "wall_time_s": time.perf_counter() - t0}
+               "config": args_config(args), "versions": _peer_versions(found), "wall_time_s": time.perf_counter() - t0}
     write_json(paths["summary"], summary)
 
     _print_peers(rows, methods, agree, verdict, args)
-    print(f"run time {time.perf_counter() - t0:.1f} s")
-    print("wrote " + "\n      ".join(paths.values()))
+    _done(t0, paths.values())
     return 0 if all(a["passed"] for a in agree.values()) else 1
 
 
@@ -676,9 +680,7 @@ def _add_overhead_command(sub) -> None:
 
 
 def cmd_overhead(args) -> int:
-    for key, value in (OVERHEAD_FULL if args.full else OVERHEAD_SMALL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    _fill_defaults(args, OVERHEAD_FULL if args.full else OVERHEAD_SMALL)
     if args.clock == "process" and args.threads > 1:
         raise UsageError("--clock process sums the CPU time of all threads: use it with --threads 1")
     if "cpp" in args.backends and not _extension.AVAILABLE:
@@ -699,8 +701,7 @@ def cmd_overhead(args) -> int:
     ov.write_csv(paths["table"], rows)
     ov.plot(paths["plot"], rows, cfg, title=f"T1-T2 overhead over plain {cfg.optimizer} training, batch "
                                              f"{cfg.batch_size}, {args.threads} thread(s), {args.clock} clock")
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    write_json(paths["summary"], {**s, "config": {**config, **dataclasses.asdict(cfg)},
+    write_json(paths["summary"], {**s, "config": {**args_config(args), **dataclasses.asdict(cfg)},
                                   "rows": [dataclasses.asdict(r) for r in rows],
                                   "wall_time_s": time.perf_counter() - t0})
 
@@ -713,8 +714,7 @@ def cmd_overhead(args) -> int:
         print(f"target, {setting}, cpp, every 10: max {t['max_overhead_pct']:.1f}% (<= {t['target_pct']:.0f}%: "
               f"{'met' if t['met_level'] else 'MISSED'}), spread {t['spread_points']:.1f} points (<= "
               f"{ov.SPREAD_TARGET:.0f}: {'met' if t['met_flat'] else 'MISSED'})")
-    print(f"run time {time.perf_counter() - t0:.1f} s")
-    print("wrote " + "\n      ".join(paths.values()))
+    _done(t0, paths.values())
     return 0
 
 

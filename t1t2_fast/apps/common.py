@@ -33,6 +33,11 @@ def timestamped(base: str) -> str:
     return out
 
 
+def args_config(args) -> dict:
+    """A command's parsed flags for its summary file (all but the dispatch function)."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
 def strict_json(obj):
     """NaN/inf become null: a JSON file stays valid JSON for every reader, even after divergence."""
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -209,7 +209,8 @@ def nearest_cell(point, axes: str, size: int) -> tuple[int, int, bool]:
 
 
 def grid_experiment(data, cfg: Config, size: int, seeds: int, runs: int, seed: int = 0, quiet: bool = True) -> dict:
-    """The hyperparameter map with T1-T2 trajectories over it. Returns {"cells": [...], "runs": [RunResult...], "summary": {...}}."""
+    """The hyperparameter map with T1-T2 trajectories over it. Returns {"cells": [...],
+    "runs": [RunResult...], "summary": {...}}."""
     ax, ay = AXIS_PAIRS[cfg.axes]
     xs, ys = grid_values(ax, size), grid_values(ay, size)
     cell_seeds = [seed + s for s in range(seeds)]

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 import t1t2_fast as t1t2
 from t1t2_fast import NonFiniteError
 
-from .common import DEFAULT_LR, UsageError, progress, timestamped, torch_threads, write_json
+from .common import DEFAULT_LR, UsageError, args_config, progress, timestamped, torch_threads, write_json
 from .data import BatchStream, load_data
 from .models import make_mlp
 from .plotting import plot_train
@@ -416,8 +416,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
         for r in rows:
             w.writerow([r[0]] + [f"{x:.8g}" for x in r[1:]])  # float32 values: 8 digits is plenty
 
-    config = dict(vars(args))
-    config.pop("func", None)
+    config = args_config(args)
     config.update(out=out, steps=total_steps, steps_per_epoch=steps_per_epoch, batch_size_used=batch,
                   val_batch_size_used=val_batch, log_every=log_every, backend_used=backend_name)
     plot_train(paths["plot"], columns, rows, hyper_names, bands, title=(
