@@ -72,6 +72,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# The apps extra of pyproject.toml, imported where a command needs them (scikit-learn by data.py, with
+# its own message).
+APPS_EXTRA = ("tqdm", "matplotlib")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="t1t2", description="Tune regularization hyperparameters during one training run (T1-T2).")
@@ -392,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # tqdm or matplotlib: optional for the library, needed here
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in APPS_EXTRA:
+            raise
+        print(f"t1t2 {args.command}: error: {missing} is not installed: `pip install {missing}`, or all the "
+              f"commands' dependencies with `pip install -e \".[apps]\"`", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,8 +49,11 @@ class Data:
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits  # optional dependency (the apps extra), needed for digits only
-
+    try:
+        from sklearn.datasets import load_digits  # optional dependency (the apps extra)
+    except ImportError as exc:
+        raise RuntimeError("--dataset digits needs scikit-learn: `pip install scikit-learn` (or install this "
+                           "project with the applications' extra: `pip install -e \".[apps]\"`)") from exc
     bunch = load_digits()
     return bunch.data, bunch.target
 
