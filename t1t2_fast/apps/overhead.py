@@ -234,8 +234,7 @@ def variants_per_measure(cfg: Config, setting: str) -> int:
 
 def run(cfg: Config, quiet: bool = True, timer=_time) -> list[Row]:
     total = sum(variants_per_measure(cfg, s) for s in cfg.settings) * len(cfg.models)
-    bar = progress(total, "overhead", quiet)
-    bar.unit = "epoch"
+    bar = progress(total, "overhead", quiet, unit="epoch")
     rows: list[Row] = []
     try:
         for model_name in cfg.models:
