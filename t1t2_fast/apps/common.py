@@ -104,7 +104,7 @@ def t1t2_iteration(opt, model, batch, val_batch=None, *, stop_on_nonfinite: bool
     return loss
 
 
-def plain_step(model, opt, batch) -> None:
+def plain_step(opt, model, batch) -> None:
     """One step of a torch optimizer on the cross-entropy of ``model`` on ``batch`` (x, y)."""
     x, y = batch
     opt.zero_grad(set_to_none=True)

@@ -113,7 +113,7 @@ def _t1t2(cfg: Config, model: nn.Module, backend: str, hyper_every: int):
 def plain_epoch(model, opt, train, steps):
     def run():
         for k in range(steps):
-            plain_step(model, opt, train[k % len(train)])
+            plain_step(opt, model, train[k % len(train)])
     return run
 
 

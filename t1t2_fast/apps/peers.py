@@ -325,7 +325,7 @@ class Plain(Runner):
             self.opt = torch.optim.Adam(groups, lr=p.step_lr, betas=p.betas, eps=p.eps, foreach=True)
 
     def _iteration(self, xt, yt, xv, yv):
-        plain_step(self.model, self.opt, (xt, yt))
+        plain_step(self.opt, self.model, (xt, yt))
         return None
 
     def weights(self):
