@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go (DESIGN.md §7): build the extension with its CUDA kernels,
+# Everything that needs a GPU, in one go (docs/design.md): build the extension with its CUDA kernels,
 # run the kernels' own test program, the GPU parity tests and the op tests, then the
 # microbenchmarks on CUDA tensors. Logs, CSV and a summary go to $OUT (default: bench/results/device).
 #

@@ -1,4 +1,4 @@
-"""T1-T2 across processes (issue 7): bytes communicated per hyper step, and step time with 1 vs 2
+"""T1-T2 across processes: bytes communicated per hyper step, and step time with 1 vs 2
 processes.
 
 For MLPs 784-w-w-10 with per-layer L2 ("penalties") and with input + hidden Gaussian noise too
@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from kernels import machine  # noqa: E402
 
 import t1t2_fast as t1t2  # noqa: E402
-from t1t2_fast import overhead  # noqa: E402
+from t1t2_fast.apps.models import make_model as overhead_model  # noqa: E402
 
 SETTINGS = ("penalties", "noise")
 
@@ -48,7 +48,7 @@ SETTINGS = ("penalties", "noise")
 def make_model(width: int, noise: bool) -> nn.Module:
     """`t1t2 overhead`'s MLP 784-w-w-10 (noise on the input and after each hidden ReLU), seeded."""
     torch.manual_seed(0)
-    return overhead.make_model(f"mlp{width}", 0.1 if noise else None)
+    return overhead_model(f"mlp{width}", 0.1 if noise else None)
 
 
 def measure(width: int, setting: str, batch: int, iters: int, warmup: int, rank: int, world: int) -> dict:

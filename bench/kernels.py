@@ -1,6 +1,6 @@
 """Microbenchmark of the fused T1 and T2 kernels against torch.optim and the reference path, and of
 their achieved bandwidth against this machine's copy bandwidth (the roofline), side by side in one
-process (issue 3, DESIGN.md §6).
+process (docs/design.md).
 
     python bench/kernels.py [--sizes 1e6 2e7] [--large] [--models resnet50 transformer] [--runs 3]
                             [--repeats 20] [--max-seconds 8] [--device cpu|cuda] [--quick] [--out bench/results]
@@ -14,7 +14,7 @@ layernorm tensors, widths scaled to the count):
   fused), without stash, and vs ``reference.t1_step_``.
 - T1 adam: ``ops.t1_step_`` with the adam-exact stash (θ and ∂θ⁺/∂ĝ) and without, vs
   ``torch.optim.Adam(weight_decay=...)`` in each mode and the reference.
-- The non-finite guard (issue 8), for both: ``ops.t1_step_`` with ``check_finite`` (what ``T1T2``
+- The non-finite guard, for both: ``ops.t1_step_`` with ``check_finite`` (what ``T1T2``
   runs by default: a read-only scan of the grads, then the update), and under a GradScaler (torch's
   ``_amp_foreach_non_finite_check_and_unscale_``, then the op with grad_scale/found_inf) next to
   torch's fused optimizer after the same check (what ``GradScaler.step`` does for it).
@@ -34,7 +34,7 @@ level) and ``torch.sum`` over all of it (read-only; copy_ also pays write-alloca
 All implementations of one section (and its rooflines) are sampled in interleaved rounds, so that
 load from other processes reaches them alike; the whole sweep runs ``--runs`` times with fresh
 buffers and the samples are pooled. Times are medians with 20th/80th percentiles. Prints
-a markdown table and the issue's targets at 20M, and writes ``kernels.csv`` and ``kernels.md``
+a markdown table and the targets at 20M (``targets``), and writes ``kernels.csv`` and ``kernels.md``
 under ``--out``.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ LR, MOMENTUM, BETAS, EPS = 1e-3, 0.9, (0.9, 0.999), 1e-8
 L2_COEF = 5e-4  # per-layer c of Ω = Σ c θ²; torch's equivalent weight_decay is 2c
 ADAM_STEP = 10  # bias corrections of the 10th step
 QUICK_SIZES = [2e4, 2e5]
-TARGET_SIZE = 2e7  # the issue's targets are stated at 20M parameters
+TARGET_SIZE = 2e7  # the targets are stated at 20M parameters
 LARGE_SIZE = 5e7
 
 
@@ -480,12 +480,12 @@ def add_ratios(rows):
 
 
 def targets(rows, at=TARGET_SIZE) -> list[str]:
-    """The issue's three targets, checked where the run has the 20M size."""
+    """The three targets, checked where the run has the 20M size."""
     sizes = [s for s in {r["target"] for r in rows} if abs(s - at) <= 0.1 * at]
     if not sizes:
-        return [f"(The issue's targets are stated at {at / 1e6:g}M parameters; this run has no such size.)"]
+        return [f"(The targets are stated at {at / 1e6:g}M parameters; this run has no such size.)"]
     size = sizes[0]
-    out = [f"Targets at {size / 1e6:g}M parameters (issue 3):"]
+    out = [f"Targets at {size / 1e6:g}M parameters:"]
     timed = [r for r in rows if r["target"] == size and "ms" in r]
     fmt = lambda ok: "met" if ok else "MISSED"
     for model in dict.fromkeys(r["model"] for r in timed):

@@ -1,6 +1,6 @@
-"""Long run (issue 8): does anything grow over 2000 iterations?
+"""Long run: does anything grow over 2000 iterations?
 
-A model of ``t1t2 overhead`` (t1t2_fast.overhead.make_model: input noise and noise after each
+A model of ``t1t2 overhead`` (t1t2_fast.apps.models.make_model: input noise and noise after each
 hidden layer) trains with a T2 step after every T1 step (hyper_every=1), noise hyperparameters
 (``--noise-hypergrad``, default fd) and penalties (L2 per layer, L1 per unit) on a fixed pool of
 random batches. Before the first iteration and every ``--every`` iterations it records:
@@ -9,9 +9,9 @@ random batches. Before the first iteration and every ``--every`` iterations it r
 - on CUDA, torch.cuda.memory_allocated and max_memory_allocated,
 - the torch.Tensor objects Python can reach and their storage bytes (a gc scan),
 - the bytes of every container the optimizer keeps, and the tensors saved for backward that are
-  still alive (t1t2_fast.footprint.GraphWatch; 0 when no graph outlives its iteration).
+  still alive (t1t2_fast.apps.footprint.GraphWatch; 0 when no graph outlives its iteration).
 
-The issue's criterion: the peak at iteration 100 and at the last one differ by less than 1%. The
+The criterion: the peak at iteration 100 and at the last one differ by less than 1%. The
 memory is read right after each scan, so every recorded peak holds the scan's own transient alike.
 
     python bench/long_run.py [--iters 2000] [--every 100] [--model mlp1024] [--backend cpp]
@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import machine  # noqa: E402
 
 import t1t2_fast as t1t2  # noqa: E402
-from t1t2_fast.footprint import GraphWatch, live_tensors, optimizer_footprint, process_memory  # noqa: E402
-from t1t2_fast.overhead import batches, make_model  # noqa: E402
+from t1t2_fast.apps.footprint import GraphWatch, live_tensors, optimizer_footprint, process_memory  # noqa: E402
+from t1t2_fast.apps.models import make_model  # noqa: E402
+from t1t2_fast.apps.overhead import batches  # noqa: E402
 
 MB = 2 ** 20
 POOL = 16  # distinct training and validation batches, cycled
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--every", type=int, default=100, help="record every this many iterations")
-    ap.add_argument("--model", default="mlp1024", help="mlp<width> or cnn (t1t2_fast.overhead.make_model)")
+    ap.add_argument("--model", default="mlp1024", help="mlp<width> or cnn (t1t2_fast.apps.models.make_model)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     ap.add_argument("--noise-hypergrad", choices=("fd", "fd-central", "exact"), default="fd")

@@ -1,4 +1,4 @@
-"""Cost of noise hyperparameters (issue 4, DESIGN.md §2 "noise").
+"""Cost of noise hyperparameters (docs/design.md, noise).
 
 For MLPs of widths 256..4096 and a small CNN, with input and hidden Gaussian noise plus a per-layer
 L2 penalty, this times, side by side in one process:
@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import machine  # noqa: E402
 
 import t1t2_fast as t1t2  # noqa: E402
-from t1t2_fast.overhead import make_model  # noqa: E402  (the models of `t1t2 overhead`)
+from t1t2_fast.apps.models import make_model  # noqa: E402  (the models of `t1t2 overhead`)
 from t1t2_fast.rng import philox_randn  # noqa: E402
 
 MODES = ("fd", "fd-central", "exact")

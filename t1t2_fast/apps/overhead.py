@@ -1,4 +1,4 @@
-"""Overhead of T1-T2 against plain training, as a function of model size (issue 6, experiment 4).
+"""Overhead of T1-T2 against plain training, as a function of model size (``t1t2 overhead``).
 
 The paper's claim: "only 30% overhead regardless of model size" with one hyper step every 10
 training steps. For each model (MLPs 784-w-w-10 and a small CNN on 1x28x28 inputs), each setting
@@ -35,10 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("mlp256", "mlp1024", "mlp4096", "cnn")
+import t1t2_fast as t1t2
+from t1t2_fast import GaussianNoise, no_noise
+
+from .common import plain_step, progress, t1t2_iteration, write_csv as _write_csv
+from .models import MODELS, make_model
+
 SETTINGS = ("penalties", "noise")
 BACKENDS = ("cpp", "reference")
-TARGETS = {"penalties": 12.0, "noise": 25.0}   # % at hyper_every=10 on the fused backend (issue 6)
+TARGETS = {"penalties": 12.0, "noise": 25.0}   # % at hyper_every=10 on the fused backend
 SPREAD_TARGET = 5.0                            # max - min across models, percentage points
 
 
@@ -75,34 +80,13 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def make_model(name: str, noise: float | None) -> nn.Module:
-    """``mlp<w>``: 784-w-w-10 ReLU; ``cnn``: conv(1→16)-pool-conv(16→32)-pool-linear on 1x28x28.
-    With ``noise``, additive per-layer GaussianNoise on the input and after each hidden ReLU."""
-    from .noise import GaussianNoise
-
-    def site():
-        return [GaussianNoise(noise)] if noise is not None else []
-
-    if name.startswith("mlp"):
-        w = int(name[3:])
-        layers = [*site(), nn.Linear(784, w), nn.ReLU(), *site(), nn.Linear(w, w), nn.ReLU(), *site(), nn.Linear(w, 10)]
-    elif name == "cnn":
-        layers = [*site(), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *site(),
-                  nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), *site(), nn.Flatten(),
-                  nn.Linear(32 * 7 * 7, 10)]
-    else:
-        raise ValueError(f"unknown model {name!r}; expected one of {MODELS} or mlp<width>")
-    return nn.Sequential(*layers)
-
-
 def batches(name: str, batch: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` fixed random batches (inputs, labels) shaped for ``make_model(name)``."""
     shape = (batch, 784) if name.startswith("mlp") else (batch, 1, 28, 28)
     return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
 
 
 def _set_noise_backend(model: nn.Module, backend: str) -> None:
-    from .noise import GaussianNoise
-
     for m in model.modules():
         if isinstance(m, GaussianNoise):
             m.backend = backend
@@ -120,8 +104,6 @@ def _torch_optimizer(cfg: Config, model: nn.Module, impl: str):
 
 
 def _t1t2(cfg: Config, model: nn.Module, backend: str, hyper_every: int):
-    import t1t2_fast as t1t2
-
     # per="layer" on the weight matrices, like the torch baseline's weight_decay groups
     return t1t2.T1T2(model, [t1t2.L2(cfg.l2, per="layer")], optimizer=cfg.optimizer, lr=cfg.lr,
                      momentum=cfg.momentum, hyper_lr=1e-3, hyper_every=hyper_every, noise_hypergrad="fd",
@@ -131,29 +113,20 @@ def _t1t2(cfg: Config, model: nn.Module, backend: str, hyper_every: int):
 def plain_epoch(model, opt, train, steps):
     def run():
         for k in range(steps):
-            xb, yb = train[k % len(train)]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
+            plain_step(opt, model, train[k % len(train)])
     return run
 
 
 def t1t2_epoch(model, opt, train, val, steps):
     def run():
         for k in range(steps):
-            xb, yb = train[k % len(train)]
-            opt.step(lambda: F.cross_entropy(model(xb), yb))
-            if opt.hyper_due:
-                xv, yv = val[k % len(val)]
-                opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+            t1t2_iteration(opt, model, train[k % len(train)], lambda: val[k % len(val)])
     return run
 
 
 def fb_passes(model, batches, steps: int, noise: bool):
     """``steps`` forward/backward passes (noise on or off), gradients discarded: the floor, timed
     like an epoch."""
-    from .noise import no_noise
-
     def run():
         for k in range(steps):
             xb, yb = batches[k % len(batches)]
@@ -260,11 +233,8 @@ def variants_per_measure(cfg: Config, setting: str) -> int:
 
 
 def run(cfg: Config, quiet: bool = True, timer=_time) -> list[Row]:
-    from .experiments import _progress
-
     total = sum(variants_per_measure(cfg, s) for s in cfg.settings) * len(cfg.models)
-    bar = _progress(total, "overhead", quiet)
-    bar.unit = "epoch"
+    bar = progress(total, "overhead", quiet, unit="epoch")
     rows: list[Row] = []
     try:
         for model_name in cfg.models:
@@ -277,7 +247,7 @@ def run(cfg: Config, quiet: bool = True, timer=_time) -> list[Row]:
 
 
 def summary(rows: list[Row], cfg: Config) -> dict:
-    """The issue's targets, checked on the fused backend at hyper_every=10."""
+    """The targets (``TARGETS``, ``SPREAD_TARGET``), checked on the fused backend at hyper_every=10."""
     out = {"targets": {}, "rows": len(rows)}
     for setting in cfg.settings:
         sel = [r for r in rows if r.backend == "cpp" and r.hyper_every == 10 and r.setting == setting]
@@ -295,12 +265,10 @@ def summary(rows: list[Row], cfg: Config) -> dict:
 
 
 def write_csv(path: str, rows: list[Row]) -> None:
-    from .experiments import write_csv as _write
-
     header = ["model", "params", "setting", "backend", "hyper_every", "plain_ms_per_step", "plain_impl",
               "t1t2_ms_per_step", "overhead_pct", "floor_pct", "t1_only_pct", "plain_foreach_ms", "plain_fused_ms",
               "val_fb_ms", "train_fb_ms"]
-    _write(path, header, [[r.model, r.params, r.setting, r.backend, r.hyper_every, r.plain_ms, r.plain_impl,
+    _write_csv(path, header, [[r.model, r.params, r.setting, r.backend, r.hyper_every, r.plain_ms, r.plain_impl,
                            r.t1t2_ms, r.overhead_pct, r.floor_pct, r.t1_only_pct, r.extra["plain_foreach_ms"],
                            r.extra["plain_fused_ms"], r.extra["val_fb_ms"],
                            "" if r.extra["train_fb_ms"] is None else r.extra["train_fb_ms"]] for r in rows])
@@ -309,7 +277,7 @@ def write_csv(path: str, rows: list[Row]) -> None:
 def plot(path: str, rows: list[Row], cfg: Config, title: str) -> None:
     """One panel per (setting, hyper_every): overhead % per model, a bar per backend, the floor
     as a black tick on each bar and the target as a dashed line."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the apps extra)
 
     panels = [(s, h) for s in cfg.settings for h in cfg.hyper_every]
     nrows, ncols = len(cfg.settings), len(cfg.hyper_every)

@@ -1,8 +1,8 @@
-"""Long runs (issue 8): nothing grows from one iteration to the next. The small-scale twin of
+"""Long runs: nothing grows from one iteration to the next. The small-scale twin of
 bench/long_run.py (2000 iterations, with the process's peak memory).
 
 A run of a few hundred iterations with a T2 step after every T1 step, noise and penalties; after
-iteration K1 and K2 the same measurements (t1t2_fast.footprint) must agree exactly:
+iteration K1 and K2 the same measurements (t1t2_fast.apps.footprint) must agree exactly:
 - the torch.Tensor objects Python can reach and the bytes of their storages,
 - the entries and bytes of every container the optimizer keeps (state, stash and save buffers,
   hyper-optimizer state, last hypergradients, noise σ leaves and ∂L/∂σ),
@@ -19,7 +19,7 @@ from torch import nn
 
 import t1t2_fast as t1t2
 from t1t2_fast import _extension, steps
-from t1t2_fast.footprint import GraphWatch, live_tensors, optimizer_footprint
+from t1t2_fast.apps.footprint import GraphWatch, live_tensors, optimizer_footprint
 
 K1, K2 = 50, 300
 BACKENDS = [pytest.param("reference"),

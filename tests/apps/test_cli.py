@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from t1t2_fast.cli import main
+from t1t2_fast.apps.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--width", "16", "--batch-size", "32", "--quiet"]
@@ -167,10 +167,10 @@ def test_bad_flags_give_a_message_and_exit_status_2(tmp_path, capsys, args, mess
 
 
 def test_python_dash_m_entry_point(monkeypatch, capsys):
-    # what `python -m t1t2_fast train --help` runs, in-process (a subprocess would re-import torch)
-    monkeypatch.setattr(sys, "argv", ["t1t2_fast", "train", "--help"])
+    # what `python -m t1t2_fast.apps train --help` runs, in-process (a subprocess would re-import torch)
+    monkeypatch.setattr(sys, "argv", ["t1t2_fast.apps", "train", "--help"])
     with pytest.raises(SystemExit) as exc:
-        runpy.run_module("t1t2_fast", run_name="__main__", alter_sys=True)
+        runpy.run_module("t1t2_fast.apps", run_name="__main__", alter_sys=True)
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--hyper-lr" in out and "--dataset" in out

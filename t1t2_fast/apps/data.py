@@ -1,4 +1,4 @@
-"""Built-in datasets for the command-line job: loading and a deterministic three-way split.
+"""Built-in datasets for the commands: loading, a deterministic three-way split, and batch streams.
 
 T1-T2 needs three disjoint sets: the training set (T1 updates the weights), the validation set
 (T2 updates the hyperparameters on it) and a test set that neither step sees, so the final test
@@ -49,15 +49,18 @@ class Data:
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits  # optional dependency (the apps extra)
+    except ImportError as exc:
+        raise RuntimeError("--dataset digits needs scikit-learn: `pip install scikit-learn` (or install this "
+                           "project with the applications' extra: `pip install -e \".[apps]\"`)") from exc
     bunch = load_digits()
     return bunch.data, bunch.target
 
 
 def _load_mnist1d(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
+        from mnist1d.data import get_dataset_args, make_dataset  # optional dependency (the mnist1d extra)
     except ImportError as exc:
         raise RuntimeError("--dataset mnist1d needs the `mnist1d` package: `pip install mnist1d` "
                            "(or install this project with the extra: `pip install -e \".[mnist1d]\"`)") from exc
@@ -149,3 +152,45 @@ def _subsample(y: np.ndarray, samples: int, seed: int) -> np.ndarray:
         idx = np.flatnonzero(y == cls)
         keep.append(rng.choice(idx, size=max(3, int(round(frac * len(idx)))), replace=False))
     return np.sort(np.concatenate(keep))
+
+
+class BatchStream:
+    """Batches of indices into a split of ``n`` examples: one random permutation of the split per
+    pass, drawn from the stream's own generator, cut into batches of ``size`` (the last one of a
+    pass may be shorter). ``state_dict()`` (the generator's state before the current permutation
+    and the position in it) restarts the same sequence in another process."""
+
+    def __init__(self, n: int, size: int, seed: int, device="cpu"):
+        self.n, self.size, self.device = n, size, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self._start = None  # generator state before the current permutation (None: no pass drawn yet)
+        self._perm, self._pos = None, 0
+
+    def _draw(self):
+        self._start = self.gen.get_state()
+        self._perm, self._pos = torch.randperm(self.n, generator=self.gen).to(self.device), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._perm is None or self._pos >= self.n:
+            self._draw()
+        idx = self._perm[self._pos:self._pos + self.size]
+        self._pos += self.size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "size": self.size, "start": None if self._start is None else self._start.clone(),
+                "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["n"], state["size"]) != (self.n, self.size):
+            raise ValueError(f"batch stream of {state['n']} examples in batches of {state['size']}, not "
+                             f"{self.n} / {self.size}")
+        if state["start"] is None:
+            self._start, self._perm, self._pos = None, None, 0
+            return
+        self.gen.set_state(state["start"])
+        self._draw()
+        self._pos = int(state["pos"])

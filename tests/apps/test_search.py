@@ -1,4 +1,4 @@
-"""`t1t2 search` (issue 6, experiment 3) at tiny size: budgets, selection by validation error,
+"""`t1t2 search` at tiny size: budgets, selection by validation error,
 determinism, outputs, and Optuna as an optional dependency.
 
 Wall-clock budgets make the number of trials timing-dependent, so the exact checks use a manual
@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 
-from t1t2_fast import experiments as ex
-from t1t2_fast import search as se
-from t1t2_fast.cli import main
-from t1t2_fast.data import load_data
+from t1t2_fast.apps import experiments as ex
+from t1t2_fast.apps import search as se
+from t1t2_fast.apps.cli import main
+from t1t2_fast.apps.data import load_data
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the test extra installs Optuna; without it only the TPE-free tests run

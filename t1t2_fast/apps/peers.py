@@ -1,4 +1,4 @@
-"""Issue 6, experiment 5 ("peers"): the one-step hypergradient computed by ``T1T2`` against the
+"""``t1t2 peers``: the one-step hypergradient computed by ``T1T2`` against the
 same quantity computed with the differentiable optimizers of ``higher`` and ``torchopt``.
 
 The problem: an MLP 784-w-w-10 (ReLU) on synthetic data, L2 penalties on its weight matrices
@@ -8,7 +8,7 @@ A *hyper iteration* is what every method must do to train one step and tune the 
 1. a T1 step θ⁺ = step(θ, ∇θ[L_train(θ) + Σ c_h Σ θ²]) on a training batch, and
 2. the one-step hypergradient h_h = d C_val(θ⁺) / d λ_h of the validation loss on a validation
    batch of the same size, with c_h = exp(λ_h) (T1T2's default "log" transform: λ is the raw
-   hyperparameter), θ and the optimizer state held fixed (DESIGN.md §2),
+   hyperparameter), θ and the optimizer state held fixed (docs/design.md),
 3. then λ ← λ − η_h h (plain SGD on λ, the same for everyone) so that all methods stay on one
    trajectory and can be compared step by step.
 
@@ -28,7 +28,7 @@ Methods (``METHODS``):
 - ``torch``: a plain training step (``torch.optim.SGD/Adam``, foreach, L2 as per-group
   ``weight_decay = 2c``), no hypergradient: the floor any hyper iteration costs more than.
 
-Where the peers' update rules differ from PyTorch's (DESIGN.md §2), the experiment sets them up so
+Where the peers' update rules differ from PyTorch's (docs/design.md), the experiment sets them up so
 the function θ⁺(θ, ĝ) is the same:
 
 - momentum: torch, ours, higher and torchopt all start with b = ĝ on the first step (ours: b = 0
@@ -47,6 +47,7 @@ iteration. Peak memory is measured with torch's profiler allocation events (``pe
 from __future__ import annotations
 
 import contextlib
+import csv
 import gc
 import importlib
 import math
@@ -57,6 +58,14 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+import t1t2_fast as t1t2
+from t1t2_fast import _extension
+
+from .common import plain_step, t1t2_iteration
+from .models import make_mlp
 
 PEERS = ("higher", "torchopt")
 OURS = ("ours-cpp", "ours-reference")
@@ -115,8 +124,6 @@ class Batches:
 
 def make_model(p: Problem):
     """The MLP with named layers fc1, fc2, ..., out (hyperparameters read ``l2.fc1.weight`` ...)."""
-    from .cli import make_mlp
-
     return make_mlp(p.in_features, p.classes, p.width, p.depth).to(p.dtype)
 
 
@@ -175,8 +182,6 @@ class Runner:
 class Ours(Runner):
     def __init__(self, p, init, data, backend: str):
         super().__init__(p, init, data)
-        import t1t2_fast as t1t2
-
         self.name = f"ours-{backend}"
         self.opt = t1t2.T1T2(self.model, [t1t2.L2(p.l2_init, per=p.per)], optimizer=p.optimizer, lr=p.step_lr,
                              momentum=p.momentum if p.optimizer == "sgd" else 0.0, betas=p.betas, eps=p.eps,
@@ -186,9 +191,7 @@ class Ours(Runner):
         assert set(self.opt.raw_hyperparameters()) == set(self.groups)
 
     def _iteration(self, xt, yt, xv, yv):
-        model = self.model
-        self.opt.step(lambda: F.cross_entropy(model(xt), yt))
-        self.opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+        t1t2_iteration(self.opt, self.model, (xt, yt), lambda: (xv, yv))  # hyper_every=1: a T2 step every time
         return self.opt.last_hypergrad
 
     def weights(self):
@@ -221,7 +224,7 @@ class Higher(_Differentiable):
         """``correct_eps=False`` runs higher's Adam as it comes (eps outside the bias correction):
         the tests use it to show that the agreement check sees that difference."""
         super().__init__(p, init, data)
-        import higher
+        import higher  # optional dependency (the experiments extra)
 
         self.correct_eps = correct_eps
 
@@ -279,7 +282,7 @@ class TorchOpt(_Differentiable):
 
     def __init__(self, p, init, data):
         super().__init__(p, init, data)
-        import torchopt
+        import torchopt  # optional dependency (the experiments extra)
 
         self._torchopt = torchopt
         if p.optimizer == "sgd":
@@ -322,9 +325,7 @@ class Plain(Runner):
             self.opt = torch.optim.Adam(groups, lr=p.step_lr, betas=p.betas, eps=p.eps, foreach=True)
 
     def _iteration(self, xt, yt, xv, yv):
-        self.opt.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(xt), yt).backward()
-        self.opt.step()
+        plain_step(self.opt, self.model, (xt, yt))
         return None
 
     def weights(self):
@@ -355,8 +356,6 @@ def available_peers(wanted=PEERS) -> tuple[list[str], dict[str, str]]:
 
 
 def compiled_available() -> bool:
-    from . import _extension
-
     return bool(_extension.AVAILABLE)
 
 
@@ -432,8 +431,6 @@ def time_methods(p: Problem, methods: list[str], repeats: int, warmup: int = 2, 
 
 def _allocations(prof) -> list[tuple[int, int]]:
     """(time ns, signed bytes) of every CPU allocation and free the profiler saw, in time order."""
-    from torch._C._profiler import _EventType
-
     out, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         node = stack.pop()
@@ -467,8 +464,6 @@ MEMORY_METHOD = (
 
 def peak_memories(p: Problem, methods: list[str], init: dict, data: Batches, warmup: int = 1) -> dict[str, float]:
     """{method: peak bytes} (see ``MEMORY_METHOD``), the methods one after another in one profile."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     gc.collect()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the profiler's notes about missing CUDA/kineto features
@@ -598,8 +593,6 @@ CSV_COLUMNS = ("method", "optimizer", "width", "params", "median_ms", "min_ms", 
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    import csv
-
     def fmt(v):
         if v is None:
             return ""
@@ -632,7 +625,7 @@ STYLE = {"ours-cpp": ("C0", "-", "o"), "ours-reference": ("C0", "--", "s"), "hig
 
 def plot(path: str, rows: list[dict], methods: list[str], title: str) -> None:
     """Time and peak memory of a hyper iteration vs width, log-log, one row per optimizer."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the apps extra)
 
     opts = list(dict.fromkeys(r["optimizer"] for r in rows))
     fig = Figure(figsize=(11, 3.9 * len(opts) + 0.6))

@@ -1,6 +1,6 @@
-"""What a training loop keeps alive from one iteration to the next (issue 8, long runs).
+"""What a training loop keeps alive from one iteration to the next, over long runs.
 
-Three measurements, used by ``tests/test_long_run.py`` (exact, at small scale) and
+Three measurements, used by ``tests/apps/test_long_run.py`` (exact, at small scale) and
 ``bench/long_run.py`` (full scale, with the process's memory):
 
 - ``live_tensors()``: the torch.Tensor objects Python can reach (a gc scan) and the bytes of their

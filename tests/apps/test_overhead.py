@@ -1,4 +1,4 @@
-"""`t1t2 overhead` (issue 6, experiment 4) at tiny size: the arithmetic of the figures, the outputs,
+"""`t1t2 overhead` at tiny size: the arithmetic of the figures, the outputs,
 and that the timed variants are the work they claim to be. No timing is asserted."""
 import csv
 import json
@@ -6,22 +6,23 @@ import json
 import pytest
 import torch
 
-from t1t2_fast import overhead as ov
+from t1t2_fast import GaussianNoise
 from t1t2_fast._extension import AVAILABLE
-from t1t2_fast.cli import main
-from t1t2_fast.noise import GaussianNoise
+from t1t2_fast.apps import overhead as ov
+from t1t2_fast.apps.cli import main
+from t1t2_fast.apps.models import make_model
 
 
 def test_models_have_the_documented_shapes_and_noise_sites():
     for name, x in (("mlp16", torch.randn(3, 784)), ("cnn", torch.randn(3, 1, 28, 28))):
-        plain, noisy = ov.make_model(name, None), ov.make_model(name, 0.1)
+        plain, noisy = make_model(name, None), make_model(name, 0.1)
         assert plain(x).shape == noisy(x).shape == (3, 10)
         assert sum(isinstance(m, GaussianNoise) for m in plain.modules()) == 0
         assert sum(isinstance(m, GaussianNoise) for m in noisy.modules()) == 3
         # same parameters: the settings differ by the noise modules only
         assert [p.shape for p in plain.parameters()] == [p.shape for p in noisy.parameters()]
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
-        ov.make_model("resnet", None)
+        make_model("resnet", None)
 
 
 def test_figures_follow_from_the_timed_epochs():
@@ -57,12 +58,12 @@ def test_variants_do_the_work_they_are_named_for():
                     rounds=1)
     gen = torch.Generator().manual_seed(0)
     train, val = ov.batches("mlp8", 16, 2, gen), ov.batches("mlp8", 16, 2, gen)
-    m = ov.make_model("mlp8", 0.1)
+    m = make_model("mlp8", 0.1)
     w = m[1].weight.detach().clone()
     ov.plain_epoch(m, ov._torch_optimizer(cfg, m, "foreach"), train, cfg.steps)()
     assert not torch.equal(w, m[1].weight)
     for every, moved in ((2, True), (10**9, False)):
-        m = ov.make_model("mlp8", 0.1)
+        m = make_model("mlp8", 0.1)
         opt = ov._t1t2(cfg, m, "reference", every)
         before = {k: v.clone() for k, v in opt.raw_hyperparameters().items()}
         ov.t1t2_epoch(m, opt, train, val, cfg.steps)()

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from t1t2_fast import peers as P
-from t1t2_fast.cli import main
+from t1t2_fast.apps import peers as P
+from t1t2_fast.apps.cli import main
 
 RTOL = 1e-8
 TINY = dict(width=16, batch=32)

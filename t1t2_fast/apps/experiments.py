@@ -1,4 +1,4 @@
-"""Reproductions of the paper's experiments on built-in data (issue 6, experiments 1 and 2).
+"""Reproductions of the paper's experiments on built-in data: the hyperparameter map and before/after.
 
 - ``grid_experiment``: a G x G map of test error over two hyperparameters, each cell trained with
   those hyperparameters held fixed, then T1-T2 runs from random starts whose trajectories are read
@@ -20,11 +20,19 @@ seeded: the same arguments give the same numbers.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+
+import t1t2_fast as t1t2
+
+from .common import progress, t1t2_iteration, write_csv
+from .data import BatchStream
+from .models import make_mlp
 
 AXES = ("noise-l2", "noise-noise")
 
@@ -95,10 +103,6 @@ def point_of(hypers: dict, axes: str) -> tuple[float, float]:
 def build(data, cfg: Config, point: tuple[float, float], seed: int):
     """The MLP (GaussianNoise sites ``input`` and, for noise-noise, ``hidden<i>``) and its T1T2
     optimizer with the hyperparameters at ``point``; the weights are initialized from ``seed``."""
-    import t1t2_fast as t1t2
-
-    from .cli import make_mlp
-
     x, y = point
     torch.manual_seed(seed)
     if cfg.axes == "noise-l2":
@@ -116,13 +120,6 @@ def build(data, cfg: Config, point: tuple[float, float], seed: int):
     return model, opt
 
 
-def _batches(n: int, size: int, gen: torch.Generator):
-    while True:
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, size):
-            yield perm[i:i + size]
-
-
 @torch.no_grad()
 def _error(model, split) -> float:
     was = model.training
@@ -137,18 +134,14 @@ def train_run(data, cfg: Config, point: tuple[float, float], seed: int, tune: bo
     """Train from scratch at ``point``: hyperparameters fixed (``tune=False``) or tuned by T1-T2.
     ``raw`` ({name: raw λ}, e.g. a T1-T2 run's ``RunResult.raw``) overrides the point's values
     exactly, per layer or per unit where the point only holds their mean."""
-    import torch.nn.functional as F
-
     run_cfg = cfg if tune else Config(**{**asdict(cfg), "hyper_every": cfg.steps + 1})
     model, opt = build(data, run_cfg, point, seed)
     if raw:
         with torch.no_grad():
             for name, value in opt.raw_hyperparameters().items():
                 value.copy_(raw[name])
-    gen = torch.Generator().manual_seed(seed)
-    val_gen = torch.Generator().manual_seed(seed + 1)
-    train_b = _batches(len(data.train), min(cfg.batch_size, len(data.train)), gen)
-    val_b = _batches(len(data.val), min(cfg.batch_size, len(data.val)), val_gen)
+    train_b = BatchStream(len(data.train), min(cfg.batch_size, len(data.train)), seed)
+    val_b = BatchStream(len(data.val), min(cfg.batch_size, len(data.val)), seed + 1)
     every = max(1, cfg.steps // max(1, cfg.record_points))
 
     def snapshot(step):
@@ -159,17 +152,17 @@ def train_run(data, cfg: Config, point: tuple[float, float], seed: int, tune: bo
     start = point_of(opt.hyperparameters(), cfg.axes)
     diverged = False
     model.train()
+    def val_batch():
+        idx = next(val_b)
+        return data.val.x[idx], data.val.y[idx]
+
     for step in range(1, cfg.steps + 1):
         idx = next(train_b)
-        xb, yb = data.train.x[idx], data.train.y[idx]
-        loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
+        loss = t1t2_iteration(opt, model, (data.train.x[idx], data.train.y[idx]), val_batch if tune else None,
+                              stop_on_nonfinite=True)
         if not math.isfinite(float(loss)):
             diverged = True
             break
-        if tune and opt.hyper_due:
-            vidx = next(val_b)
-            xv, yv = data.val.x[vidx], data.val.y[vidx]
-            opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
         if tune and (step % every == 0 or step == cfg.steps):
             trajectory.append(snapshot(step))
     hp = opt.hyperparameters()
@@ -197,8 +190,6 @@ def point_stream(axes: str, seed: int, stream: int):
 
 def random_points(axes: str, n: int, seed: int, stream: int) -> list[tuple[float, float]]:
     """The first ``n`` points of ``point_stream(axes, seed, stream)``."""
-    import itertools
-
     return list(itertools.islice(point_stream(axes, seed, stream), n))
 
 
@@ -217,21 +208,14 @@ def nearest_cell(point, axes: str, size: int) -> tuple[int, int, bool]:
     return idx[0], idx[1], outside
 
 
-def _progress(total: int, desc: str, quiet: bool):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, dynamic_ncols=True, unit="run", leave=True)
-
-
 def grid_experiment(data, cfg: Config, size: int, seeds: int, runs: int, seed: int = 0, quiet: bool = True) -> dict:
-    """Experiment 1. Returns {"cells": [...], "runs": [RunResult...], "summary": {...}}."""
+    """The hyperparameter map with T1-T2 trajectories over it. Returns {"cells": [...],
+    "runs": [RunResult...], "summary": {...}}."""
     ax, ay = AXIS_PAIRS[cfg.axes]
     xs, ys = grid_values(ax, size), grid_values(ay, size)
     cell_seeds = [seed + s for s in range(seeds)]
     cells = []
-    bar = _progress(size * size * seeds + runs, f"grid {cfg.dataset} {cfg.axes}", quiet)
+    bar = progress(size * size * seeds + runs, f"grid {cfg.dataset} {cfg.axes}", quiet)
     try:
         for i, x in enumerate(xs):
             for j, y in enumerate(ys):
@@ -290,12 +274,12 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
 
 
 def compare_experiment(data, cfg: Config, runs: int, seeds: int, seed: int = 0, quiet: bool = True) -> list[dict]:
-    """Experiment 2: for each of ``runs`` random points, fixed training there (before), a T1-T2 run
+    """Before/after: for each of ``runs`` random points, fixed training there (before), a T1-T2 run
     from there, and fixed training at the hyperparameters that run ended at (after). Before and
     after are mean test errors over ``seeds`` initializations (the same ones for both)."""
     ax, ay = AXIS_PAIRS[cfg.axes]
     rows = []
-    bar = _progress(runs * (2 * seeds + 1), f"compare {cfg.dataset} {cfg.axes}", quiet)
+    bar = progress(runs * (2 * seeds + 1), f"compare {cfg.dataset} {cfg.axes}", quiet)
     try:
         for r, start in enumerate(random_points(cfg.axes, runs, seed, stream=3)):
             run_seeds = [seed + 100 * r + s for s in range(seeds)]
@@ -317,25 +301,10 @@ def compare_experiment(data, cfg: Config, runs: int, seeds: int, seed: int = 0, 
 
 
 # ---------------------------------------------------------------------------------------------
-# outputs: CSV, PNG (a bare matplotlib Figure, as in the CLI's train plot), summaries
+# outputs: CSV, PNG (a bare matplotlib Figure, as in plotting.py), summaries
 # ---------------------------------------------------------------------------------------------
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def write_csv(path: str, header: list[str], rows: list[list]) -> None:
-    import csv
-
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([[_fmt(v) for v in r] for r in rows])
-
-
 def write_grid_csvs(out: str, result: dict, cfg: Config) -> dict[str, str]:
     """grid.csv (a row per cell) and trajectories.csv (a row per recorded point of each T1-T2 run)."""
-    import os
-
     ax, ay = AXIS_PAIRS[cfg.axes]
     cells, runs = result["cells"], result["runs"]
     seeds = len(cells[0]["test_errors"])
@@ -354,6 +323,7 @@ def write_grid_csvs(out: str, result: dict, cfg: Config) -> dict[str, str]:
 def plot_map(path: str, result: dict, cfg: Config, size: int, title: str) -> None:
     """Heat map of the cells' mean test error with the T1-T2 trajectories over it: start square,
     end star (the paper's Fig. 1). The view widens to show trajectories that leave the grid."""
+    # optional dependency (the apps extra), needed only when a command draws its figure
     import matplotlib
     from matplotlib.figure import Figure
 
@@ -405,7 +375,7 @@ def compare_summary(rows: list[dict]) -> dict:
 def plot_compare(path: str, rows: list[dict], title: str) -> None:
     """Scatter of test error before (random fixed hyperparameters) vs after (retrained from scratch
     with the hyperparameters T1-T2 found from there); points below the diagonal improved."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the apps extra)
 
     before = [100 * r["test_error_before"] for r in rows]
     after = [100 * r["test_error_after"] for r in rows]

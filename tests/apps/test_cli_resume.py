@@ -1,4 +1,4 @@
-"""`t1t2 train --checkpoint / --resume` (issue 8): a run stopped mid-way and resumed in a new process
+"""`t1t2 train --checkpoint / --resume`: a run stopped mid-way and resumed in a new process
 ends with the same log, accuracies, θ and λ as one that was never stopped; checkpoints are written
 atomically; a checkpoint of a run with other settings is refused; under torchrun rank 0 writes and
 every rank resumes."""
@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from interrupt_train import interrupting_step
-from t1t2_fast import cli
-from t1t2_fast.optimizer import T1T2
+from t1t2_fast import T1T2
+from t1t2_fast.apps import cli
+from t1t2_fast.apps.data import BatchStream
+from t1t2_fast.apps.train import write_checkpoint
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parent.parent
 TINY = ["--width", "16", "--batch-size", "32", "--quiet", "--steps", "40"]
 # two settings: sgd-momentum, a T2 step every step, fd noise, L2+L1 per layer; adam, a T2 step every
 # 3 steps, exact noise, L2 per unit
@@ -42,7 +44,7 @@ def train(out, *args):
 
 
 def train_in_new_process(out, *args, timeout=300):
-    cmd = [sys.executable, "-m", "t1t2_fast", "train", "--out", str(out), *TINY, *args]
+    cmd = [sys.executable, "-m", "t1t2_fast.apps", "train", "--out", str(out), *TINY, *args]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -153,7 +155,7 @@ def test_a_missing_or_foreign_resume_file_is_refused(tmp_path, capsys):
 
 def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    cli._write_checkpoint(str(path), {"step": 1, "x": torch.arange(3)})
+    write_checkpoint(str(path), {"step": 1, "x": torch.arange(3)})
 
     def broken_save(obj, f):
         f.write(b"half a checkpoint")
@@ -161,19 +163,19 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path, m
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        cli._write_checkpoint(str(path), {"step": 2, "x": torch.arange(4)})
+        write_checkpoint(str(path), {"step": 2, "x": torch.arange(4)})
     monkeypatch.undo()
     assert load(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no temporary file left behind
 
 
 def test_batch_stream_state_restarts_the_same_sequence():
-    a = cli._BatchStream(10, 4, seed=3, device="cpu")
+    a = BatchStream(10, 4, seed=3, device="cpu")
     seen = [next(a) for _ in range(5)]  # passes of 4 + 4 + 2
     assert [len(i) for i in seen] == [4, 4, 2, 4, 4]
-    b = cli._BatchStream(10, 4, seed=3, device="cpu")
+    b = BatchStream(10, 4, seed=3, device="cpu")
     b.load_state_dict(a.state_dict())
-    c = cli._BatchStream(10, 4, seed=3, device="cpu")  # the negative control: no state loaded
+    c = BatchStream(10, 4, seed=3, device="cpu")  # the negative control: no state loaded
     ahead = [next(a) for _ in range(6)]
     assert all(torch.equal(x, y) for x, y in zip(ahead, [next(b) for _ in range(6)]))
     assert not all(torch.equal(x, y) for x, y in zip(ahead, [next(c) for _ in range(6)]))
@@ -190,14 +192,14 @@ def _torchrun(tmp_path, script, *args):
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
 def test_torchrun_checkpoint_and_resume(tmp_path):
-    full = _torchrun(tmp_path, ["-m", "t1t2_fast"], "--out", "full", "--checkpoint", "full.pt")
+    full = _torchrun(tmp_path, ["-m", "t1t2_fast.apps"], "--out", "full", "--checkpoint", "full.pt")
     assert full.returncode == 0, full.stdout + full.stderr[-6000:]
     stopped = _torchrun(tmp_path, [str(HERE / "interrupt_train.py"), "9"], "--out", "stopped",
                         "--checkpoint", "stopped.pt")
     assert stopped.returncode != 0  # interrupted at step 10 on both ranks
     assert load(tmp_path / "stopped.pt")["step"] == 6
     assert load(tmp_path / "stopped.pt")["settings"]["world_size"] == 2
-    resumed = _torchrun(tmp_path, ["-m", "t1t2_fast"], "--out", "resumed", "--checkpoint", "resumed.pt",
+    resumed = _torchrun(tmp_path, ["-m", "t1t2_fast.apps"], "--out", "resumed", "--checkpoint", "resumed.pt",
                         "--resume", "stopped.pt")
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-6000:]
     assert resumed.stdout.count("test accuracy") == 1  # rank 0 only

@@ -1,4 +1,4 @@
-"""Experiment 3 of issue 6: T1-T2 against random search and TPE at equal compute.
+"""``t1t2 search``: T1-T2 against random search and TPE at equal compute.
 
 One *repeat* of the comparison, on the hyperparameter box of ``experiments.AXIS_PAIRS``:
 
@@ -29,6 +29,7 @@ a budget does too; ``clock`` and ``train`` can be injected (tests use a manual c
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -36,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from . import experiments as ex
+from .common import progress, write_csv
 
 METHODS = ("random", "tpe")            # the baselines; "t1t2" is always run (it defines the budgets)
 ALL_METHODS = ("t1t2",) + METHODS
@@ -50,7 +52,7 @@ MISSING_OPTUNA = ("the TPE baseline needs Optuna, an optional dependency: "
 def require_optuna():
     """Import Optuna, or raise RuntimeError saying how to install it."""
     try:
-        import optuna
+        import optuna  # optional dependency (the experiments extra)
     except ImportError as exc:
         raise RuntimeError(MISSING_OPTUNA) from exc
     return optuna
@@ -214,7 +216,7 @@ def search_experiment(data, cfg: ex.Config, repeats: int, budgets=DEFAULT_BUDGET
     if warm_up:
         _warm_up(data, cfg, train, methods)
     # progress in T1-T2-run equivalents of compute: each method gets `runs` of them per repeat
-    bar = ex._progress(repeats * runs * (1 + len(methods)), f"search {cfg.dataset} {cfg.axes}", quiet)
+    bar = progress(repeats * runs * (1 + len(methods)), f"search {cfg.dataset} {cfg.axes}", quiet)
     trials, budget_s = [], []
     try:
         for rep in range(repeats):
@@ -350,8 +352,6 @@ def _last_per_run(result: dict) -> list[Trial]:
 def write_search_csvs(out: str, result: dict, cfg: ex.Config) -> dict[str, str]:
     """search.csv (a row per trial, with the best-so-far selection) and search_budget.csv (a row
     per method and budget, mean/min/max over repeats)."""
-    import os
-
     ax, ay = ex.AXIS_PAIRS[cfg.axes]
     paths = {"trials": os.path.join(out, "search.csv"), "budget": os.path.join(out, "search_budget.csv")}
     rows = []
@@ -363,7 +363,7 @@ def write_search_csvs(out: str, result: dict, cfg: ex.Config) -> dict[str, str]:
                              t.started_s, t.elapsed_s, t.cpu_s, t.val_error, t.test_error, int(t.diverged),
                              int(t.counted), best.trial if best else "", best.val_error if best else "",
                              best.test_error if best else ""])
-    ex.write_csv(paths["trials"], ["method", "repeat", "trial", "seed", f"start_{ax.name}", f"start_{ay.name}",
+    write_csv(paths["trials"], ["method", "repeat", "trial", "seed", f"start_{ax.name}", f"start_{ay.name}",
                                    f"end_{ax.name}", f"end_{ay.name}", "started_s", "elapsed_s", "cpu_s",
                                    "val_error", "test_error", "diverged", "counted", "best_trial",
                                    "best_val_error", "best_test_error"], rows)
@@ -371,7 +371,7 @@ def write_search_csvs(out: str, result: dict, cfg: ex.Config) -> dict[str, str]:
     for what in ("budget_s", "trials", "val_error", "test_error"):
         header += [f"{what}_{s}" for s in ("mean", "min", "max")]
     header += ["t1t2_better", "t1t2_tied", "t1t2_worse"]
-    ex.write_csv(paths["budget"], header,
+    write_csv(paths["budget"], header,
                  [[r["method"], r["budget_runs"], r["repeats"], r["repeats_with_a_result"]]
                   + [_blank(r[w][s]) for w in ("budget_s", "trials", "val_error", "test_error")
                      for s in ("mean", "min", "max")]
@@ -412,6 +412,7 @@ def plot_search(path: str, result: dict, title: str, xlabel: str = "wall-clock s
     """Best-so-far (selected by validation) error against wall-clock seconds: test error (left) and
     the validation error that selected it (right); one step line per baseline and repeat, T1-T2 as
     points at its budgets, and vertical lines at the budgets."""
+    # optional dependency (the apps extra), needed only when a command draws its figure
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 

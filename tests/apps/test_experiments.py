@@ -1,4 +1,4 @@
-"""`t1t2 grid` and `t1t2 compare` (issue 6, experiments 1-2) at tiny size: outputs, content, determinism."""
+"""`t1t2 grid` and `t1t2 compare` at tiny size: outputs, content, determinism."""
 import csv
 import json
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from t1t2_fast import experiments as ex
-from t1t2_fast.cli import main
-from t1t2_fast.data import load_data
+from t1t2_fast.apps import experiments as ex
+from t1t2_fast.apps.cli import main
+from t1t2_fast.apps.data import load_data
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["--dataset", "digits", "--width", "16", "--steps", "30", "--seeds", "1", "--runs", "2", "--quiet"]

@@ -1,10 +1,10 @@
 """`t1t2 train`, interrupted: ``python interrupt_train.py STOP train ...`` raises KeyboardInterrupt
 (what Ctrl-C raises) when T1 step STOP + 1 begins, in every process of a torchrun job alike: a run
-stopped mid-way. Used by tests/test_cli_resume.py (which patches in-process runs the same way)."""
+stopped mid-way. Used by tests/apps/test_cli_resume.py (which patches in-process runs the same way)."""
 import sys
 
-from t1t2_fast import cli
-from t1t2_fast.optimizer import T1T2
+from t1t2_fast import T1T2
+from t1t2_fast.apps import cli
 
 
 def interrupting_step(stop: int, step=T1T2.step):
