@@ -8,7 +8,8 @@ Environment:
   T1T2_CUDA=0|1     force the CUDA sources off/on (default: on when torch has CUDA and a CUDA toolkit)
   DEBUG=1           -O0 -g instead of -O3
   T1T2_SANITIZE=address  build with these sanitizers (-fsanitize=..., as CMake's -DT1T2_SANITIZE); load
-                    the result with the sanitizer runtime preloaded (README "Fuzzed inputs and sanitizers")
+                    the result with the sanitizer runtime preloaded (docs/reliability.md,
+                    "Fuzzed inputs and sanitizers")
   MAX_JOBS=N        parallel compile jobs (ninja)
 """
 import glob

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go (docs/design.md): build the extension with its CUDA kernels,
-# run the kernels' own test program, the GPU parity tests and the op tests, then the
-# microbenchmarks on CUDA tensors. Logs, CSV and a summary go to $OUT (default: bench/results/device).
+# Everything that needs a GPU, in one go (docs/design.md, "GPU validation"): build the extension
+# with its CUDA kernels, run the kernels' own test program, the GPU parity tests and the op tests,
+# then the microbenchmarks on CUDA tensors. Logs, CSV and a summary go to $OUT
+# (default: bench/results/device).
 #
 #     OUT=/some/dir bash bench/device_check.sh        # from the repository root or anywhere
 #

@@ -10,7 +10,7 @@
 namespace t1t2 {
 
 // y = x + σ_c ε or x·(1 + σ_c ε), ε_i = randn(key, i) regenerated from the counter, never stored
-// (DESIGN.md §2 "Noise modules"; contract in csrc/ops.cpp and csrc/include/t1t2/noise.h).
+// (docs/design.md, "Noise modules"; contract in csrc/ops.cpp and csrc/include/t1t2/noise.h).
 at::Tensor gaussian_noise_cpu(const at::Tensor& x, const at::Tensor& sigma, int64_t key, int64_t channels,
                               int64_t inner, c10::string_view mode);
 

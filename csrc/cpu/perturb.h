@@ -4,7 +4,8 @@
 namespace t1t2 {
 
 // θ ← base + scale·direction over a list of tensors in one call, saving the current θ bit-exactly
-// into `save` first (when given), for the finite-difference noise hypergradient (DESIGN.md §2).
+// into `save` first (when given), for the finite-difference noise hypergradient
+// (docs/design.md, "T2: noise levels").
 void perturb_cpu(at::TensorList params, at::TensorList save, at::TensorList base, at::TensorList direction,
                  double scale);
 

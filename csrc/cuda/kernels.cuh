@@ -1,6 +1,7 @@
-// CUDA kernels of T1-T2 (DESIGN.md §2, §4) behind a plain C++ API: device pointers and a stream in,
-// cudaError_t out. No torch headers, so nvcc compiles these files on a machine whose torch has no
-// CUDA; csrc/cuda/ops_cuda.cu binds them to the torch.ops.t1t2 schemas. The element-wise math is
+// CUDA kernels of T1-T2 (docs/design.md, "The T1 step", "The T2 step" and "Backends and the op
+// contract") behind a plain C++ API: device pointers and a stream in, cudaError_t out. No torch
+// headers, so nvcc compiles these files on a machine whose torch has no CUDA;
+// csrc/cuda/ops_cuda.cu binds them to the torch.ops.t1t2 schemas. The element-wise math is
 // t1t2/math.h, shared with the CPU kernels, whose semantics these kernels match.
 #pragma once
 

@@ -1,4 +1,5 @@
-// Element-wise math of T1-T2 (DESIGN.md §2): the one source of truth for the CPU and CUDA kernels.
+// Element-wise math of T1-T2 (docs/design.md, "The T1 step" and "The T2 step"): the one source of
+// truth for the CPU and CUDA kernels.
 // Plain C++ with no torch headers, so nvcc can compile it on its own.
 #pragma once
 
@@ -43,7 +44,8 @@ T1T2_HOST_DEVICE inline T square_root(T x) {
 #endif
 }
 
-// ---- T1 update (DESIGN.md §2), PyTorch semantics; T is the compute type (float or double) ----
+// ---- T1 update, PyTorch semantics (docs/design.md, "The T1 step") ----
+// T is the compute type (float or double).
 
 // SGD direction d from the regularized gradient ĝ; updates the momentum buffer b in place.
 // b ← μb + ĝ (starting from b = 0, which equals PyTorch's first-step b = ĝ); d = ĝ + μb (Nesterov) or b.

@@ -1,4 +1,4 @@
-// Gaussian noise ops (DESIGN.md §2, "Noise modules"): the element-wise math and the fixed
+// Gaussian noise ops (docs/design.md, "Noise modules"): the element-wise math and the fixed
 // reduction order of the σ-gradient, shared by the CPU and CUDA kernels so that both give the
 // same bits. Plain C++, no torch headers.
 //

@@ -1,4 +1,4 @@
-// Counter-based Gaussian noise (DESIGN.md §2, "Noise modules"): ε_i = randn(key, i), the draw of
+// Counter-based Gaussian noise (docs/design.md, "Noise modules"): ε_i = randn(key, i), the draw of
 // Triton's triton.language.random.randn, shared by the CPU and CUDA kernels and mirrored
 // operation for operation by the pure-PyTorch twin t1t2_fast/rng.py. Plain C++, no torch headers.
 //
