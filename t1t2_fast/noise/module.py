@@ -96,7 +96,7 @@ class GaussianNoise(nn.Module):
         num_features: size of dim 1 of the input; required for per="unit".
         mode: "additive" (y = x + σε) or "multiplicative" (y = x(1 + σε), Gaussian dropout).
         transform: φ, "linear" (default, σ = λ, as in the paper), "log" or "softplus"
-            (t1t2_fast.hyper).
+            (t1t2_fast.penalties).
         bounds: (lo, hi) for σ in natural scale (None: unbounded); ``project()`` clamps λ into them.
         backend: "auto" | "reference" | "cpp" | "triton" for the noise op (``T1T2`` sets "auto" to its own).
 
@@ -167,7 +167,7 @@ class GaussianNoise(nn.Module):
         return self.transform.derivative(self.raw)
 
     def hyperparameter(self, name: str = "noise") -> Hyperparameter:
-        """The raw λ as a t1t2_fast.hyper.Hyperparameter (it shares ``raw``'s storage)."""
+        """The raw λ as a t1t2_fast.penalties.Hyperparameter (it shares ``raw``'s storage)."""
         return Hyperparameter(name, "noise", False, self.transform, self.raw, self.bounds)
 
     def project(self) -> None:

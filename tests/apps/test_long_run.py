@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import t1t2_fast as t1t2
-from t1t2_fast import _extension, steps
+from t1t2_fast import _extension, functional
 from t1t2_fast.apps.footprint import GraphWatch, live_tensors, optimizer_footprint
 
 K1, K2 = 50, 300
@@ -128,8 +128,8 @@ def test_a_leaking_run_is_detected(leak, monkeypatch):
     backend = "cpp" if _extension.AVAILABLE else "reference"
     if leak == "buffers":
         fresh = iter(range(10 ** 9))
-        reuse = steps.reused_buffer
-        monkeypatch.setattr(steps, "reused_buffer", lambda cache, key, like, dtype: reuse(
+        reuse = functional.reused_buffer
+        monkeypatch.setattr(functional, "reused_buffer", lambda cache, key, like, dtype: reuse(
             cache, (key, next(fresh)), like, dtype))
     run = LongRun(backend, "momentum-fd")
     run.iterate(20, leak=None if leak == "buffers" else leak)
