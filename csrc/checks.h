@@ -44,7 +44,10 @@ void check_t1_step_guard(const c10::optional<at::Tensor>& grad_scale, const c10:
                          bool check_finite, at::TensorList params);
 
 // ---- penalty_hypergrad ----
-enum SegmentKind : int64_t { kSegmentL2 = 0, kSegmentL1 = 1, kSegmentDecoupledL2 = 2 };
+// segment_kind codes as the int64 the schema passes (t1t2/enums.h)
+constexpr int64_t kSegmentL2 = static_cast<int64_t>(SegmentKind::L2);
+constexpr int64_t kSegmentL1 = static_cast<int64_t>(SegmentKind::L1);
+constexpr int64_t kSegmentDecoupledL2 = static_cast<int64_t>(SegmentKind::DecoupledL2);
 struct SegmentSpec {
   int64_t tensor, kind, groups, inner, out_offset;
 };

@@ -16,10 +16,10 @@
 namespace t1t2 {
 namespace cuda {
 
-// Storage dtype of parameters and gradients (u and θ for segment_dot). Math runs in double for
-// Float64 and in float for the others; optimizer state, coefficients and stash are in that compute
-// type.
-enum class Storage : int { Float64 = 0, Float32 = 1, BFloat16 = 2, Float16 = 3 };
+// The codes of t1t2/enums.h, under the names the CUDA sources use.
+using ::t1t2::Optimizer;
+using ::t1t2::SegmentKind;
+using ::t1t2::Storage;
 
 // ---------------------------------------------------------------------------------------------
 // Multi-tensor tables (t1_step, perturb): the host describes every tensor with a descriptor D and
@@ -91,8 +91,6 @@ TensorTable<D> table_view(const void* device_table, const TableLayout& layout) {
 // elements; one thread block updates one chunk. Descriptors and chunk list travel to the device as
 // one contiguous table (a single host-to-device copy), so hundreds of tensors cost one launch.
 // ---------------------------------------------------------------------------------------------
-
-enum class Optimizer : int { Sgd = 0, Adam = 1 };
 
 constexpr int64_t kT1StepChunk = 16384;  // elements per thread block
 
@@ -207,8 +205,6 @@ cudaError_t launch_penalty_segment_dot(Storage storage, PenaltyKind kind, const 
 // All segments run in one launch (plus one for the partials): the host plans the items, the device
 // finds an item's segment by binary search over the segment table.
 // ---------------------------------------------------------------------------------------------
-
-enum class SegmentKind : int64_t { L2 = 0, L1 = 1, DecoupledL2 = 2 };
 
 constexpr int64_t kHypergradThreadMax = 32;
 

@@ -13,6 +13,7 @@
 
 #include "cpu/noise.h"
 #include "cuda/noise_kernel.cuh"
+#include "cuda/storage_of.h"
 
 namespace t1t2 {
 namespace {
@@ -20,20 +21,12 @@ namespace {
 constexpr const char* kForwardOp = "t1t2::gaussian_noise";
 constexpr const char* kBackwardOp = "t1t2::gaussian_noise_backward";
 
-// x's dtype as the kernels' storage type (check_noise_inputs has accepted only these four).
-cuda::Storage noise_storage(at::ScalarType t) {
-  return t == at::kDouble  ? cuda::Storage::Float64
-         : t == at::kFloat ? cuda::Storage::Float32
-         : t == at::kBFloat16 ? cuda::Storage::BFloat16
-                              : cuda::Storage::Float16;
-}
-
 at::Tensor gaussian_noise_cuda(const at::Tensor& x, const at::Tensor& sigma, int64_t key, int64_t channels,
                                int64_t inner, c10::string_view mode_name) {
   const noise::Mode mode = check_noise_inputs(kForwardOp, x, nullptr, sigma, channels, inner, mode_name, at::kCUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x);
-  C10_CUDA_CHECK(cuda::launch_gaussian_noise(noise_storage(x.scalar_type()), mode, x.const_data_ptr(),
+  C10_CUDA_CHECK(cuda::launch_gaussian_noise(storage_of(x.scalar_type()), mode, x.const_data_ptr(),
                                              sigma.const_data_ptr(), y.mutable_data_ptr(), x.numel(), channels, inner,
                                              static_cast<uint64_t>(key), c10::cuda::getCurrentCUDAStream()));
   return y;
@@ -51,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> gaussian_noise_backward_cuda(const at::Tensor
                       : fused_x_grad ? at::empty_like(x)
                                      : grad_y.clone();  // additive: ∂L/∂x = g
   at::Tensor grad_sigma = need_sigma_grad ? at::empty_like(sigma) : sigma.new_empty({0});
-  const cuda::Storage storage = noise_storage(x.scalar_type());
+  const cuda::Storage storage = storage_of(x.scalar_type());
   const uint64_t seed = static_cast<uint64_t>(key);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   void* gx = fused_x_grad ? grad_x.mutable_data_ptr() : nullptr;

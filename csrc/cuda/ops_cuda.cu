@@ -13,20 +13,10 @@
 
 #include "checks.h"
 #include "cuda/kernels.cuh"
+#include "cuda/storage_of.h"
 
 namespace t1t2 {
 namespace {
-
-cuda::Storage storage_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return cuda::Storage::Float64;
-    case at::kFloat: return cuda::Storage::Float32;
-    case at::kBFloat16: return cuda::Storage::BFloat16;
-    case at::kHalf: return cuda::Storage::Float16;
-    default: TORCH_CHECK(false, "t1t2: no CUDA storage for dtype ", t);
-  }
-  return cuda::Storage::Float32;  // not reached
-}
 
 // ---- penalty_segment_dot ----------------------------------------------------------------------
 

@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "t1t2/enums.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define T1T2_HOST_DEVICE __host__ __device__
 #else
@@ -12,8 +14,6 @@
 #endif
 
 namespace t1t2 {
-
-enum class PenaltyKind : int { L2 = 0, L1 = 1 };
 
 // sign(±0) = 0 and sign(NaN) = 0, as torch.sign gives.
 template <typename T>

@@ -12,12 +12,11 @@
 
 #include <cstdint>
 
+#include "t1t2/enums.h"
 #include "t1t2/philox.h"
 
 namespace t1t2 {
 namespace noise {
-
-enum class Mode : int { Additive = 0, Multiplicative = 1 };
 
 // y of the forward (and ∂L/∂x of the multiplicative backward, with x = g) in the compute type T,
 // each operation rounded on its own.
