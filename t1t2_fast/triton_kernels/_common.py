@@ -66,6 +66,7 @@ def interpreting() -> bool:
 
 
 def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a torch dtype."""
     return {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
             torch.float16: tl.float16}[dtype]
 
@@ -342,3 +343,74 @@ if triton is not None:
             return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
             return x.to(P)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers of the kernel modules
+# ---------------------------------------------------------------------------------------------
+# Triton decides at decoration time whether @triton.jit gives a compiled or an interpreted
+# (numpy, CPU tensors) kernel; this module reads the same switch once (interpreting()).
+INTERPRET = interpreting()
+# Launch option: every multiply and add rounded on its own, as in the C++ kernels. A GPU would
+# otherwise fuse a*b + c into one FMA (Triton's default, which 3.10 means to change): the noise
+# would lose the C++ op's bits, and float64 sums would depend on the Triton version.
+NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
+
+
+def tl_load_dtype(dtype: torch.dtype):
+    """The Triton dtype a kernel loads for a torch dtype; bf16 travels as int16 bits (see load_ct).
+    (``tl_dtype`` above is the dtype a kernel computes on, bf16 as bf16.)"""
+    return {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
+            torch.bfloat16: tl.int16}[dtype]
+
+
+def as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
+    """bf16 tensors are handed to kernels as int16 views (bits): the interpreter's bf16 loads flush
+    subnormals and its float32→bf16 cast truncates instead of rounding to nearest even."""
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
+def check_device(op: str, t: torch.Tensor, what: str) -> None:
+    if INTERPRET or t.device.type == "cuda":
+        return
+    raise RuntimeError(f"{op}: the Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+                       f"got {what} on {t.device}")
+
+
+def autotuned(kernel, key):
+    """@triton.autotune over num_warps on a GPU; the fixed default config while interpreting, where
+    autotune does not work. Block sizes stay fixed: the host builds the work list from them."""
+    if INTERPRET:
+        return kernel
+    configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+    return triton.autotune(configs=configs, key=key)(kernel)
+
+
+def size_bucket(n: int) -> int:
+    """Autotune key: retune per power of two of the work, not per exact size."""
+    return max(int(n), 1).bit_length()
+
+
+if triton is not None:
+    @triton.jit
+    def load_ct(ptr, mask, CT: tl.constexpr, BF16: tl.constexpr):
+        """Load and upcast to the compute dtype CT. BF16: the tensor is an int16 view of bf16 bits,
+        widened exactly by a shift (what a hardware bf16 load does)."""
+        raw = tl.load(ptr, mask=mask, other=0)
+        if BF16:
+            return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return raw.to(CT)
+
+
+    @triton.jit
+    def store_cast(ptr, value, mask, BF16: tl.constexpr):
+        """Cast a float32/float64 value to the destination's dtype and store. BF16: round to nearest
+        even on the float32 bits (as torch's .to(torch.bfloat16)), NaN → 0x7FC0, stored as int16 bits."""
+        if BF16:
+            bits = value.to(tl.int32, bitcast=True)
+            rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            rounded = tl.where(value != value, 0x7FC0, rounded)
+            tl.store(ptr, rounded.to(tl.int16), mask=mask)
+        else:
+            tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)

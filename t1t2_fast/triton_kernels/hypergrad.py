@@ -38,76 +38,8 @@ from torch.library import triton_op, wrap_triton
 
 from .. import reference
 from .._dtypes import PENALTY_KINDS, SEGMENT_KINDS, SUPPORTED_DTYPES
-from ._common import call_kind, compute_dtype, interpreting
-
-# ---------------------------------------------------------------------------------------------
-# Launch helpers (shared with noise.py)
-# ---------------------------------------------------------------------------------------------
-# Triton decides at decoration time whether @triton.jit gives a compiled or an interpreted
-# (numpy, CPU tensors) kernel; _common reads the same switch once.
-INTERPRET = interpreting()
-# Launch option: every multiply and add rounded on its own, as in the C++ kernels. A GPU would
-# otherwise fuse a*b + c into one FMA (Triton's default, which 3.10 means to change): the noise
-# would lose the C++ op's bits, and float64 sums would depend on the Triton version.
-NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
-
-
-def tl_dtype(dtype: torch.dtype):
-    """The Triton dtype a kernel loads for a torch dtype; bf16 travels as int16 bits (see _load_ct)."""
-    return {torch.float64: tl.float64, torch.float32: tl.float32, torch.float16: tl.float16,
-            torch.bfloat16: tl.int16}[dtype]
-
-
-def as_kernel_arg(t: torch.Tensor) -> torch.Tensor:
-    """bf16 tensors are handed to kernels as int16 views (bits): the interpreter's bf16 loads flush
-    subnormals and its float32→bf16 cast truncates instead of rounding to nearest even."""
-    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-
-
-def check_device(op: str, t: torch.Tensor, what: str) -> None:
-    if INTERPRET or t.device.type == "cuda":
-        return
-    raise RuntimeError(f"{op}: the Triton kernels run on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
-                       f"got {what} on {t.device}")
-
-
-def autotuned(kernel, key):
-    """@triton.autotune over num_warps on a GPU; the fixed default config while interpreting, where
-    autotune does not work. Block sizes stay fixed: the host builds the work list from them."""
-    if INTERPRET:
-        return kernel
-    configs = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
-    return triton.autotune(configs=configs, key=key)(kernel)
-
-
-def size_bucket(n: int) -> int:
-    """Autotune key: retune per power of two of the work, not per exact size."""
-    return max(int(n), 1).bit_length()
-
-
-@triton.jit
-def _load_ct(ptr, mask, CT: tl.constexpr, BF16: tl.constexpr):
-    """Load and upcast to the compute dtype CT. BF16: the tensor is an int16 view of bf16 bits,
-    widened exactly by a shift (what a hardware bf16 load does)."""
-    raw = tl.load(ptr, mask=mask, other=0)
-    if BF16:
-        return (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        return raw.to(CT)
-
-
-@triton.jit
-def _store_cast(ptr, value, mask, BF16: tl.constexpr):
-    """Cast a float32/float64 value to the destination's dtype and store. BF16: round to nearest
-    even on the float32 bits (as torch's .to(torch.bfloat16)), NaN → 0x7FC0, stored as int16 bits."""
-    if BF16:
-        bits = value.to(tl.int32, bitcast=True)
-        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-        rounded = tl.where(value != value, 0x7FC0, rounded)
-        tl.store(ptr, rounded.to(tl.int16), mask=mask)
-    else:
-        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
-
+from ._common import (INTERPRET, NO_FMA, as_kernel_arg, autotuned, call_kind, check_device, compute_dtype, load_ct,
+                      size_bucket, store_cast, tl_load_dtype)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -134,9 +66,9 @@ def _tile_rows(vp, tp, jp, out_ptr, part_ptr, kind, inner, groups, out_off, pbas
         cols = c0 + tl.arange(0, C).to(tl.int64)
         mask = rmask[:, None] & (cols < col_hi)[None, :]
         offs = rows[:, None] * inner + cols[None, :]
-        v = _load_ct(vp + offs, mask, CT, BF16)
-        theta = _load_ct(tp + offs, mask, CT, BF16).to(tl.float64)
-        j = _load_ct(jp + offs, tl.where(has_jac, mask, False), CT, BF16)  # (mask & scalar fails interpreted)
+        v = load_ct(vp + offs, mask, CT, BF16)
+        theta = load_ct(tp + offs, mask, CT, BF16).to(tl.float64)
+        j = load_ct(jp + offs, tl.where(has_jac, mask, False), CT, BF16)  # (mask & scalar fails interpreted)
         u = tl.where(has_jac, j, js.to(CT)) * v          # J⊙v in the compute dtype, as the C++ op
         sign = (theta > 0).to(tl.float64) - (theta < 0).to(tl.float64)   # sign(NaN) = sign(±0) = 0
         m = tl.where(kind == 1, sign, theta + theta)      # l1: sign θ; l2 and decoupled l2: 2θ
@@ -343,7 +275,7 @@ def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_
         v_base, theta_base, jac_base = as_kernel_arg(v_base), as_kernel_arg(theta_base), as_kernel_arg(jac_base)
     wrap_triton(_stage1)[(n1,)](
         meta, v_base, theta_base, jac_base, out, partial, segs, tens, size_bucket(n1),
-        DTYPE=tl_dtype(load_dtype), CT=tl.float64 if load_dtype == torch.float64 else tl.float32,
+        DTYPE=tl_load_dtype(load_dtype), CT=tl.float64 if load_dtype == torch.float64 else tl.float32,
         BF16=load_dtype == torch.bfloat16, FLAT=flat, BLOCK=BLOCK, LOG_CMAX=LOG_CMAX, CHUNK=CHUNK, **NO_FMA)
     if work2.shape[0]:
         wrap_triton(_hypergrad_stage2)[(work2.shape[0],)](meta, out, partial, items2, segs, ROWS=FINISH_ROWS,

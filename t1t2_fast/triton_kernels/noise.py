@@ -32,8 +32,8 @@ from torch.library import triton_op, wrap_triton
 from .. import reference
 from .._noise_autograd import register_autograd as register_noise_autograd
 from .._dtypes import SUPPORTED_DTYPES
-from .hypergrad import (INTERPRET, NO_FMA, _load_ct, _store_cast, as_kernel_arg, autotuned, call_kind,
-                        check_device, compute_dtype, size_bucket)
+from ._common import (INTERPRET, NO_FMA, as_kernel_arg, autotuned, call_kind, check_device, compute_dtype, load_ct,
+                      size_bucket, store_cast)
 
 _FWD = "t1t2_triton::gaussian_noise"
 _BWD = "t1t2_triton::gaussian_noise_backward"
@@ -136,14 +136,14 @@ def _noise_apply(src, sigma, dst, key, numel, channels, inner, size_key, MULTIPL
     ∂L/∂x (src = g), in the compute dtype CT, each operation rounded on its own (noise::apply)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    x = _load_ct(src + offs, mask, CT, BF16)
+    x = load_ct(src + offs, mask, CT, BF16)
     s = tl.load(sigma + (offs // inner) % channels, mask=mask, other=0.0)
     scaled = s * _randn(key, offs).to(CT)
     if MULTIPLICATIVE:
         y = x * (1.0 + scaled)
     else:
         y = x + scaled
-    _store_cast(dst + offs, y, mask, BF16)
+    store_cast(dst + offs, y, mask, BF16)
 
 
 @triton.jit(do_not_specialize=["key", "rows", "channels", "inner", "rows_per_program", "channel_blocks"])
@@ -168,14 +168,14 @@ def _sigma_stage1(g_ptr, x_ptr, sigma, gx_ptr, part_ptr, key, rows, channels, in
             j = j0 + tl.arange(0, IC).to(tl.int64)
             offs = r[:, None, None] * width + c[None, :, None] * inner + j[None, None, :]
             mask = (r < row_hi)[:, None, None] & cmask[None, :, None] & (j < inner)[None, None, :]
-            g = _load_ct(g_ptr + offs, mask, CT, BF16)
+            g = load_ct(g_ptr + offs, mask, CT, BF16)
             eps = _randn(key, offs)
             term = g.to(tl.float64)
             if MULTIPLICATIVE:
-                term = term * _load_ct(x_ptr + offs, mask, CT, BF16).to(tl.float64)
+                term = term * load_ct(x_ptr + offs, mask, CT, BF16).to(tl.float64)
             acc += term * eps.to(tl.float64)  # masked lanes: g = 0, ε finite
             if FUSED_X_GRAD:
-                _store_cast(gx_ptr + offs, g * (1.0 + s * eps.to(CT)), mask, BF16)
+                store_cast(gx_ptr + offs, g * (1.0 + s * eps.to(CT)), mask, BF16)
     total = tl.sum(tl.sum(acc, axis=2), axis=0)
     tl.store(part_ptr + rt * channels + c, total, mask=cmask)
 
