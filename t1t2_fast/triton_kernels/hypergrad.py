@@ -39,7 +39,7 @@ from torch.library import triton_op, wrap_triton
 from .. import reference
 from .._dtypes import PENALTY_KINDS, SEGMENT_KINDS, SUPPORTED_DTYPES
 from ._common import (INTERPRET, NO_FMA, as_kernel_arg, autotuned, call_kind, check_device, compute_dtype, load_ct,
-                      size_bucket, store_cast, tl_load_dtype)
+                      size_bucket, store_cast, tl_dtype, tl_load_dtype)
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -275,7 +275,7 @@ def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_
         v_base, theta_base, jac_base = as_kernel_arg(v_base), as_kernel_arg(theta_base), as_kernel_arg(jac_base)
     wrap_triton(_stage1)[(n1,)](
         meta, v_base, theta_base, jac_base, out, partial, segs, tens, size_bucket(n1),
-        DTYPE=tl_load_dtype(load_dtype), CT=tl.float64 if load_dtype == torch.float64 else tl.float32,
+        DTYPE=tl_load_dtype(load_dtype), CT=tl_dtype(compute_dtype(load_dtype)),
         BF16=load_dtype == torch.bfloat16, FLAT=flat, BLOCK=BLOCK, LOG_CMAX=LOG_CMAX, CHUNK=CHUNK, **NO_FMA)
     if work2.shape[0]:
         wrap_triton(_hypergrad_stage2)[(work2.shape[0],)](meta, out, partial, items2, segs, ROWS=FINISH_ROWS,

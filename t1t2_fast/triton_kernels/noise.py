@@ -33,7 +33,7 @@ from .. import reference
 from .._noise_autograd import register_autograd as register_noise_autograd
 from .._dtypes import SUPPORTED_DTYPES
 from ._common import (INTERPRET, NO_FMA, as_kernel_arg, autotuned, call_kind, check_device, compute_dtype, load_ct,
-                      size_bucket, store_cast)
+                      size_bucket, store_cast, tl_dtype)
 
 _FWD = "t1t2_triton::gaussian_noise"
 _BWD = "t1t2_triton::gaussian_noise_backward"
@@ -260,7 +260,8 @@ def _check(op: str, x, grad_y, sigma, channels: int, inner: int, mode: str) -> N
 
 
 def _ct(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton compute dtype of x's dtype."""
+    return tl_dtype(compute_dtype(dtype))
 
 
 def _apply_launch(src, sigma, dst, key, channels, inner, multiplicative):
