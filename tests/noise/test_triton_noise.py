@@ -2,27 +2,23 @@
 ops and the PyTorch twin of the generator: the same ε bit for bit, y and ∂L/∂x bit for bit, ∂L/∂σ
 to float64 summation order, determinism, autograd, opcheck, errors. Without a GPU the kernels run
 on CPU tensors under TRITON_INTERPRET=1 (sizes kept small: the interpreter is slow)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors through the interpreter
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install t1t2_fast[triton])")
 
 import triton.language as tl  # noqa: E402
 
-from t1t2_fast import _extension, reference, rng  # noqa: E402
+from t1t2_fast import reference, rng  # noqa: E402
 from t1t2_fast.triton_kernels import noise  # noqa: E402
 from t1t2_fast.triton_kernels.noise import _randn  # noqa: E402
-from test_triton_t2 import run_without_interpreter  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import DTYPES, HAS_EXT, TRITON_DEVICE as DEVICE, needs_triton  # noqa: E402
+from runner import run_without_interpreter  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = needs_triton
 T = torch.ops.t1t2_triton
 MODES = ["additive", "multiplicative"]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-# (shape, per) as in test_noise.py: DESIGN.md §5 sizes with one σ, per-unit (N, F) and (N, C, H, W)
+# (shape, per) as in test_noise.py: the sizes of docs/design.md with one σ, per-unit (N, F) and (N, C, H, W)
 # layouts, rows wider than a tile, channels straddling tiles.
 LAYOUTS = [((0,), "layer"), ((1,), "layer"), ((7,), "layer"), ((1023,), "layer"), ((1025,), "layer"),
            ((65537,), "layer"), ((0, 5), "unit"), ((7, 3), "unit"), ((33, 31), "unit"), ((40, 2000), "unit"),
@@ -95,7 +91,7 @@ def test_matches_reference_and_cpp(dtype):
             scale = sigma_terms(grad_y, x, mode)
             torch.testing.assert_close(gs.double(), rs.double(), rtol=1e-6 if dtype != torch.float64 else 1e-12,
                                        atol=1e-14 * max(1.0, scale))
-            if _extension.AVAILABLE:
+            if HAS_EXT:
                 from t1t2_fast import ops
                 cpu = [t.cpu() for t in (x, grad_y, sigma)]
                 assert torch.equal(y.cpu(), ops.gaussian_noise(cpu[0], cpu[2], key, channels, inner, mode))

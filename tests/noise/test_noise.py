@@ -12,16 +12,15 @@ import torch
 from torch import nn
 
 import t1t2_fast as t1t2
-from t1t2_fast import _extension, ops, reference, rng
+from t1t2_fast import ops, reference, rng
 from t1t2_fast.noise import gaussian_noise
 
-BACKENDS = ["reference", "cpp"]
-MODES = ["additive", "multiplicative"]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-needs_ext = pytest.mark.skipif(not _extension.AVAILABLE,
-                               reason=f"compiled extension not built ({_extension.LOAD_ERROR})")
+from conftest import DTYPES, backends, needs_cuda_kernels, needs_ext
 
-# (shape, per): 1-D sizes of DESIGN.md §5 with one σ; per-unit (N, F) and (N, C, H, W) layouts,
+BACKENDS = backends("reference", "cpp")
+MODES = ["additive", "multiplicative"]
+
+# (shape, per): the 1-D sizes of docs/design.md with one σ; per-unit (N, F) and (N, C, H, W) layouts,
 # among them rows wider than a reduction tile (1024 columns) and channels that straddle tiles.
 LAYOUTS = [((0,), "layer"), ((1,), "layer"), ((7,), "layer"), ((1023,), "layer"), ((1025,), "layer"),
            ((65537,), "layer"), ((0, 5), "unit"), ((7, 3), "unit"), ((33, 31), "unit"), ((40, 2000), "unit"),
@@ -46,10 +45,6 @@ def make(shape, per, dtype, seed=0):
     sigma = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.1).to(acc)
     return x, grad_y, sigma, channels, inner
 
-
-def need_backend(backend):
-    if backend == "cpp" and not _extension.AVAILABLE:
-        pytest.skip(f"compiled extension not built: {_extension.LOAD_ERROR}")
 
 
 def assert_low_precision_parity(ours, twin, gold):
@@ -189,7 +184,6 @@ def loss_of(y, w):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape, per", [((9, 4, 5, 3), "unit"), ((37, 6), "unit"), ((300,), "layer")], ids=str)
 def test_backward_matches_autograd_through_stored_eps(shape, per, mode, backend):
-    need_backend(backend)
     x, _, sigma, channels, inner = make(shape, per, torch.float64, seed=4)
     w = torch.randn(shape, dtype=torch.float64)
     key = rng.noise_key(1, 2, 3)
@@ -204,7 +198,6 @@ def test_backward_matches_autograd_through_stored_eps(shape, per, mode, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_sigma_gradient_matches_finite_differences(mode, backend):
-    need_backend(backend)
     x, _, sigma, channels, inner = make((5, 3, 7), "unit", torch.float64, seed=5)
     w = torch.randn(x.shape, dtype=torch.float64)
 
@@ -226,7 +219,6 @@ def test_sigma_gradient_matches_finite_differences(mode, backend):
 def test_double_backward_matches_stored_eps(mode, backend):
     """∂L/∂σ and ∂L/∂x built with create_graph are differentiable again (w.r.t. x, σ and upstream
     parameters), and agree with plain autograd through a stored ε."""
-    need_backend(backend)
     x, _, sigma, channels, inner = make((6, 4, 5), "unit", torch.float64, seed=6)
     w = torch.randn(x.shape, dtype=torch.float64)
     v = torch.randn(channels, dtype=torch.float64)
@@ -246,7 +238,6 @@ def test_double_backward_matches_stored_eps(mode, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(dtype, backend):
-    need_backend(backend)
     x, grad_y, sigma, channels, inner = make((8, 3, 4, 4), "unit", dtype, seed=7)
     xl, sl = x.clone().requires_grad_(), sigma.clone().requires_grad_()
     y = gaussian_noise(xl, sl, 5, channels, inner, "multiplicative", backend)
@@ -299,7 +290,6 @@ def test_unit_noise_checks_the_feature_dim():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identity_in_eval_mode_inside_no_noise_and_at_zero_std(backend):
-    need_backend(backend)
     m = t1t2.GaussianNoise(0.5, backend=backend)
     x = torch.randn(4, 5)
     assert not torch.equal(m(x), x)
@@ -333,7 +323,6 @@ def test_identity_in_eval_mode_inside_no_noise_and_at_zero_std(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replay_with_seed_and_step(backend):
-    need_backend(backend)
     m = t1t2.GaussianNoise(0.3, per="unit", num_features=6, backend=backend)
     x = torch.randn(5, 6, 4)
     m.seed, m.step = 123, 7
@@ -367,7 +356,6 @@ def test_seedless_noise_follows_torch_manual_seed():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_recorded_sigma_grad_sums_the_forwards_since_reset(mode, backend):
-    need_backend(backend)
     torch.manual_seed(0)
     m = t1t2.GaussianNoise([0.2, 0.3, 0.4], per="unit", num_features=3, mode=mode, backend=backend).double()
     lin = nn.Linear(3, 3).double()
@@ -399,7 +387,6 @@ def test_recorded_sigma_grad_is_differentiable_wrt_parameters(mode, backend):
     """loss.backward(create_graph=True) leaves ∂L/∂σ differentiable: autograd.grad of (∂L/∂σ · u)
     w.r.t. the model's parameters works and matches the stored-ε autograd reference (the mixed
     second derivative the exact noise hypergradient needs)."""
-    need_backend(backend)
     torch.manual_seed(1)
     noise = t1t2.GaussianNoise(0.2, per="unit", num_features=5, mode=mode, backend=backend).double()
     model = nn.Sequential(nn.Linear(4, 5), noise, nn.Tanh(), nn.Linear(5, 2)).double()
@@ -427,7 +414,6 @@ def test_recorded_sigma_grad_is_differentiable_wrt_parameters(mode, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_on_low_precision_and_empty_inputs(backend):
-    need_backend(backend)
     m = t1t2.GaussianNoise(0.1, per="unit", num_features=3, backend=backend).record_grad(True)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.randn(4, 3, 5, 5).to(dtype).requires_grad_()
@@ -478,15 +464,9 @@ def test_reference_fallback_without_the_extension():
 # ---------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU; the sources are compile-checked in test_cuda_compile.py)
 # ---------------------------------------------------------------------------------------------
-def cuda_kernels_built():
-    return (_extension.AVAILABLE and torch.cuda.is_available()
-            and torch._C._dispatch_has_kernel_for_dispatch_key("t1t2::gaussian_noise", "CUDA"))
 
 
-needs_cuda = pytest.mark.skipif(not cuda_kernels_built(), reason="no GPU, or an extension built without CUDA kernels")
-
-
-@needs_cuda
+@needs_cuda_kernels
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_cuda_op_gives_the_cpu_bits(dtype, mode):
@@ -505,7 +485,7 @@ def test_cuda_op_gives_the_cpu_bits(dtype, mode):
         assert torch.equal(reference.gaussian_noise(xd, sd, key, channels, inner, mode).cpu(), cpu[0])
 
 
-@needs_cuda
+@needs_cuda_kernels
 def test_cuda_opcheck_and_module():
     x, grad_y, sigma, channels, inner = make((5, 3, 2), "unit", torch.float32)
     x, grad_y, sigma = x.cuda(), grad_y.cuda(), sigma.cuda()

@@ -1,4 +1,4 @@
-"""The float64 finite-difference oracle (DESIGN.md §5) once through backend="triton": every
+"""The float64 finite-difference oracle (docs/design.md) once through backend="triton": every
 penalty kind and granularity and the noise hypergradient in one model, with sgd and adam. On a
 machine without a GPU the Triton kernels run on CPU tensors in Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py)."""
@@ -7,10 +7,9 @@ import torch
 
 import t1t2_fast as t1t2
 from oracle import OPTIMIZER_CONFIGS, Problem, analytic_hypergrad, fd_hypergrad, relative_error, warmed_up
-from t1t2_fast import triton_kernels
+from conftest import needs_triton
 
-if not triton_kernels.available():
-    pytest.skip(f"Triton backend unavailable: {triton_kernels.unavailable_reason()}", allow_module_level=True)
+pytestmark = needs_triton
 
 
 @pytest.mark.parametrize("opt_name", ["momentum", "adam"])

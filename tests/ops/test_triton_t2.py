@@ -16,6 +16,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install t1t2_
 
 from t1t2_fast import _extension, reference  # noqa: E402
 from t1t2_fast.triton_kernels import hypergrad  # noqa: E402
+from runner import run_without_interpreter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -244,18 +245,6 @@ with FakeTensorMode(allow_non_fake_inputs=True):
 code = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args).code
 print(code.count("triton_kernel_wrapper_functional("), code.count("'FLAT': True"))
 """
-
-
-def run_without_interpreter(code: str) -> str:
-    """Run `code` in a fresh Python with TRITON_INTERPRET unset — kernels compiled, not interpreted;
-    tracing with fake CUDA tensors and compiling to PTX need no GPU — and return its stdout."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
-        pytest.skip("this triton install has no ptxas")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
 
 
 def test_traced_call_records_the_triton_kernels():

@@ -20,6 +20,7 @@ if not triton_kernels.available():
     pytest.skip(f"triton is not importable ({triton_kernels.unavailable_reason()})", allow_module_level=True)
 
 from problems import OPTIMIZERS, assert_t1_parity, make_problem, moved  # noqa: E402
+from runner import run_python  # noqa: E402
 
 from t1t2_fast.triton_kernels import _common, perturb, t1_step  # noqa: E402
 
@@ -51,16 +52,6 @@ class LaunchCounter:
     def __getitem__(self, grid):
         self.launches += 1
         return self.kernel[grid]
-
-
-def run_python(code: str, timeout: int = 300) -> str:
-    """Run code in a fresh Python with this checkout importable and Triton compiling, not interpreting."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return done.stdout
 
 
 # ------------------------------------------------------------------------------------------------
