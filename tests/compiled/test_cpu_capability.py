@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+from t1t2_fast import _extension
+
 from conftest import SUPPORT, needs_ext
 
 pytestmark = needs_ext
