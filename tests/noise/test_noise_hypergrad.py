@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import t1t2_fast as t1t2
-from conftest import backends, needs_ext
+from conftest import backends, needs_ext, needs_triton
 from oracle import OPTIMIZER_CONFIGS, fd_hypergrad, relative_error
 
 BACKENDS = backends("reference", "cpp")
@@ -279,3 +279,16 @@ def test_bad_noise_mode_is_refused():
         t1t2.T1T2(problem.model, [], noise_hypergrad="central")
     with pytest.raises(ValueError, match="fd_eps"):
         t1t2.T1T2(problem.model, [], fd_eps=0.0)
+
+
+@needs_triton
+def test_noise_hypergrad_matches_finite_differences_through_triton():
+    """The exact noise hypergradient through backend="triton" (momentum) against the oracle."""
+    problem = NoiseProblem()
+    model, opt = warmed_up(problem, steps=1, backend="triton", noise_hypergrad="exact",
+                           **OPTIMIZER_CONFIGS["momentum"])
+    assert all(m.backend == "triton" for m in model.modules() if isinstance(m, t1t2.GaussianNoise))
+    ours, _, _ = hypergrad_of_next_step(problem, model, opt)
+    fd = fd_hypergrad(problem, model, opt, problem.penalties)
+    assert relative_error(ours, fd) <= 1e-6, (ours, fd)
+    assert torch.isfinite(torch.cat([v.reshape(-1) for v in ours.values()])).all()

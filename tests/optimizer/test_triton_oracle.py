@@ -1,7 +1,7 @@
 """The float64 finite-difference oracle (docs/design.md) once through backend="triton": every
-penalty kind and granularity and the noise hypergradient in one model, with sgd and adam. On a
-machine without a GPU the Triton kernels run on CPU tensors in Triton's interpreter
-(TRITON_INTERPRET=1, set by conftest.py)."""
+penalty kind and granularity in one model, with sgd and adam (the noise hypergradient through
+Triton is in tests/noise/test_noise_hypergrad.py). On a machine without a GPU the Triton kernels run
+on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)."""
 import pytest
 import torch
 
@@ -22,17 +22,3 @@ def test_penalty_hypergrads_match_finite_differences_through_triton(opt_name):
     h = analytic_hypergrad(problem, model, opt)
     fd = fd_hypergrad(problem, model, opt, penalties)
     assert relative_error(h, fd) <= 1e-6, {k: (h[k], fd[k]) for k in h}
-
-
-def test_noise_hypergrad_matches_finite_differences_through_triton():
-    from test_noise_hypergrad import NoiseProblem, hypergrad_of_next_step
-    from test_noise_hypergrad import warmed_up as noise_warmed_up
-
-    problem = NoiseProblem()
-    model, opt = noise_warmed_up(problem, steps=1, backend="triton", noise_hypergrad="exact",
-                                 **OPTIMIZER_CONFIGS["momentum"])
-    assert all(m.backend == "triton" for m in model.modules() if isinstance(m, t1t2.GaussianNoise))
-    ours, _, _ = hypergrad_of_next_step(problem, model, opt)
-    fd = fd_hypergrad(problem, model, opt, problem.penalties)
-    assert relative_error(ours, fd) <= 1e-6, (ours, fd)
-    assert torch.isfinite(torch.cat([v.reshape(-1) for v in ours.values()])).all()
