@@ -101,6 +101,10 @@ TOL = {
     # low-precision result is the final cast to float32 (one float32 ulp).
     "exact_sum_rtol": {torch.float64: 0.0, torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -23,
                        torch.float16: 2.0 ** -23},
+    # Fuzzed sums (penalty_segment_dot, penalty_hypergrad, ∂L/∂σ) against the float64 sum of the same
+    # terms: rtol by the result's dtype, atol 1e-14·Σ|terms| (tests/fuzz/test_fuzz.py).
+    "fuzz_sum_rtol": {torch.float64: 1e-12, torch.float32: 2.0 ** -23},
+    "fuzz_sum_atol_per_magnitude": 1e-14,
     # perturb_ of two backends that may contract base + r·d into an FMA: one ulp of the storage dtype.
     "perturb_rtol": {torch.float64: 1e-15, torch.float32: torch.finfo(torch.float32).eps,
                      torch.bfloat16: torch.finfo(torch.bfloat16).eps, torch.float16: torch.finfo(torch.float16).eps},

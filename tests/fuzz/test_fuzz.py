@@ -324,12 +324,12 @@ def group_terms(terms: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 # Sums against float64 sums of the same terms (the kernels accumulate in float64, in another order):
-# rtol as tests/ops/test_segment_dot.py (float64) and test_low_precision_accumulates_in_double (one float32 ulp), atol
-# as test_noise.py's float64 ∂L/∂σ check, 1e-14·Σ|terms|, without its floor of 1e-14 (values here go
-# down to subnormals); plus the rounding of a result below the result dtype's normal range (one
+# rtol as tests/ops/test_segment_dot.py (float64) and its test_low_precision_accumulates_in_double (one
+# float32 ulp), atol as tests/noise/test_noise_ops.py's float64 ∂L/∂σ check, 1e-14·Σ|terms|, without
+# its floor of 1e-14 (values here go down to subnormals); plus the rounding of a result below the result dtype's normal range (one
 # subnormal step) and of n float64 products that underflow (half a float64 subnormal step each).
-SUM_RTOL = {torch.float64: 1e-12, torch.float32: 2.0**-23}
-SUM_ATOL_PER_MAGNITUDE = 1e-14
+SUM_RTOL = TOL["fuzz_sum_rtol"]
+SUM_ATOL_PER_MAGNITUDE = TOL["fuzz_sum_atol_per_magnitude"]
 
 
 def assert_sums_close(got: torch.Tensor, terms: torch.Tensor, scale: float = 1.0, what=""):
