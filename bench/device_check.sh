@@ -102,8 +102,8 @@ for op in ("penalty_segment_dot", "t1_step_", "penalty_hypergrad", "perturb_", "
 
 # ---- 3. GPU parity tests and the op tests ----
 run_step pytest 300 "$PYTHON" -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml" \
-  tests/test_cuda.py tests/test_noise.py tests/test_rng.py tests/test_ops.py tests/test_t1_step.py \
-  tests/test_triton_t1.py tests/test_triton_t2.py tests/test_triton_noise.py tests/test_triton_oracle.py
+  tests/ops tests/noise/test_noise.py tests/noise/test_noise_ops.py tests/noise/test_rng.py \
+  tests/noise/test_triton_noise.py tests/compiled/test_extension.py tests/optimizer/test_triton_oracle.py
 
 # ---- 4. microbenchmarks on CUDA tensors ----
 mkdir -p "$OUT/bench"

@@ -1,7 +1,7 @@
-"""Resume (issue 8): model.state_dict() + T1T2.state_dict() saved with torch.save mid-run and loaded
+"""Resume: model.state_dict() + T1T2.state_dict() saved with torch.save mid-run and loaded
 in a new process continue the bit-identical trajectory of θ and λ, for every backend available.
 
-The runs, checkpoints and the resuming process are tests/resume_cases.py: noise (fd and exact)
+The runs, checkpoints and the resuming process are tests/support/resume_cases.py: noise (fd and exact)
 with a Dropout in the model, L2/L1 at network, layer, unit and element granularity and a decoupled
 L2, sgd with momentum and adam, hyper_every 1 and 3, checkpoints with and without a stash. Every
 iteration after the checkpoint is compared with torch.equal against one uninterrupted run. The
@@ -18,35 +18,19 @@ import pytest
 import torch
 
 import resume_cases as rc
-from t1t2_fast import _extension, triton_kernels
+from conftest import HAS_EXT, ROOT, SUPPORT, backends
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 # Triton's interpreter divides the masked-off lanes of adam's Jacobian 0 by 0 before dropping them
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
-def _triton_skip_reason():
-    if not triton_kernels.available():
-        return f"triton is not importable ({triton_kernels.unavailable_reason()})"
-    if not triton_kernels.interpreting():
-        return "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (set by conftest.py without a GPU)"
-    return None
-
-
-BACKENDS = [
-    pytest.param("reference"),
-    pytest.param("cpp", marks=pytest.mark.skipif(not _extension.AVAILABLE,
-                                                 reason=f"C++ extension not built ({_extension.LOAD_ERROR})")),
-    pytest.param("triton", marks=pytest.mark.skipif(_triton_skip_reason() is not None,
-                                                    reason=str(_triton_skip_reason()))),
-]
+BACKENDS = backends("reference", "cpp", "triton")
 
 
 def _env():
     # the same intra-op thread count as this process, which ran the uninterrupted run
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env  # TRITON_INTERPRET, when conftest set it, is inherited
 
 
@@ -66,7 +50,7 @@ def uninterrupted(case: str, backend: str) -> list[dict]:
 def resume_in_new_process(ckpt: dict, tmp_path: Path, drop: str | None = None) -> list[dict]:
     path, out = tmp_path / "checkpoint.pt", tmp_path / "resumed.pt"
     torch.save(ckpt, path)
-    cmd = [sys.executable, str(HERE / "resume_cases.py"), str(path), str(out)] + (["--drop", drop] if drop else [])
+    cmd = [sys.executable, str(SUPPORT / "resume_cases.py"), str(path), str(out)] + (["--drop", drop] if drop else [])
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr[-4000:]
     return torch.load(out)
@@ -117,7 +101,7 @@ NEGATIVE = [
 @pytest.mark.parametrize("drop,where", NEGATIVE, ids=[d for d, _ in NEGATIVE])
 def test_resume_without_part_of_the_state_diverges(drop, where, tmp_path):
     case, phase, k = where
-    backend = "cpp" if _extension.AVAILABLE else "reference"
+    backend = "cpp" if HAS_EXT else "reference"
     ckpt = rc.run_to_checkpoint(case, backend, phase, k)
     resumed = resume_in_new_process(ckpt, tmp_path, drop=drop)
     diff = differences(uninterrupted(case, backend), resumed)

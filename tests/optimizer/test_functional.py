@@ -9,15 +9,11 @@ import torch.nn.functional as F
 
 import t1t2_fast as t1t2
 from t1t2_fast.functional import Hyper, t1_update, t1_update_reference
+from conftest import backends
 from oracle import OPTIMIZER_CONFIGS, Problem, warmed_up
 
-BACKENDS = ["reference", "cpp"]
+BACKENDS = backends("reference", "cpp")
 
-
-def need_backend(backend):
-    from t1t2_fast import _extension
-    if backend == "cpp" and not _extension.AVAILABLE:
-        pytest.skip(f"compiled extension not built: {_extension.LOAD_ERROR}")
 
 
 def val_loss(problem, model, new_params):
@@ -48,7 +44,6 @@ def setup(problem, opt_name):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("opt_name", list(OPTIMIZER_CONFIGS))
 def test_fused_backward_matches_autograd_and_hyper_step(opt_name, backend):
-    need_backend(backend)
     problem = Problem(seed=21)
     model, opt, params, grads, state, hypers = setup(problem, opt_name)
     cfg = {k: v for k, v in OPTIMIZER_CONFIGS[opt_name].items()}

@@ -1,4 +1,4 @@
-"""Issue 8, reliability: the non-finite guard (in the fused T1 op and in T1T2), GradScaler / autocast,
+"""Reliability: the non-finite guard (in the fused T1 op and in T1T2), GradScaler / autocast,
 low-precision runs and hyperparameter bounds. Resume, long runs and fuzzing have their own files."""
 import math
 
@@ -8,13 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import t1t2_fast as t1t2
-from t1t2_fast import _extension, ops, reference, triton_kernels
-from t1t2_fast.optimizer import NonFiniteError
+from t1t2_fast import NonFiniteError, ops, reference
 
+from conftest import backends, needs_ext, needs_triton_on_cpu
 from problems import OPTIMIZERS, make_problem, moved
-
-needs_cpp = pytest.mark.skipif(not _extension.AVAILABLE, reason=f"C++ extension not built ({_extension.LOAD_ERROR})")
-CAN_TRITON = triton_kernels.available() and triton_kernels.interpreting()
 
 
 def _triton_t1(*args, **kw):
@@ -23,9 +20,8 @@ def _triton_t1(*args, **kw):
 
 
 OP_BACKENDS = [pytest.param(reference.t1_step_, id="reference"),
-               pytest.param(ops.t1_step_, id="cpp", marks=needs_cpp),
-               pytest.param(_triton_t1, id="triton",
-                            marks=pytest.mark.skipif(not CAN_TRITON, reason="Triton interpreter not available"))]
+               pytest.param(ops.t1_step_, id="cpp", marks=needs_ext),
+               pytest.param(_triton_t1, id="triton", marks=needs_triton_on_cpu)]
 WRITTEN = (0, 2, 3, 7, 8)  # params, state1, state2, stash_theta, stash_jac
 SHAPES = [(7,), (1025,), (33, 31)]
 
@@ -168,7 +164,7 @@ def _opt(model, backend="cpp", **kw):
     return t1t2.T1T2(model, [t1t2.L2(1e-3), t1t2.L1(1e-4, per="unit")], backend=backend, **kw)
 
 
-BACKENDS = [pytest.param("reference"), pytest.param("cpp", marks=needs_cpp)]
+BACKENDS = backends("reference", "cpp")
 
 
 def _batches(steps, seed=1):
@@ -230,7 +226,7 @@ def test_a_nan_batch_is_skipped_as_if_it_were_not_there(backend, opt_name):
     assert all(torch.isfinite(p).all() for p in m1.parameters())
 
 
-@needs_cpp
+@needs_ext
 def test_without_the_guard_a_nan_batch_destroys_the_run():
     """The negative control: the same poisoned run with skip_nonfinite=False ends with NaN weights."""
     batches, val = _batches(6), _data(32, seed=5)
@@ -240,7 +236,7 @@ def test_without_the_guard_a_nan_batch_destroys_the_run():
     assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@needs_cpp
+@needs_ext
 def test_nonfinite_gradient_with_a_finite_loss_is_skipped():
     model = _model(noise=False)
     opt = _opt(model)
@@ -289,7 +285,7 @@ def test_a_nonfinite_validation_pass_skips_the_hyper_step(backend, where):
             assert torch.equal(hyper_state[n][k], opt._hyper_state[n][k])
 
 
-@needs_cpp
+@needs_ext
 def test_consecutive_skips_stop_the_run_with_a_clear_error():
     model = _model()
     opt = _opt(model, max_consecutive_skips=3)
@@ -342,7 +338,7 @@ def test_a_power_of_two_grad_scaler_changes_no_bit(backend, noise_hypergrad):
         _assert_same(_state(plain_model, plain), _state(model, opt))
 
 
-@needs_cpp
+@needs_ext
 def test_grad_scaler_overflow_skips_steps_and_backs_off():
     """fp16 autocast with an absurd initial scale: the first steps overflow, the scaler's found_inf
     skips them (θ untouched, counted) and halves its scale until the steps go through."""
@@ -402,7 +398,7 @@ def test_autocast_run_tracks_the_float32_run(backend, autocast):
         assert g.dtype == torch.float32  # hypergradients in float32 whatever autocast computed in
 
 
-@needs_cpp
+@needs_ext
 def test_fd_noise_hypergradient_under_bf16_autocast_warns():
     """The default fd differences two bf16 passes: rounding dominates (measured: the noise level
     doubles where the float32 run keeps it), so the user is told to use 'exact' or a larger fd_eps."""

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import t1t2_fast as t1t2
+from conftest import backends
 from oracle import (OPTIMIZER_CONFIGS, Problem, analytic_hypergrad, fd_hypergrad, relative_error,
                     warmed_up)
 
-BACKENDS = ["reference", "cpp"]
+BACKENDS = backends("reference", "cpp")
 TOL = 1e-6
 
 PENALTIES = {
@@ -20,12 +21,6 @@ PENALTIES = {
 }
 
 
-def need_backend(backend):
-    if backend == "cpp":
-        from t1t2_fast import _extension
-        if not _extension.AVAILABLE:
-            pytest.skip(f"compiled extension not built: {_extension.LOAD_ERROR}")
-
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("hypergrad", ["exact", "sgd"])
@@ -34,7 +29,6 @@ def need_backend(backend):
 @pytest.mark.parametrize("per", ["network", "layer", "unit", "element"])
 @pytest.mark.parametrize("penalty", list(PENALTIES))
 def test_hypergrad_matches_finite_differences(penalty, per, transform, opt_name, hypergrad, backend):
-    need_backend(backend)
     problem = Problem(seed=1)
     penalties = PENALTIES[penalty](per, transform)
     model, opt = warmed_up(problem, penalties, hypergrad=hypergrad, backend=backend,
@@ -48,7 +42,6 @@ def test_hypergrad_matches_finite_differences(penalty, per, transform, opt_name,
 @pytest.mark.parametrize("opt_name", list(OPTIMIZER_CONFIGS))
 def test_several_penalties_on_one_model(opt_name, backend):
     """L2 per layer, L1 per unit and a decoupled network-wide L2 share one T1 step."""
-    need_backend(backend)
     problem = Problem(seed=2, sizes=(3, 5, 4, 2))
     penalties = [t1t2.L2(0.05, per="layer"), t1t2.L1(0.01, per="unit", transform="softplus"),
                  t1t2.L2(0.02, per="network", decoupled=True, params=lambda n, p: n.endswith("bias"))]

@@ -1,4 +1,4 @@
-"""Cases of tests/test_distributed.py: the rank workers (run as ``python ddp_cases.py MODE RANK WORLD
+"""Cases of tests/optimizer/test_distributed.py: the rank workers (run as ``python ddp_cases.py MODE RANK WORLD
 INIT_FILE OUT``, gloo on CPU, float64) and their one-process references, in one place so both
 sides build exactly the same model, data and optimizer.
 

@@ -1,4 +1,4 @@
-"""Cases of tests/test_resume.py: training runs that are checkpointed with torch.save mid-run and
+"""Cases of tests/optimizer/test_resume.py: training runs that are checkpointed with torch.save mid-run and
 resumed in a new process (``python resume_cases.py CHECKPOINT OUT [--drop WHAT]``).
 
 A run: a tiny MLP with GaussianNoise modules (one per layer, additive; one per unit,

@@ -12,16 +12,15 @@ import torch
 from torch import nn
 
 import t1t2_fast as t1t2
-from t1t2_fast import _extension, ops, reference, rng
+from t1t2_fast import ops, reference, rng
 from t1t2_fast.noise import gaussian_noise
 
-BACKENDS = ["reference", "cpp"]
-MODES = ["additive", "multiplicative"]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-needs_ext = pytest.mark.skipif(not _extension.AVAILABLE,
-                               reason=f"compiled extension not built ({_extension.LOAD_ERROR})")
+from conftest import DTYPES, backends, needs_cuda_kernels
 
-# (shape, per): 1-D sizes of DESIGN.md §5 with one σ; per-unit (N, F) and (N, C, H, W) layouts,
+BACKENDS = backends("reference", "cpp")
+MODES = ["additive", "multiplicative"]
+
+# (shape, per): the 1-D sizes of docs/design.md with one σ; per-unit (N, F) and (N, C, H, W) layouts,
 # among them rows wider than a reduction tile (1024 columns) and channels that straddle tiles.
 LAYOUTS = [((0,), "layer"), ((1,), "layer"), ((7,), "layer"), ((1023,), "layer"), ((1025,), "layer"),
            ((65537,), "layer"), ((0, 5), "unit"), ((7, 3), "unit"), ((33, 31), "unit"), ((40, 2000), "unit"),
@@ -47,127 +46,6 @@ def make(shape, per, dtype, seed=0):
     return x, grad_y, sigma, channels, inner
 
 
-def need_backend(backend):
-    if backend == "cpp" and not _extension.AVAILABLE:
-        pytest.skip(f"compiled extension not built: {_extension.LOAD_ERROR}")
-
-
-def assert_low_precision_parity(ours, twin, gold):
-    """STYLE.md: the fused error against a float64 run of the reference is at most twice the error of
-    the reference run in the low precision, plus a few ulps of the result's scale."""
-    err_ours = (ours.double() - gold).abs().max().item()
-    err_twin = (twin.double() - gold).abs().max().item()
-    ulps = 4 * torch.finfo(ours.dtype).eps * gold.abs().max().item()
-    assert err_ours <= 2 * err_twin + ulps, (err_ours, err_twin, ulps)
-
-
-# ---------------------------------------------------------------------------------------------
-# The ops against their twins
-# ---------------------------------------------------------------------------------------------
-@needs_ext
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape, per", LAYOUTS, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_op_matches_reference(dtype, shape, per, mode):
-    x, grad_y, sigma, channels, inner = make(shape, per, dtype)
-    key = rng.noise_key(11, len(shape))
-    # forward and ∂L/∂x: the same roundings in the same order → the same bits in every dtype
-    y = ops.gaussian_noise(x, sigma, key, channels, inner, mode)
-    assert y.dtype == dtype and y.shape == x.shape
-    assert torch.equal(y, reference.gaussian_noise(x, sigma, key, channels, inner, mode))
-    gx, gs = ops.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)
-    rx, rs = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)
-    assert gx.dtype == dtype and torch.equal(gx, rx)
-    # ∂L/∂σ: both sum in double, in different orders
-    assert gs.dtype == sigma.dtype and gs.shape == sigma.shape
-    if dtype == torch.float64:
-        terms = grad_y.abs().sum() * 6  # |ε| < 6: a bound on Σ|g ε x| / |x| scale
-        torch.testing.assert_close(gs, rs, rtol=1e-12, atol=1e-14 * max(1.0, terms.item()))
-    else:
-        gold = reference.gaussian_noise_backward(grad_y.double(), x.double(), sigma.double(), key, channels, inner,
-                                                 mode, False, True)[1]
-        if gold.numel():
-            assert_low_precision_parity(gs, rs, gold)
-
-
-@needs_ext
-def test_need_flags_and_empty_results():
-    x, grad_y, sigma, channels, inner = make((6, 4, 3), "unit", torch.float32)
-    for mode in MODES:
-        for need_x in (False, True):
-            for need_sigma in (False, True):
-                gx, gs = ops.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, mode, need_x,
-                                                          need_sigma)
-                assert gx.shape == (x.shape if need_x else (0,))
-                assert gs.shape == (sigma.shape if need_sigma else (0,))
-    # additive mode reads x only for its shape: grad_y in its place gives the same gradients
-    a = ops.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, "additive", True, True)
-    b = ops.gaussian_noise_backward(grad_y, grad_y, sigma, 5, channels, inner, "additive", True, True)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
-
-
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_opcheck(dtype):
-    for shape, per in [((5, 3, 2), "unit"), ((7,), "layer")]:
-        x, grad_y, sigma, channels, inner = make(shape, per, dtype)
-        for mode in MODES:
-            torch.library.opcheck(torch.ops.t1t2.gaussian_noise.default, (x, sigma, 3, channels, inner, mode))
-            if dtype != torch.bfloat16:  # autograd registration, with inputs that require grad
-                args = (x.clone().requires_grad_(), sigma.clone().requires_grad_(), 3, channels, inner, mode)
-                torch.library.opcheck(torch.ops.t1t2.gaussian_noise.default, args)
-            for flags in ((True, True), (False, True), (True, False)):
-                torch.library.opcheck(torch.ops.t1t2.gaussian_noise_backward.default,
-                                      (grad_y, x, sigma, 3, channels, inner, mode, *flags))
-
-
-@needs_ext
-@pytest.mark.parametrize("call, match", [
-    (lambda x, s: (x.t(), s, 4, 1, "additive"), "must be contiguous"),
-    (lambda x, s: (x, s.double(), 4, 1, "additive"), "sigma has dtype Double, expected Float"),
-    (lambda x, s: (x, s[:2], 4, 1, "additive"), "sigma has 2 elements"),
-    (lambda x, s: (x, torch.rand(5), 5, 1, "additive"), r"channels·inner = 5·1 = 5 does not divide the 24 elements"),
-    (lambda x, s: (x, s, 4, 0, "additive"), "inner must be >= 1"),
-    (lambda x, s: (x, s, 4, 1, "gaussian"), "unknown mode 'gaussian'"),
-    (lambda x, s: (x.int(), s, 4, 1, "additive"), "x must be float64, float32, bfloat16 or float16, got Int"),
-])
-def test_clear_errors(call, match):
-    x, s = torch.randn(6, 4), torch.rand(4)
-    xs, ss, channels, inner, mode = call(x, s)
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.t1t2.gaussian_noise(xs, ss, 0, channels, inner, mode)
-
-
-@needs_ext
-def test_backward_errors():
-    x, s = torch.randn(6, 4), torch.rand(4)
-    with pytest.raises(RuntimeError, match=r"grad_y has shape \[6, 3\] but x has shape \[6, 4\]"):
-        torch.ops.t1t2.gaussian_noise_backward(torch.randn(6, 3), x, s, 0, 4, 1, "additive", True, True)
-    with pytest.raises(RuntimeError, match="grad_y has dtype Double but x has dtype Float"):
-        torch.ops.t1t2.gaussian_noise_backward(x.double(), x, s, 0, 4, 1, "additive", True, True)
-
-
-@needs_ext
-def test_deterministic_for_any_thread_count_and_both_cpu_copies(monkeypatch):
-    x, grad_y, sigma, channels, inner = make((64, 8, 33, 31), "unit", torch.float32, seed=3)
-    before = torch.get_num_threads()
-    capabilities = ["default", "avx2"] if torch.ops.t1t2.cpu_capability() == "avx2" else ["default"]
-    out = []
-    try:
-        for capability in capabilities:
-            monkeypatch.setenv("T1T2_CPU_CAPABILITY", capability)
-            for threads in (1, 2, 1):
-                torch.set_num_threads(threads)
-                for mode in MODES:
-                    out.append((mode, ops.gaussian_noise(x, sigma, 9, channels, inner, mode),
-                                *ops.gaussian_noise_backward(grad_y, x, sigma, 9, channels, inner, mode, True,
-                                                                  True)))
-    finally:
-        torch.set_num_threads(before)
-    for mode in MODES:
-        runs = [r[1:] for r in out if r[0] == mode]
-        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
-
 
 # ---------------------------------------------------------------------------------------------
 # The differentiable op: regenerated ε against a stored ε
@@ -189,7 +67,6 @@ def loss_of(y, w):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape, per", [((9, 4, 5, 3), "unit"), ((37, 6), "unit"), ((300,), "layer")], ids=str)
 def test_backward_matches_autograd_through_stored_eps(shape, per, mode, backend):
-    need_backend(backend)
     x, _, sigma, channels, inner = make(shape, per, torch.float64, seed=4)
     w = torch.randn(shape, dtype=torch.float64)
     key = rng.noise_key(1, 2, 3)
@@ -204,7 +81,6 @@ def test_backward_matches_autograd_through_stored_eps(shape, per, mode, backend)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_sigma_gradient_matches_finite_differences(mode, backend):
-    need_backend(backend)
     x, _, sigma, channels, inner = make((5, 3, 7), "unit", torch.float64, seed=5)
     w = torch.randn(x.shape, dtype=torch.float64)
 
@@ -226,7 +102,6 @@ def test_sigma_gradient_matches_finite_differences(mode, backend):
 def test_double_backward_matches_stored_eps(mode, backend):
     """∂L/∂σ and ∂L/∂x built with create_graph are differentiable again (w.r.t. x, σ and upstream
     parameters), and agree with plain autograd through a stored ε."""
-    need_backend(backend)
     x, _, sigma, channels, inner = make((6, 4, 5), "unit", torch.float64, seed=6)
     w = torch.randn(x.shape, dtype=torch.float64)
     v = torch.randn(channels, dtype=torch.float64)
@@ -246,7 +121,6 @@ def test_double_backward_matches_stored_eps(mode, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(dtype, backend):
-    need_backend(backend)
     x, grad_y, sigma, channels, inner = make((8, 3, 4, 4), "unit", dtype, seed=7)
     xl, sl = x.clone().requires_grad_(), sigma.clone().requires_grad_()
     y = gaussian_noise(xl, sl, 5, channels, inner, "multiplicative", backend)
@@ -299,7 +173,6 @@ def test_unit_noise_checks_the_feature_dim():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_identity_in_eval_mode_inside_no_noise_and_at_zero_std(backend):
-    need_backend(backend)
     m = t1t2.GaussianNoise(0.5, backend=backend)
     x = torch.randn(4, 5)
     assert not torch.equal(m(x), x)
@@ -333,7 +206,6 @@ def test_identity_in_eval_mode_inside_no_noise_and_at_zero_std(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replay_with_seed_and_step(backend):
-    need_backend(backend)
     m = t1t2.GaussianNoise(0.3, per="unit", num_features=6, backend=backend)
     x = torch.randn(5, 6, 4)
     m.seed, m.step = 123, 7
@@ -367,7 +239,6 @@ def test_seedless_noise_follows_torch_manual_seed():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_recorded_sigma_grad_sums_the_forwards_since_reset(mode, backend):
-    need_backend(backend)
     torch.manual_seed(0)
     m = t1t2.GaussianNoise([0.2, 0.3, 0.4], per="unit", num_features=3, mode=mode, backend=backend).double()
     lin = nn.Linear(3, 3).double()
@@ -399,7 +270,6 @@ def test_recorded_sigma_grad_is_differentiable_wrt_parameters(mode, backend):
     """loss.backward(create_graph=True) leaves ∂L/∂σ differentiable: autograd.grad of (∂L/∂σ · u)
     w.r.t. the model's parameters works and matches the stored-ε autograd reference (the mixed
     second derivative the exact noise hypergradient needs)."""
-    need_backend(backend)
     torch.manual_seed(1)
     noise = t1t2.GaussianNoise(0.2, per="unit", num_features=5, mode=mode, backend=backend).double()
     model = nn.Sequential(nn.Linear(4, 5), noise, nn.Tanh(), nn.Linear(5, 2)).double()
@@ -427,7 +297,6 @@ def test_recorded_sigma_grad_is_differentiable_wrt_parameters(mode, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_on_low_precision_and_empty_inputs(backend):
-    need_backend(backend)
     m = t1t2.GaussianNoise(0.1, per="unit", num_features=3, backend=backend).record_grad(True)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.randn(4, 3, 5, 5).to(dtype).requires_grad_()
@@ -478,15 +347,9 @@ def test_reference_fallback_without_the_extension():
 # ---------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU; the sources are compile-checked in test_cuda_compile.py)
 # ---------------------------------------------------------------------------------------------
-def cuda_kernels_built():
-    return (_extension.AVAILABLE and torch.cuda.is_available()
-            and torch._C._dispatch_has_kernel_for_dispatch_key("t1t2::gaussian_noise", "CUDA"))
 
 
-needs_cuda = pytest.mark.skipif(not cuda_kernels_built(), reason="no GPU, or an extension built without CUDA kernels")
-
-
-@needs_cuda
+@needs_cuda_kernels
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_cuda_op_gives_the_cpu_bits(dtype, mode):
@@ -505,7 +368,7 @@ def test_cuda_op_gives_the_cpu_bits(dtype, mode):
         assert torch.equal(reference.gaussian_noise(xd, sd, key, channels, inner, mode).cpu(), cpu[0])
 
 
-@needs_cuda
+@needs_cuda_kernels
 def test_cuda_opcheck_and_module():
     x, grad_y, sigma, channels, inner = make((5, 3, 2), "unit", torch.float32)
     x, grad_y, sigma = x.cuda(), grad_y.cuda(), sigma.cuda()

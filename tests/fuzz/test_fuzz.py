@@ -1,4 +1,4 @@
-"""Fuzzed inputs (issue 8, reliability): every registered op, compiled (torch.ops.t1t2, CPU) and Triton
+"""Fuzzed inputs (reliability): every registered op, compiled (torch.ops.t1t2, CPU) and Triton
 (torch.ops.t1t2_triton, under TRITON_INTERPRET=1 without a GPU), on random shapes (0-size,
 1-element, 0-d, long enough to cross the kernels' block and chunk boundaries), dtypes, granularities,
 layouts (offset, transposed, strided, 4096-strided, stride-0, huge strides on size-1 dims) and values
@@ -13,19 +13,19 @@ the same bits in both.
 How results are compared (the parity tests' tolerances, scaled to the values' magnitudes):
 - element-wise results (perturb_, restore_, gaussian_noise, ∂L/∂x, the T1 step) have the same
   NaN and ±inf places as the reference; perturb_, restore_ and the noise ops are bit-exact (the
-  same roundings in the same order); the T1 step uses tests/problems.py's bounds on the finite
+  same roundings in the same order); the T1 step uses tests/support/problems.py's bounds on the finite
   elements.
 - sums (penalty_segment_dot, penalty_hypergrad, ∂L/∂σ) are compared with the reference computed in
   float64 on the same terms (the kernels accumulate in float64; the float32 reference would
   overflow or lose digits where they do not), with rtol 1e-12 (float64 results) or one float32
-  ulp (test_ops.py) and atol 1e-14·Σ|terms| (test_noise.py's ∂L/∂σ check): an absolute atol means
+  ulp (tests/ops/test_segment_dot.py) and atol 1e-14·Σ|terms| (tests/noise/test_noise.py's ∂L/∂σ check): an absolute atol means
   nothing for values from 1e-308 to 1e308. A group whose finite terms' magnitudes add up past the
   float64 maximum is not compared: its partial sums overflow to ±inf (or inf − inf = NaN) in some
   summation orders and not in others, so the op's fixed order and torch.sum's legitimately
   disagree.
 
 Run a longer fuzz with T1T2_FUZZ_EXAMPLES=k (k times each test's examples; default 1):
-    T1T2_FUZZ_EXAMPLES=50 python -m pytest -q tests/test_fuzz.py
+    T1T2_FUZZ_EXAMPLES=50 python -m pytest -q tests/fuzz
 Runs are derandomized: the same examples on every run and machine.
 """
 from __future__ import annotations
@@ -38,21 +38,23 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (as conftest.py)
-
 pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e '.[test]')")
 from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from t1t2_fast import _extension, reference  # noqa: E402
+from t1t2_fast import reference  # noqa: E402
 from t1t2_fast import triton_kernels  # noqa: E402
 from t1t2_fast.rng import philox_randn  # noqa: E402
 
-if _extension.AVAILABLE:
+from conftest import (HAS_CUDA_KERNELS, HAS_EXT, TOL, TRITON_DEVICE, needs_cuda_kernels, needs_ext,  # noqa: E402
+                      needs_triton)
+from problems import MUTATED, OPTIMIZERS  # noqa: E402
+
+if HAS_EXT:
     import t1t2_fast.ops  # noqa: E402,F401  (registers the compiled ops' fake impls: meta tensors, tracing)
 
-from problems import FLOAT64_TOL, MUTATED, OPTIMIZERS  # noqa: E402
+
+FLOAT64_TOL = TOL["t1_step"][torch.float64]
 
 SCALE = int(os.environ.get("T1T2_FUZZ_EXAMPLES", "1"))
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -89,30 +91,38 @@ class Impl:
         return [None]
 
 
-def _cuda_kernels_built() -> bool:
-    return _extension.AVAILABLE and torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "t1t2::penalty_segment_dot", "CUDA")
-
-
 CPP = Impl("cpp", "cpu")
 CPP_CUDA = Impl("cpp", "cuda")
-TRITON = Impl("triton", "cuda" if torch.cuda.is_available() else "cpu")
-needs_ext = pytest.mark.skipif(not _extension.AVAILABLE, reason=f"compiled extension not built ({_extension.LOAD_ERROR})")
-needs_cuda_ext = pytest.mark.skipif(not _cuda_kernels_built(), reason="no GPU or no CUDA kernels in this build")
-needs_triton = pytest.mark.skipif(not triton_kernels.available(),
-                                  reason=f"triton is not importable ({triton_kernels.unavailable_reason()})")
+TRITON = Impl("triton", TRITON_DEVICE)
+IMPL_MARKS = {CPP: needs_ext, CPP_CUDA: needs_cuda_kernels, TRITON: needs_triton}
 
 
 def impls(cuda=False):
     """pytest params of the implementations that can run here (cuda: the compiled CUDA ops too)."""
     out = []
-    if _extension.AVAILABLE:
+    if HAS_EXT:
         out.append(pytest.param(CPP, id="cpp"))
-    if cuda and _cuda_kernels_built():
+    if cuda and HAS_CUDA_KERNELS:
         out.append(pytest.param(CPP_CUDA, id="cpp-cuda"))
     if triton_kernels.available():
         out.append(pytest.param(TRITON, id="triton"))
     return out
+
+
+def fuzzed(plan):
+    """pytest params (impl, examples, max_numel, long_sizes) of one op's fuzz test: every implementation,
+    each skipped where it cannot run, with its own budget (the interpreter is slow: smaller cases)."""
+    return [pytest.param(impl, *plan[impl], id=name, marks=IMPL_MARKS[impl])
+            for impl, name in ((CPP, "cpp"), (CPP_CUDA, "cuda"), (TRITON, "triton"))]
+
+
+def run_fuzz(check, cases, impl, examples, max_numel, long_sizes, explicit=(), **case_kwargs):
+    """check(impl, case) on ``examples`` × T1T2_FUZZ_EXAMPLES drawn cases (and the explicit ones)."""
+    def body(case):
+        check(impl, case)
+    for case in explicit:
+        body = example(case=case)(body)
+    fuzz(examples)(given(case=cases(max_numel=max_numel, long_sizes=long_sizes, **case_kwargs))(body))()
 
 
 @contextlib.contextmanager
@@ -314,12 +324,12 @@ def group_terms(terms: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 # Sums against float64 sums of the same terms (the kernels accumulate in float64, in another order):
-# rtol as test_ops.py (float64) and test_low_precision_accumulates_in_double (one float32 ulp), atol
-# as test_noise.py's float64 ∂L/∂σ check, 1e-14·Σ|terms|, without its floor of 1e-14 (values here go
-# down to subnormals); plus the rounding of a result below the result dtype's normal range (one
+# rtol as tests/ops/test_segment_dot.py (float64) and its test_low_precision_accumulates_in_double (one
+# float32 ulp), atol as tests/noise/test_noise_ops.py's float64 ∂L/∂σ check, 1e-14·Σ|terms|, without
+# its floor of 1e-14 (values here go down to subnormals); plus the rounding of a result below the result dtype's normal range (one
 # subnormal step) and of n float64 products that underflow (half a float64 subnormal step each).
-SUM_RTOL = {torch.float64: 1e-12, torch.float32: 2.0**-23}
-SUM_ATOL_PER_MAGNITUDE = 1e-14
+SUM_RTOL = TOL["fuzz_sum_rtol"]
+SUM_ATOL_PER_MAGNITUDE = TOL["fuzz_sum_atol_per_magnitude"]
 
 
 def assert_sums_close(got: torch.Tensor, terms: torch.Tensor, scale: float = 1.0, what=""):
@@ -415,25 +425,10 @@ def check_segment_dot(impl: Impl, case):
                           group_terms(terms.reshape(-1), groups), what="reference")
 
 
-@needs_ext
-@fuzz(150)
-@given(case=segment_dot_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_segment_dot_cpp(case):
-    check_segment_dot(CPP, case)
-
-
-@needs_cuda_ext
-@fuzz(60)
-@given(case=segment_dot_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_segment_dot_cuda(case):
-    check_segment_dot(CPP_CUDA, case)
-
-
-@needs_triton
-@fuzz(60)
-@given(case=segment_dot_cases(max_numel=300, long_sizes=TRITON_LONG_SIZES))
-def test_segment_dot_triton(case):
-    check_segment_dot(TRITON, case)
+@pytest.mark.parametrize("impl, examples, max_numel, long_sizes", fuzzed({
+    CPP: (150, 2000, LONG_SIZES), CPP_CUDA: (60, 2000, LONG_SIZES), TRITON: (60, 300, TRITON_LONG_SIZES)}))
+def test_segment_dot(impl, examples, max_numel, long_sizes):
+    run_fuzz(check_segment_dot, segment_dot_cases, impl, examples, max_numel, long_sizes)
 
 
 @pytest.mark.parametrize("fault", SEGMENT_DOT_FAULTS)
@@ -541,31 +536,19 @@ def check_penalty_hypergrad(impl: Impl, case):
         at += groups
 
 
-@needs_ext
-@fuzz(120)
-@given(case=hypergrad_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_penalty_hypergrad_cpp(case):
-    check_penalty_hypergrad(CPP, case)
+# Found by this test through Triton (at 3× the examples): jac_scalar = inf, groups of 5 (tiles of 8
+# columns), all terms +inf; the kernel summed the masked-off lanes, inf·0 = NaN, and returned NaN.
+INFINITE_JAC_SCALAR = dict(dtype=torch.float32, shapes=[(), (4, 5, 6)], jac=[False, False],
+                           segments=[(1, 0, 1), (1, 0, 24)], fault=None, fault_at=0, layouts=["contiguous"] * 6,
+                           bad_layout="transposed", specs=[(("normal",), 0, True)] * 3,
+                           jac_scalar=[0.05, math.inf], lr=0.05)
 
 
-@needs_cuda_ext
-@fuzz(60)
-@given(case=hypergrad_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_penalty_hypergrad_cuda(case):
-    check_penalty_hypergrad(CPP_CUDA, case)
-
-
-@needs_triton
-@fuzz(60)
-@given(case=hypergrad_cases(max_numel=300, long_sizes=TRITON_LONG_SIZES))
-# Found by this test (at 3× the examples): jac_scalar = inf, groups of 5 (tiles of 8 columns), all
-# terms +inf; the kernel summed the masked-off lanes, inf·0 = NaN, and returned NaN.
-@example(case=dict(dtype=torch.float32, shapes=[(), (4, 5, 6)], jac=[False, False],
-                   segments=[(1, 0, 1), (1, 0, 24)], fault=None, fault_at=0, layouts=["contiguous"] * 6,
-                   bad_layout="transposed", specs=[(("normal",), 0, True)] * 3, jac_scalar=[0.05, math.inf],
-                   lr=0.05))
-def test_penalty_hypergrad_triton(case):
-    check_penalty_hypergrad(TRITON, case)
+@pytest.mark.parametrize("impl, examples, max_numel, long_sizes", fuzzed({
+    CPP: (120, 2000, LONG_SIZES), CPP_CUDA: (60, 2000, LONG_SIZES), TRITON: (60, 300, TRITON_LONG_SIZES)}))
+def test_penalty_hypergrad(impl, examples, max_numel, long_sizes):
+    run_fuzz(check_penalty_hypergrad, hypergrad_cases, impl, examples, max_numel, long_sizes,
+             explicit=[INFINITE_JAC_SCALAR] if impl is TRITON else [])
 
 
 @pytest.mark.parametrize("fault", HYPERGRAD_FAULTS)
@@ -674,25 +657,10 @@ def check_perturb(impl: Impl, case):
         assert_same_bits(ps, original, "restore_ puts θ back bit-exactly")
 
 
-@needs_ext
-@fuzz(120)
-@given(case=perturb_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_perturb_restore_cpp(case):
-    check_perturb(CPP, case)
-
-
-@needs_cuda_ext
-@fuzz(60)
-@given(case=perturb_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_perturb_restore_cuda(case):
-    check_perturb(CPP_CUDA, case)
-
-
-@needs_triton
-@fuzz(60)
-@given(case=perturb_cases(max_numel=300, long_sizes=TRITON_LONG_SIZES))
-def test_perturb_restore_triton(case):
-    check_perturb(TRITON, case)
+@pytest.mark.parametrize("impl, examples, max_numel, long_sizes", fuzzed({
+    CPP: (120, 2000, LONG_SIZES), CPP_CUDA: (60, 2000, LONG_SIZES), TRITON: (60, 300, TRITON_LONG_SIZES)}))
+def test_perturb_restore(impl, examples, max_numel, long_sizes):
+    run_fuzz(check_perturb, perturb_cases, impl, examples, max_numel, long_sizes)
 
 
 @pytest.mark.parametrize("fault", PERTURB_FAULTS)
@@ -803,25 +771,10 @@ def check_noise(impl: Impl, case):
     assert_sums_close(gs, terms.transpose(0, 1).reshape(channels, -1), what="∂L/∂σ")
 
 
-@needs_ext
-@fuzz(100)
-@given(case=noise_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_noise_cpp(case):
-    check_noise(CPP, case)
-
-
-@needs_cuda_ext
-@fuzz(60)
-@given(case=noise_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_noise_cuda(case):
-    check_noise(CPP_CUDA, case)
-
-
-@needs_triton
-@fuzz(60)
-@given(case=noise_cases(max_numel=300, long_sizes=TRITON_LONG_SIZES))
-def test_noise_triton(case):
-    check_noise(TRITON, case)
+@pytest.mark.parametrize("impl, examples, max_numel, long_sizes", fuzzed({
+    CPP: (100, 2000, LONG_SIZES), CPP_CUDA: (60, 2000, LONG_SIZES), TRITON: (60, 300, TRITON_LONG_SIZES)}))
+def test_noise(impl, examples, max_numel, long_sizes):
+    run_fuzz(check_noise, noise_cases, impl, examples, max_numel, long_sizes)
 
 
 @pytest.mark.parametrize("fault", NOISE_FAULTS)
@@ -945,7 +898,7 @@ def t1_operand_scale(k, i, args, gold):
 
 
 def assert_t1_matches_reference(ours, args, dtype):
-    """tests/problems.py's assert_t1_parity, NaN/inf-aware: every in-place result has the reference's
+    """tests/support/problems.py's assert_t1_parity, NaN/inf-aware: every in-place result has the reference's
     NaN and ±inf places; float64 then agrees to rounding (FLOAT64_TOL); low precision: on the elements
     where the fused result, the reference in that precision and the reference in float64 are all
     finite, the fused error against float64 is at most twice the reference's own plus 4 ulps of the
@@ -1018,27 +971,13 @@ def check_t1_step(impl: Impl, case):
     assert_t1_matches_reference(ours, args, dtype)
 
 
-@needs_ext
-@fuzz(120)
-@given(case=t1_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_t1_step_cpp(case):
-    check_t1_step(CPP, case)
-
-
-@needs_cuda_ext
-@fuzz(60)
-@given(case=t1_cases(max_numel=2000, long_sizes=LONG_SIZES))
-def test_t1_step_cuda(case):
-    check_t1_step(CPP_CUDA, case)
-
-
-# Interpreted, the Triton T1 step reads bfloat16 subnormals as 0 (test_triton_t1_step_bf16_subnormals).
-@needs_triton
-@fuzz(60)
-@given(case=t1_cases(max_numel=300, long_sizes=TRITON_LONG_SIZES,
-                     bf16_subnormals=not triton_kernels.interpreting()))
-def test_t1_step_triton(case):
-    check_t1_step(TRITON, case)
+# Interpreted, the Triton T1 step reads bfloat16 subnormals as 0 (test_triton_t1_step_bf16_subnormals):
+# its cases leave them out there.
+@pytest.mark.parametrize("impl, examples, max_numel, long_sizes", fuzzed({
+    CPP: (120, 2000, LONG_SIZES), CPP_CUDA: (60, 2000, LONG_SIZES), TRITON: (60, 300, TRITON_LONG_SIZES)}))
+def test_t1_step(impl, examples, max_numel, long_sizes):
+    subnormals = {} if impl is not TRITON else dict(bf16_subnormals=not triton_kernels.interpreting())
+    run_fuzz(check_t1_step, t1_cases, impl, examples, max_numel, long_sizes, **subnormals)
 
 
 @pytest.mark.parametrize("fault", T1_FAULTS)

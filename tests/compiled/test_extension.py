@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import CUDA_OPS, has_cuda_kernel, needs_gpu
+
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
@@ -66,3 +68,11 @@ def test_loaded_extension_registers_ops_without_warning():
         import pytest
         pytest.skip(f"compiled extension not built ({out})")
     assert out == "ok"
+
+
+@needs_gpu
+def test_cuda_kernels_built():
+    """On a machine with a GPU the extension must carry the CUDA kernels of every compiled op."""
+    missing = [op for op in CUDA_OPS if not has_cuda_kernel(op)]
+    assert not missing, (f"torch.ops.t1t2 has no CUDA kernel for {missing}: rebuild with "
+                         f"`T1T2_CUDA=1 pip install --no-build-isolation -e .` (needs nvcc and a CUDA torch)")

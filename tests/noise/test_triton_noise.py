@@ -1,33 +1,25 @@
-"""The Triton noise ops (t1t2_fast/triton_kernels/noise.py) against their reference twins, the C++
-ops and the PyTorch twin of the generator: the same ε bit for bit, y and ∂L/∂x bit for bit, ∂L/∂σ
-to float64 summation order, determinism, autograd, opcheck, errors. Without a GPU the kernels run
+"""What only the Triton noise ops (t1t2_fast/triton_kernels/noise.py) have: the generator as a Triton
+device function against its PyTorch twin, autograd and double backward through the triton_op,
+torch.compile, tracing and PTX compilation without the interpreter, the σ-reduction plan. Their
+parity with the twins and the C++ ops, need flags, determinism, opcheck and errors are in
+test_noise_ops.py, parametrized over the backends. Without a GPU the kernels run
 on CPU tensors under TRITON_INTERPRET=1 (sizes kept small: the interpreter is slow)."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors through the interpreter
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install t1t2_fast[triton])")
 
 import triton.language as tl  # noqa: E402
 
-from t1t2_fast import _extension, reference, rng  # noqa: E402
+from t1t2_fast import reference, rng  # noqa: E402
 from t1t2_fast.triton_kernels import noise  # noqa: E402
 from t1t2_fast.triton_kernels.noise import _randn  # noqa: E402
-from test_triton_t2 import run_without_interpreter  # noqa: E402  (tests/ is on sys.path under pytest)
+from conftest import TRITON_DEVICE as DEVICE, needs_triton  # noqa: E402
+from runner import run_without_interpreter  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = needs_triton
 T = torch.ops.t1t2_triton
 MODES = ["additive", "multiplicative"]
-DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-# (shape, per) as in test_noise.py: DESIGN.md §5 sizes with one σ, per-unit (N, F) and (N, C, H, W)
-# layouts, rows wider than a tile, channels straddling tiles.
-LAYOUTS = [((0,), "layer"), ((1,), "layer"), ((7,), "layer"), ((1023,), "layer"), ((1025,), "layer"),
-           ((65537,), "layer"), ((0, 5), "unit"), ((7, 3), "unit"), ((33, 31), "unit"), ((40, 2000), "unit"),
-           ((2, 3, 4, 5), "unit"), ((3, 4, 17, 19), "unit"), ((2, 3, 1000), "unit"), ((1, 5, 64, 64), "unit")]
-SMALL_LAYOUTS = [lay for lay in LAYOUTS if torch.Size(lay[0]).numel() <= 5000]
 SEEDS = [0, 1, 12345, 2**32 - 1, 2**32 + 7, 2**63 - 1, -1, -(2**63), rng.noise_key(3, 1, 4)]
 
 
@@ -44,12 +36,6 @@ def make(shape, per, dtype, seed=0):
     grad_y = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     sigma = (torch.rand(channels, generator=g, dtype=torch.float64) + 0.1).to(reference.accumulate_dtype(dtype))
     return x.to(DEVICE), grad_y.to(DEVICE), sigma.to(DEVICE), channels, inner
-
-
-def sigma_terms(grad_y, x, mode):
-    """Σ|terms| of ∂L/∂σ per channel's scale (|ε| < 6): the size float64 summation error is relative to."""
-    g = grad_y.double().abs()
-    return 6 * (g if mode == "additive" else g * x.double().abs()).sum().item()
 
 
 @triton.jit
@@ -74,66 +60,6 @@ def test_eps_is_the_generator_twin_bit_for_bit():
         out = torch.empty(offsets.numel(), device=DEVICE)
         _draw[(1,)](offsets.to(DEVICE), out, seed, offsets.numel(), BLOCK=512)
         assert torch.equal(out.cpu(), rng.philox_randn(seed, offsets)), seed
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_matches_reference_and_cpp(dtype):
-    """y and ∂L/∂x: the same ε and roundings → the twins' bits in every dtype. ∂L/∂σ: float64 sums
-    in another order → float32 within one ulp of the C++ op, float64 within summation error."""
-    layouts = LAYOUTS if dtype == torch.float32 else SMALL_LAYOUTS
-    for shape, per in layouts:
-        x, grad_y, sigma, channels, inner = make(shape, per, dtype)
-        key = rng.noise_key(11, len(shape))
-        for mode in MODES:
-            y = T.gaussian_noise(x, sigma, key, channels, inner, mode)
-            assert y.dtype == dtype and y.shape == x.shape
-            assert torch.equal(y, reference.gaussian_noise(x, sigma, key, channels, inner, mode)), (shape, mode)
-            gx, gs = T.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)
-            rx, rs = reference.gaussian_noise_backward(grad_y, x, sigma, key, channels, inner, mode, True, True)
-            assert gx.dtype == dtype and torch.equal(gx, rx), (shape, mode)
-            assert gs.dtype == sigma.dtype and gs.shape == sigma.shape
-            scale = sigma_terms(grad_y, x, mode)
-            torch.testing.assert_close(gs.double(), rs.double(), rtol=1e-6 if dtype != torch.float64 else 1e-12,
-                                       atol=1e-14 * max(1.0, scale))
-            if _extension.AVAILABLE:
-                from t1t2_fast import ops
-                cpu = [t.cpu() for t in (x, grad_y, sigma)]
-                assert torch.equal(y.cpu(), ops.gaussian_noise(cpu[0], cpu[2], key, channels, inner, mode))
-                cx, cs = ops.gaussian_noise_backward(cpu[1], cpu[0], cpu[2], key, channels, inner, mode, True, True)
-                assert torch.equal(gx.cpu(), cx)
-                if dtype == torch.float64:
-                    torch.testing.assert_close(gs.cpu(), cs, rtol=1e-12, atol=1e-15 * max(1.0, scale))
-                else:
-                    torch.testing.assert_close(gs.cpu(), cs, rtol=2.0 ** -23, atol=1e-12 * max(1.0, scale))
-
-
-def test_need_flags_and_empty_results():
-    x, grad_y, sigma, channels, inner = make((6, 4, 3), "unit", torch.float32)
-    full = {mode: T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, mode, True, True) for mode in MODES}
-    for mode in MODES:
-        for need_x in (False, True):
-            for need_sigma in (False, True):
-                gx, gs = T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, mode, need_x, need_sigma)
-                assert gx.shape == (x.shape if need_x else (0,)) and gs.shape == (sigma.shape if need_sigma else (0,))
-                # the multiplicative ∂L/∂x alone (one launch) equals the one fused into the ∂L/∂σ pass
-                assert not need_x or torch.equal(gx, full[mode][0])
-                assert not need_sigma or torch.equal(gs, full[mode][1])
-    # additive mode reads x only for its shape
-    a = T.gaussian_noise_backward(grad_y, x, sigma, 5, channels, inner, "additive", True, True)
-    b = T.gaussian_noise_backward(grad_y, grad_y, sigma, 5, channels, inner, "additive", True, True)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
-    e = torch.empty(0, 3, 2, device=DEVICE)
-    gx, gs = T.gaussian_noise_backward(e, e, sigma[:3], 5, 3, 2, "multiplicative", True, True)
-    assert gx.shape == e.shape and torch.equal(gs, torch.zeros(3, device=DEVICE))
-
-
-def test_deterministic():
-    """Fixed tiles and order: two runs give the same bits, ∂L/∂σ included."""
-    for shape, per in (((64, 8, 5, 7), "unit"), ((40000,), "layer")):
-        x, grad_y, sigma, channels, inner = make(shape, per, torch.float32, seed=3)
-        runs = [T.gaussian_noise_backward(grad_y, x, sigma, 9, channels, inner, "multiplicative", True, True)
-                for _ in range(2)]
-        assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
 def stored_eps(x, sigma, key, channels, inner, mode):
@@ -161,45 +87,6 @@ def test_autograd_and_double_backward_match_stored_eps(mode):
     for create_graph in (False, True):
         for a, b in zip(grads(ours, create_graph), grads(want, create_graph)):
             torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
-
-
-def test_opcheck():
-    for dtype in (torch.float32, torch.bfloat16):
-        x, grad_y, sigma, channels, inner = make((5, 3, 2), "unit", dtype)
-        for mode in MODES:
-            torch.library.opcheck(T.gaussian_noise.default, (x, sigma, 3, channels, inner, mode))
-            if dtype == torch.float32:
-                args = (x.clone().requires_grad_(), sigma.clone().requires_grad_(), 3, channels, inner, mode)
-                torch.library.opcheck(T.gaussian_noise.default, args)
-            for flags in ((True, True), (True, False)):
-                torch.library.opcheck(T.gaussian_noise_backward.default,
-                                      (grad_y, x, sigma, 3, channels, inner, mode, *flags))
-
-
-@pytest.mark.parametrize("call, match", [
-    (lambda x, s: (x.t(), s, 4, 1, "additive"), "must be contiguous"),
-    (lambda x, s: (x, s.double(), 4, 1, "additive"), "sigma has dtype torch.float64, expected torch.float32"),
-    (lambda x, s: (x, s[:2], 4, 1, "additive"), "sigma has 2 elements"),
-    (lambda x, s: (x, torch.rand(5, device=x.device), 5, 1, "additive"),
-     r"channels·inner = 5·1 = 5 does not divide the 24 elements"),
-    (lambda x, s: (x, s, 4, 0, "additive"), "inner must be >= 1"),
-    (lambda x, s: (x, s, 0, 1, "additive"), "channels must be >= 1"),
-    (lambda x, s: (x, s, 4, 1, "gaussian"), "unknown mode 'gaussian'"),
-    (lambda x, s: (x.int(), s, 4, 1, "additive"), "x must be float64, float32, bfloat16 or float16, got torch.int32"),
-])
-def test_clear_errors(call, match):
-    x, s = torch.randn(6, 4, device=DEVICE), torch.rand(4, device=DEVICE)
-    xs, ss, channels, inner, mode = call(x, s)
-    with pytest.raises(RuntimeError, match=match):
-        T.gaussian_noise(xs, ss, 0, channels, inner, mode)
-
-
-def test_backward_errors():
-    x, s = torch.randn(6, 4, device=DEVICE), torch.rand(4, device=DEVICE)
-    with pytest.raises(RuntimeError, match=r"grad_y has shape \[6, 3\] but x has shape \[6, 4\]"):
-        T.gaussian_noise_backward(torch.randn(6, 3, device=DEVICE), x, s, 0, 4, 1, "additive", True, True)
-    with pytest.raises(RuntimeError, match="grad_y has dtype torch.float64 but x has dtype torch.float32"):
-        T.gaussian_noise_backward(x.double(), x, s, 0, 4, 1, "additive", True, True)
 
 
 def test_compiled_call_gives_the_eager_values():

@@ -5,7 +5,6 @@ fresh process also proves the choice comes from the environment), on the same in
 output tensor must be bit-identical: vectorization may not reorder floating-point operations.
 """
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -14,10 +13,9 @@ import torch
 
 from t1t2_fast import _extension
 
-if not _extension.AVAILABLE:
-    pytest.skip(f"compiled extension not built ({_extension.LOAD_ERROR})", allow_module_level=True)
+from conftest import SUPPORT, needs_ext
 
-HERE = pathlib.Path(__file__).parent
+pytestmark = needs_ext
 
 PROBE = r"""
 import sys, torch
@@ -76,7 +74,7 @@ torch.save(out, sys.argv[1])
 def run_probe(tmp_path, capability):
     path = tmp_path / f"{capability}.pt"
     env = dict(os.environ, T1T2_CPU_CAPABILITY=capability)
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(path), str(HERE)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(path), str(SUPPORT)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(path)

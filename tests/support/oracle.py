@@ -1,4 +1,4 @@
-"""Shared helpers for the float64 finite-difference oracle (DESIGN.md §5)."""
+"""Shared helpers for the float64 finite-difference oracle (the hypergradient contract of docs/design.md)."""
 from __future__ import annotations
 
 import copy

@@ -5,14 +5,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from t1t2_fast import _extension, rng
+from t1t2_fast import rng
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, needs_ext
 CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 # Random123's tests/kat_vectors, the philox4x32 lines: rounds, counter, key, expected output.
@@ -123,7 +122,7 @@ def test_cpp_header_matches_twin(tmp_path):
     assert [int(h, 16) for h in out.stdout.split()] == want
 
 
-@pytest.mark.skipif(not _extension.AVAILABLE, reason=f"compiled extension not built ({_extension.LOAD_ERROR})")
+@needs_ext
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_compiled_op_matches_twin(capability, monkeypatch):
     """x = 0, σ = 1, additive: the op returns ε itself; both compiled copies of the generator."""

@@ -1,4 +1,4 @@
-"""Noise hyperparameters in T1T2 against the float64 finite-difference oracle (DESIGN.md §2, §5).
+"""Noise hyperparameters in T1T2 against the float64 finite-difference oracle (docs/design.md).
 
 J(λ) = C2(θ⁺(λ)) is differentiated by a fourth-order central stencil, each point running the real
 T1 step with the same noise sample ε (same seed, step and call index), so it is the exact
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import t1t2_fast as t1t2
+from conftest import backends, needs_ext, needs_triton
 from oracle import OPTIMIZER_CONFIGS, fd_hypergrad, relative_error
-from t1t2_fast import _extension
 
-BACKENDS = ["reference"] + (["cpp"] if _extension.AVAILABLE else [])
+BACKENDS = backends("reference", "cpp")
 
 
 class NoiseProblem:
@@ -145,12 +145,11 @@ def test_sgd_hypergrad_mode_uses_minus_lr(opt_name):
                                    rtol=1e-9, atol=1e-12)
 
 
+@needs_ext
 @pytest.mark.parametrize("noise_mode", ["fd", "exact"])
 def test_reference_and_cpp_agree_on_a_mixed_run(noise_mode):
     """Penalty and noise hyperparameters tuned together for 5 iterations: both backends follow the
     same trajectory (float64, where they differ only by operation order in the fused kernels)."""
-    if "cpp" not in BACKENDS:
-        pytest.skip("compiled extension not built")
     results = []
     for backend in ("reference", "cpp"):
         problem = NoiseProblem()
@@ -280,3 +279,16 @@ def test_bad_noise_mode_is_refused():
         t1t2.T1T2(problem.model, [], noise_hypergrad="central")
     with pytest.raises(ValueError, match="fd_eps"):
         t1t2.T1T2(problem.model, [], fd_eps=0.0)
+
+
+@needs_triton
+def test_noise_hypergrad_matches_finite_differences_through_triton():
+    """The exact noise hypergradient through backend="triton" (momentum) against the oracle."""
+    problem = NoiseProblem()
+    model, opt = warmed_up(problem, steps=1, backend="triton", noise_hypergrad="exact",
+                           **OPTIMIZER_CONFIGS["momentum"])
+    assert all(m.backend == "triton" for m in model.modules() if isinstance(m, t1t2.GaussianNoise))
+    ours, _, _ = hypergrad_of_next_step(problem, model, opt)
+    fd = fd_hypergrad(problem, model, opt, problem.penalties)
+    assert relative_error(ours, fd) <= 1e-6, (ours, fd)
+    assert torch.isfinite(torch.cat([v.reshape(-1) for v in ours.values()])).all()

@@ -9,15 +9,14 @@
 - every torch binding (*ops_cuda.cu) against this torch's headers, where they include c10/cuda (the
   CPU wheels ship them); nothing is linked, since a CPU torch has no CUDA libraries.
 """
-import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-NVCC = shutil.which("nvcc")
+from conftest import NVCC, ROOT, needs_nvcc
+
 CUDA_DIR = ROOT / "csrc" / "cuda"
 # Torch bindings (TORCH_LIBRARY_IMPL blocks, compiled against torch's headers) are the files named
 # *ops_cuda.cu; every other .cu file is a pure CUDA source.
@@ -30,7 +29,6 @@ TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSION
 INCLUDES = ["-I", str(ROOT / "csrc" / "include"), "-I", str(ROOT / "csrc")]
 SKIP_DEVICE_PART = 77  # exit status of test_cuda_kernels without a GPU: host checks passed
 
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 
 
 def run_nvcc(args, cwd=None):

@@ -1,32 +1,28 @@
 """T1-T2 across 2 processes (DDP, gloo, CPU, float64): the same θ and λ as one process, per-rank
-noise, the λ drift check, no hang when a rank fails, and `torchrun ... train` (issue 7).
+noise, the λ drift check, no hang when a rank fails, and `torchrun ... train`.
 
-The rank workers are tests/ddp_cases.py run as subprocesses; that file documents the one-process
+The rank workers are tests/support/ddp_cases.py run as subprocesses; that file documents the one-process
 references (for noise: one process that simulates the two ranks' shards and noise seeds)."""
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import ddp_cases as cases
+from conftest import ROOT, SUPPORT, needs_gloo
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 WORLD = 2
 
 
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(SUPPORT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
@@ -34,7 +30,7 @@ def _spawn(mode, tmp_path, env=None):
     """Start the WORLD rank workers of ``mode``; returns (processes, their output files)."""
     init = tmp_path / "init"  # a FileStore rendezvous: no port to find
     outs = [tmp_path / f"rank{r}.out" for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_cases.py"), mode, str(r), str(WORLD), str(init),
+    procs = [subprocess.Popen([sys.executable, str(SUPPORT / "ddp_cases.py"), mode, str(r), str(WORLD), str(init),
                                str(outs[r])], env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(WORLD)]
     return procs, outs
