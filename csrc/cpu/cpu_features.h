@@ -7,7 +7,7 @@
 //
 // Both copies compute bit-identical results: the loops are written so that vectorizing them never
 // reorders a floating-point operation (reductions keep explicit, fixed lanes), and AVX2 without
-// FMA gives the compiler no fused multiply-add to contract a*b+c into. tests/test_cpu_capability.py
+// FMA gives the compiler no fused multiply-add to contract a*b+c into. tests/compiled/test_cpu_capability.py
 // checks that every op returns the same bits under T1T2_CPU_CAPABILITY=default and =avx2.
 #pragma once
 

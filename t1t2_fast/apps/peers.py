@@ -531,7 +531,7 @@ def check_agreement(optimizers, methods, width: int, steps: int, per: str, seed:
     return out
 
 
-RTOL64 = 1e-8  # float64 parity bound (norm-wise relative), as in tests/test_peers.py
+RTOL64 = 1e-8  # float64 parity bound (norm-wise relative), as in tests/apps/test_peers.py
 
 
 def run_experiment(widths, optimizers, methods, repeats: int, warmup: int = 2, batch: int = 128,

@@ -3,7 +3,7 @@
 arguments, same values, and the same noise: ε_i = randn(key, i) of csrc/include/t1t2/philox.h.
 
 The draw. The Philox4x32-10 words come from ``tl.randint4x(key, i)`` (counter (i lo, i hi, 0, 0),
-key (key lo, key hi)), which tests/test_rng.py checks bit for bit against the twin
+key (key lo, key hi)), which tests/noise/test_rng.py checks bit for bit against the twin
 t1t2_fast/rng.py. The rest is philox.h's, operation for operation: the words → float32 uniforms,
 u1 = max(u1, 1e-7), and Box–Muller with philox.h's float32 log and cos — double polynomials of
 +, −, ×, ÷ only, each correctly rounded, then one rounding to float32 — instead of the backend's
@@ -18,7 +18,7 @@ a block of channels, adds its terms into a float64 [RR, CH, IC] tile (IC ≥ inn
 channel per step, CH channels, RR rows; shape chosen on the host from (channels, inner)), reduces
 it to one partial per channel; stage 2 adds each channel's partials in row-block order. Fixed
 shapes and order: the same bits on every run. The order differs from the C++ op's; measured on
-tests/test_triton_noise.py's layouts, float32/bf16/fp16 ∂L/∂σ still has the C++ op's bits (both
+tests/noise/test_triton_noise.py's layouts, float32/bf16/fp16 ∂L/∂σ still has the C++ op's bits (both
 round a float64 sum once), float64 differs by ≤ 1.4e-17·Σ|terms| (the tests allow one float32 ulp
 and 1e-15·Σ|terms|). ε, y and ∂L/∂x: identical bits in every dtype.
 """
