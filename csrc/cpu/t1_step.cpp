@@ -19,8 +19,6 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per work item; hundreds of small tensors share one call
 
-enum class Optimizer { Sgd, Adam };
-
 // What one tensor needs, as raw pointers in the compute type T (float or double).
 template <typename P, typename T>
 struct TensorJob {
