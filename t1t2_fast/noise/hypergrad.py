@@ -214,7 +214,7 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
                 warnings.warn(f"noise_hypergrad={mode!r} differences two forward/backward passes that run in "
                               f"{', '.join(low)} (autocast or low-precision parameters): with fd_eps={fd_eps:g} "
                               f"the difference is mostly rounding and the noise levels drift. Use "
-                              f"noise_hypergrad='exact', or fd_eps >= 0.1 (README \"Reliability\")", RuntimeWarning,
+                              f"noise_hypergrad='exact', or fd_eps >= 0.1 (docs/reliability.md)", RuntimeWarning,
                               stacklevel=4)
             if mode == "fd":
                 if g0 is None:

@@ -430,20 +430,25 @@ def test_grad_scaler_misuse_is_refused():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_full_run_in_low_precision_parameters(backend, dtype):
     """bf16/fp16 parameters (float32 math in the kernels, state and hypergradients in float32):
-    a run with penalties and noise trains, stays finite and moves the hyperparameters."""
+    a run with penalties and noise trains, stays finite and moves the hyperparameters. "Trains" is
+    the model's fit, measured without noise before and after: with hyper_every=1 the noise levels
+    climb (to 0.3-0.9 here, in every noise_hypergrad mode), so a loss drawn with noise measures them."""
     x, y = _data(seed=1)
     xv, yv = _data(32, seed=5)
     model = _model(dtype=dtype)
     opt = _opt(model, backend, hyper_every=1)
     start = opt.hyperparameters()
-    first = last = None
+
+    def clean_loss():
+        with torch.no_grad(), t1t2.no_noise():
+            return float(F.cross_entropy(model(x.to(dtype)).float(), y))
+
+    first = clean_loss()
     for i in range(60):
         b = slice((16 * i) % 96, (16 * i) % 96 + 16)
-        loss = opt.step(lambda: F.cross_entropy(model(x[b].to(dtype)).float(), y[b]))
-        first = float(loss) if first is None else first
+        opt.step(lambda: F.cross_entropy(model(x[b].to(dtype)).float(), y[b]))
         opt.hyper_step(lambda: F.cross_entropy(model(xv.to(dtype)).float(), yv))
-    with torch.no_grad():
-        last = float(F.cross_entropy(model(x.to(dtype)).float(), y))
+    last = clean_loss()
     assert opt.skipped == {"t1": 0, "t2": 0}
     assert last < 0.8 * first
     assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
