@@ -9,6 +9,7 @@ from t1t2_fast import ops, reference
 
 from conftest import CAN_TRITON, DTYPES, HAS_GPU, TOL, dtype_id, needs_cuda_kernels, needs_ext, op_backends, \
     op_namespace
+from launches import LaunchCounter
 
 if CAN_TRITON:
     from t1t2_fast.triton_kernels import perturb as triton_perturb
@@ -122,17 +123,6 @@ def test_save_and_restore_move_bits_unchanged(impl, dtype):
 def _many(count, high, extra=()):
     g = torch.Generator().manual_seed(1)
     return [(int(n),) for n in torch.randint(1, high, (count,), generator=g)] + list(extra)
-
-
-class LaunchCounter:
-    """Stands in for a kernel object and counts launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 # (shapes, dtype) per implementation: the interpreter gets fewer tensors.

@@ -10,6 +10,7 @@ from t1t2_fast import ops, reference
 
 from conftest import (CAN_TRITON, DTYPES, HAS_GPU, T1_COMPUTE_ULPS, TOL, dtype_id, needs_cuda_kernels, needs_ext,
                       op_backends, op_namespace)
+from launches import LaunchCounter
 from problems import MUTATED, OPTIMIZERS, assert_t1_parity, make_problem, moved
 
 if CAN_TRITON:
@@ -35,17 +36,6 @@ def check(impl, args, dtype, baseline=reference.t1_step_):
     return assert_t1_parity(step_op(impl), args, dtype, device, baseline=baseline,
                             compute_ulps=T1_COMPUTE_ULPS[device],
                             float64_tol=None if cuda_op else TOL["t1_step"][torch.float64])
-
-
-class LaunchCounter:
-    """Stands in for a kernel object and counts launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize("stash", [False, True])
