@@ -93,11 +93,14 @@ def _callback_class():
         ``pl_module.validation_step(batch, i)`` (a tensor or a dict with "loss"; ``i`` counts the
         validation batches used), or ``loss_fn(pl_module, batch)``. With ``log``, the
         hyperparameters go to ``pl_module.log_dict`` after each hyper step (tensor-valued ones as
-        their mean, names prefixed with ``prefix``)."""
+        their mean, names prefixed with ``prefix``). ``train_loss_fn(pl_module, batch)``: the
+        training loss of the batch just trained on, for the noise hyperparameters' replay when the
+        step's own closure cannot be rerun (manual optimization; noise_hypergrad="exact")."""
 
-        def __init__(self, val_dataloader, loss_fn=None, *, log=True, prefix=""):
+        def __init__(self, val_dataloader, loss_fn=None, *, train_loss_fn=None, log=True, prefix=""):
             super().__init__()
             self.val_dataloader, self.loss_fn, self.log, self.prefix = val_dataloader, loss_fn, log, prefix
+            self.train_loss_fn = train_loss_fn
             self._val = _Cycle(val_dataloader)
             self.val_batches = 0  # validation batches used so far (the batch_idx given to validation_step)
 
@@ -114,7 +117,8 @@ def _callback_class():
                     return self.loss_fn(pl_module, vbatch)
                 return validation_loss(pl_module.validation_step(vbatch, index))
 
-            opt.hyper_step(val_closure)
+            train = None if self.train_loss_fn is None else (lambda: self.train_loss_fn(pl_module, batch))
+            opt.hyper_step(val_closure, train=train)
             if self.log:
                 pl_module.log_dict(hyper_metrics(opt, self.prefix), on_step=True, on_epoch=False)
 

@@ -34,16 +34,21 @@ def mlp():
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
+def noisy_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(t1t2.GaussianNoise(0.2), nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
 def make_opt(model, opt_name):
     kw = dict(optimizer="sgd", lr=0.2, momentum=0.9) if opt_name == "momentum" else dict(optimizer="adam", lr=0.02)
     return t1t2.T1T2(model, [t1t2.L2(0.01, per="layer"), t1t2.L1(0.001)], hyper_every=HYPER_EVERY,
                      hyper_lr=0.05, backend="reference", **kw)
 
 
-def plain_loop(opt_name):
+def plain_loop(opt_name, net=mlp):
     """The same run as a plain PyTorch loop."""
     train, val = data()
-    model = mlp()
+    model = net()
     opt = make_opt(model, opt_name)
     val_it, step = iter(val), 0
     while step < STEPS:
@@ -62,7 +67,7 @@ def plain_loop(opt_name):
     return model, opt
 
 
-def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, **callback_kw):
+def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, net=mlp, **callback_kw):
     import lightning as L
 
     from t1t2_fast.integrations.lightning import T1T2Callback
@@ -70,7 +75,7 @@ def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, **c
     class Module(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = mlp()
+            self.net = net()
             self.automatic_optimization = not manual
 
         def training_step(self, batch, batch_idx):
@@ -119,6 +124,22 @@ def test_lightning_matches_the_plain_loop(manual, opt_name):
     metrics = trainer.callback_metrics
     for name, value in opt.hyperparameters().items():
         assert float(metrics[name]) == pytest.approx(float(torch.as_tensor(value).float().mean()))
+
+
+def test_noise_hyperparameters():
+    """Automatic optimization: the replay reruns Lightning's closure. Manual: nothing to rerun, so
+    the callback needs train_loss_fn (and says so without it)."""
+    model, ref = plain_loop("adam", noisy_mlp)
+    want = ref.raw_hyperparameters()
+    train_loss = lambda m, batch: F.cross_entropy(m.net(batch[0]), batch[1])  # noqa: E731
+    for manual, kw in ((False, {}), (True, {"train_loss_fn": train_loss})):
+        module, trainer, _ = lightning_run("adam", manual, net=noisy_mlp, **kw)
+        got = trainer.optimizers[0].raw_hyperparameters()
+        assert float(got["noise.0"]) != 0.2  # the noise level moved
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), model.parameters()))
+    with pytest.raises(RuntimeError, match=r"noise hyperparameters.*hyper_step\(val_closure, train=train_closure\)"):
+        lightning_run("adam", True, net=noisy_mlp)
 
 
 def test_dict_validation_step_and_loss_fn():
