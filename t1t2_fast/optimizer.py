@@ -279,8 +279,9 @@ class T1T2(torch.optim.Optimizer):
         with torch.enable_grad():
             kind, out, before = closures.call_training(closure, self.params)
             if kind != closures.FORWARD and scaler is not None:
-                for p, g in zip(self.params, before):
+                for p, g in zip(self.params, before):  # the refused step leaves grads and noise keys as found
                     p.grad = g
+                noise_hyper.set_keying(self._noise, keyed)
                 raise RuntimeError("step(closure, scaler=) scales the closure's loss for the backward, and this "
                                    "closure ran its own backward (or returned None): return the loss without "
                                    "calling backward, or call scaler.scale(loss).backward(); scaler.step(opt)")

@@ -89,6 +89,7 @@ def keying(bindings: list[NoiseBinding]) -> list[tuple]:
 
 
 def set_keying(bindings: list[NoiseBinding], saved: list[tuple]) -> None:
+    """Put back the state ``keying`` took."""
     for b, (step, calls, recording, sigma_grad, leaves) in zip(bindings, saved):
         b.module.step, b.module._calls, b.module._recording = step, calls, recording
         b.module.sigma_grad, b.module._sigma_leaves = sigma_grad, leaves
@@ -281,5 +282,5 @@ def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "NoiseStash", "Replay", "bind_noise", "copy_rng", "keying", "set_keying", "prepare",
-           "recorded_grads", "rng_state", "set_rng_state", "sync_bounds", "noise_hypergrads"]
+__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "NoiseStash", "Replay", "bind_noise", "copy_rng", "keying",
+           "prepare", "recorded_grads", "rng_state", "set_keying", "set_rng_state", "sync_bounds", "noise_hypergrads"]
