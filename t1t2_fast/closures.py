@@ -10,8 +10,14 @@ A training closure given to ``step(closure)`` may
 - return None without touching the gradients, which were computed before ``step`` was called (the
   closure Lightning passes in manual optimization after ``manual_backward``) (``NONE``).
 
-``T1T2`` tells them apart itself: the parameters' ``.grad`` are set aside (set to None) before the
-closure runs; a parameter with a ``.grad`` afterwards means the closure ran a backward.
+``T1T2`` tells them apart itself: it marks each parameter's ``.grad`` (the tensor and its version
+counter) before the closure runs, and again after each ``opt.zero_grad()`` inside it; a ``.grad``
+that is new or was written in place since means the closure ran a backward. The grads are then
+exactly what the closure left, as with any torch.optim optimizer: a closure that backwards without
+zeroing accumulates into the grads it found (Lightning's gradient accumulation). A closure that
+zeroes grads in place (``set_to_none=False``) through something other than ``opt.zero_grad()`` and
+then only returns the loss is taken as backward-done: zero them with ``opt.zero_grad()``, or not at
+all (``T1T2`` zeroes them before its own backward).
 """
 from __future__ import annotations
 
@@ -61,23 +67,43 @@ def grads_set_aside(params: list[torch.Tensor]):
             p.grad = g
 
 
-def call_training(closure: Callable, params: list[torch.Tensor]) -> tuple[str, object, list]:
-    """Run the training closure of a T1 step with the parameters' grads set to None; returns its
-    convention (FORWARD, BACKWARD, NONE), what it returned, and the grads from before the call (the
-    caller puts them back for NONE). The grads are left as the closure left them."""
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    out = closure()
-    if any(p.grad is not None for p in params):
-        return BACKWARD, out, saved
-    if out is None:
-        if all(g is None for g in saved):
-            raise RuntimeError("the training closure returned None and no parameter has a gradient: return the "
-                               "loss (T1T2 runs the backward), or run the backward inside the closure or before "
-                               "step()")
-        return NONE, out, saved
-    return FORWARD, out, saved
+def grad_marks(params: list[torch.Tensor]) -> list[tuple | None]:
+    """Each parameter's ``.grad`` and its version counter (None where there is no grad)."""
+    return [None if p.grad is None else (p.grad, p.grad._version) for p in params]
+
+
+def grads_written(params: list[torch.Tensor], marks: list[tuple | None]) -> bool:
+    """Whether a backward wrote a ``.grad`` since ``marks``: a new grad tensor, or one changed in place."""
+    for p, m in zip(params, marks):
+        g = p.grad
+        if g is not None and (m is None or g is not m[0] or g._version != m[1]):
+            return True
+    return False
+
+
+class TrainingCall:
+    """One call of a T1 step's training closure: ``marks`` are renewed by ``opt.zero_grad()`` inside it."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.marks = grad_marks(params)
+
+    def zeroed(self) -> None:
+        self.marks = grad_marks(self.params)
+
+    def run(self, closure: Callable) -> tuple[str, object]:
+        """Call the closure; returns its convention (FORWARD, BACKWARD, NONE) and what it returned.
+        The grads are left as the closure left them."""
+        out = closure()
+        if grads_written(self.params, self.marks):
+            return BACKWARD, out
+        if out is None:
+            if all(p.grad is None for p in self.params):
+                raise RuntimeError("the training closure returned None and no parameter has a gradient: return "
+                                   "the loss (T1T2 runs the backward), or run the backward inside the closure or "
+                                   "before step()")
+            return NONE, out
+        return FORWARD, out
 
 
 def backward_closure_error(what: str) -> RuntimeError:
@@ -89,5 +115,5 @@ def backward_closure_error(what: str) -> RuntimeError:
         f"opt.step(train_closure) or opt.hyper_step(val_closure, train=train_closure)")
 
 
-__all__ = ["BACKWARD", "FORWARD", "NONE", "backward_closure_error", "call_training", "grads_set_aside",
-           "reported_loss", "scalar_loss"]
+__all__ = ["BACKWARD", "FORWARD", "NONE", "TrainingCall", "backward_closure_error", "grad_marks",
+           "grads_set_aside", "grads_written", "reported_loss", "scalar_loss"]

@@ -153,6 +153,7 @@ class T1T2(torch.optim.Optimizer):
         self._hyper_optim = HyperOptimizer(hyper_optimizer, hyper_lr, hyper_betas, hyper_eps,
                                            [h.name for h in self.all_hypers])
         self._pending = None  # a step(closure, scaler=) waiting for scaler.step(self)
+        self._call = None  # the training closure step() is running (closures.TrainingCall)
         for pattern, (lo, hi) in (bounds or {}).items():
             self.set_bounds(pattern, lo, hi)
         self._prepare_noise()
@@ -277,24 +278,31 @@ class T1T2(torch.optim.Optimizer):
             self._prepare_noise()  # the noise keys of this step, from its first forward
             rng = noise_hyper.rng_state(self.params[0].device) if stash_now else None
         with torch.enable_grad():
-            kind, out, before = closures.call_training(closure, self.params)
+            self._call = closures.TrainingCall(self.params)
+            try:
+                kind, out = self._call.run(closure)
+            finally:
+                self._call = None
             if kind != closures.FORWARD and scaler is not None:
-                for p, g in zip(self.params, before):  # the refused step leaves grads and noise keys as found
-                    p.grad = g
-                noise_hyper.set_keying(self._noise, keyed)
+                noise_hyper.set_keying(self._noise, keyed)  # the refused step leaves the noise keys as found
                 raise RuntimeError("step(closure, scaler=) scales the closure's loss for the backward, and this "
                                    "closure ran its own backward (or returned None): return the loss without "
                                    "calling backward, or call scaler.scale(loss).backward(); scaler.step(opt)")
             if kind == closures.NONE:  # the backward ran before step(): its grads (and ∇σL) are the step's
-                for p, g in zip(self.params, before):
-                    p.grad = g
                 noise_hyper.set_keying(self._noise, keyed)
                 return None, rng, kind
             if kind == closures.BACKWARD:
                 return closures.reported_loss(out), rng, kind
             loss = scalar_loss(out, "training")
+            for p in self.params:  # zero_grad(set_to_none=True)
+                p.grad = None
             (loss if scaler is None else scaler.scale(loss)).backward()
         return loss.detach(), rng, kind
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if getattr(self, "_call", None) is not None:  # inside step's closure: a backward after this one is its own
+            self._call.zeroed()
 
     def _update(self, loss, closure, rng, grad_scale, found_inf) -> torch.Tensor | None:
         stash_now = (self.steps + 1) % self.hyper_every == 0

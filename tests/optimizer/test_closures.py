@@ -20,7 +20,8 @@ REPLAYABLE = ("forward", "torch", "detached", "none_after_backward")
 
 
 def train_step(opt, convention, loss_fn):
-    """One T1 step through ``convention``; returns what step() returned."""
+    """One T1 step through ``convention``; returns what step() returned. Closures that backward
+    zero the grads first (each a different way), as a torch.optim closure must."""
     if convention == "forward":
         return opt.step(loss_fn)
     if convention == "torch":
@@ -32,12 +33,15 @@ def train_step(opt, convention, loss_fn):
         return opt.step(closure)
     if convention == "detached":
         def closure():
+            for p in opt.params:
+                p.grad = None
             loss = loss_fn()
             loss.backward()
             return loss.detach()
         return opt.step(closure)
     if convention == "none_after_backward":
         def closure():
+            opt.zero_grad(set_to_none=False)  # in place: the backward then writes into the zeroed grads
             loss_fn().backward()
         return opt.step(closure)
     opt.zero_grad()
@@ -162,6 +166,39 @@ def test_zero_grad_inside_the_closure():
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters()))
 
 
+@pytest.mark.parametrize("zero", ["none", "in_place"])
+def test_a_backward_closure_accumulates_like_torch_optim(zero):
+    """A closure that backwards without zeroing adds to the grads it found (gradient accumulation,
+    as Lightning's closure does on the last micro-batch): the same as two backwards and step()."""
+    problem = Problem()
+    a_model, b_model = copy.deepcopy(problem.model), copy.deepcopy(problem.model)
+    a, b = (t1t2.T1T2(m, penalties(), backend="reference", hyper_every=2) for m in (a_model, b_model))
+    fa, fb = problem.train_closure(a_model), problem.train_closure(b_model)
+    for _ in range(4):
+        if zero == "in_place":
+            a.zero_grad(set_to_none=False)
+        else:
+            a.zero_grad()
+        fa().backward()  # an earlier micro-batch
+
+        def closure():
+            loss = fa()
+            loss.backward()
+            return loss.detach()
+        a.step(closure)
+        b.zero_grad()
+        fb().backward()
+        fb().backward()
+        b.step()
+        assert a.hyper_due == b.hyper_due
+        for opt, model in ((a, a_model), (b, b_model)):
+            if opt.hyper_due:
+                opt.hyper_step(problem.val_closure(model))
+    assert all(torch.equal(x, y) for x, y in zip(a_model.parameters(), b_model.parameters()))
+    ra, rb = a.raw_hyperparameters(), b.raw_hyperparameters()
+    assert a.hyper_steps == 2 and all(torch.equal(ra[k], rb[k]) for k in ra)
+
+
 def test_scaler_with_a_backward_closure_is_refused():
     problem = Problem(dtype=torch.float32)
     model = problem.model
@@ -175,12 +212,12 @@ def test_scaler_with_a_backward_closure_is_refused():
         loss.backward()
         return loss
 
-    loss_fn().backward()  # grads of a backward before step(): the refused step leaves them
-    grads = [p.grad for p in model.parameters()]
     for closure in (torch_closure, lambda: None):
+        loss_fn().backward()  # grads of a backward before step(): the refused lambda: None leaves them
+        grads = [p.grad for p in model.parameters()]
         with pytest.raises(RuntimeError, match=r"ran its own backward.*scaler.scale\(loss\).backward\(\)"):
             opt.step(closure, scaler=scaler)
-        assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
     assert opt.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
