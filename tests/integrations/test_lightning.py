@@ -67,7 +67,8 @@ def plain_loop(opt_name, net=mlp):
     return model, opt
 
 
-def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, net=mlp, **callback_kw):
+def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, net=mlp, trainer_kw=None,
+                  **callback_kw):
     import lightning as L
 
     from t1t2_fast.integrations.lightning import T1T2Callback
@@ -100,7 +101,7 @@ def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, net
     callback = T1T2Callback(val, loss_fn=loss_fn, **callback_kw)
     trainer = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
-                        num_sanity_val_steps=0, limit_val_batches=0)
+                        num_sanity_val_steps=0, limit_val_batches=0, **(trainer_kw or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on num_workers and the like
         trainer.fit(module, train)
@@ -140,6 +141,40 @@ def test_noise_hyperparameters():
         assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), model.parameters()))
     with pytest.raises(RuntimeError, match=r"noise hyperparameters.*hyper_step\(val_closure, train=train_closure\)"):
         lightning_run("adam", True, net=noisy_mlp)
+
+
+def test_gradient_accumulation():
+    """accumulate_grad_batches=2: Lightning backwards the first micro-batch outside the optimizer
+    step and the second inside its closure, without zeroing; the step sees both."""
+    module, trainer, callback = lightning_run("momentum", False, trainer_kw={"accumulate_grad_batches": 2})
+    opt = trainer.optimizers[0]
+    assert opt.steps == STEPS and opt.hyper_steps == STEPS // HYPER_EVERY
+    train, val = data()
+    model = mlp()
+    ref = make_opt(model, "momentum")
+    batches, val_it = iter(train), iter(val)
+    for _ in range(STEPS):
+        pair = []
+        for _ in range(2):
+            try:
+                pair.append(next(batches))
+            except StopIteration:
+                batches = iter(train)
+                pair.append(next(batches))
+        ref.zero_grad()
+        for x, y in pair:
+            (F.cross_entropy(model(x), y) / 2).backward()
+        ref.step()
+        if ref.hyper_due:
+            try:
+                xv, yv = next(val_it)
+            except StopIteration:
+                val_it = iter(val)
+                xv, yv = next(val_it)
+            ref.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+    got, want = opt.raw_hyperparameters(), ref.raw_hyperparameters()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), model.parameters()))
 
 
 def test_dict_validation_step_and_loss_fn():
