@@ -17,6 +17,7 @@ from torch import nn
 from . import checkpoint, distributed
 from ._dtypes import OPTIMIZERS, SUPPORTED_DTYPES, compute_dtype
 from .backend import Backend, resolve_backend
+from . import closures
 from .closures import scalar_loss
 from .functional import Stash, penalty_hypergrads, reused_buffer, t1_step
 from .guard import NonFiniteError, SkipGuard, all_finite
@@ -152,6 +153,7 @@ class T1T2(torch.optim.Optimizer):
         self._hyper_optim = HyperOptimizer(hyper_optimizer, hyper_lr, hyper_betas, hyper_eps,
                                            [h.name for h in self.all_hypers])
         self._pending = None  # a step(closure, scaler=) waiting for scaler.step(self)
+        self._call = None  # the training closure step() is running (closures.TrainingCall)
         for pattern, (lo, hi) in (bounds or {}).items():
             self.set_bounds(pattern, lo, hi)
         self._prepare_noise()
@@ -227,8 +229,11 @@ class T1T2(torch.optim.Optimizer):
 
     # -- T1 -----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor | None:
-        """One T1 step. With a closure: zero the grads, evaluate it, backward, update. Without: use
-        the existing ``.grad`` (noise hyperparameters then need ``hyper_step(val, train=closure)``).
+        """One T1 step. With a closure: zero the grads, evaluate it, backward, update; a closure that
+        runs its own backward (torch.optim's convention, PyTorch Lightning's) or returns None after a
+        backward done before ``step`` is recognised and not backwarded again (docs/guide.md,
+        "Closures"). Without: use the existing ``.grad`` (noise hyperparameters then need
+        ``hyper_step(val, train=closure)``).
         ``scaler``: a ``torch.amp.GradScaler``; the closure's loss is scaled for the backward and the
         step goes through ``scaler.step(self)`` (call ``scaler.update()`` after, as usual). Returns
         the (detached, unscaled) training loss, or None without a closure. A step skipped for
@@ -242,38 +247,62 @@ class T1T2(torch.optim.Optimizer):
                                  "scaler.step(opt)")
             if grad_scale is not None or found_inf is not None or self._pending is not None:
                 raise RuntimeError("step(closure, scaler=) was called from inside GradScaler.step; call one of them")
-            loss, rng = self._forward_backward(closure, scaler)
-            self._pending = (loss, closure, rng)
+            loss, rng, kind = self._forward_backward(closure, scaler)
+            self._pending = (loss, closure, rng, kind)
             try:
                 scaler.step(self)  # its inf check, then self.step() with grad_scale/found_inf set
             finally:
                 self._pending = None
             return loss
         if self._pending is not None:  # the inner call of step(closure, scaler=)
-            loss, closure, rng = self._pending
+            loss, closure, rng, kind = self._pending
             self._pending = None
         elif closure is not None:
             if grad_scale is not None or found_inf is not None:
                 raise RuntimeError("GradScaler.step(opt, closure) cannot scale the closure's backward; use "
                                    "opt.step(closure, scaler=scaler), or scaler.scale(loss).backward() then "
                                    "scaler.step(opt)")
-            loss, rng = self._forward_backward(closure, None)
+            loss, rng, kind = self._forward_backward(closure, None)
         else:
-            loss, rng = None, None
-        return self._update(loss, closure, rng, grad_scale, found_inf)
+            loss, rng, kind = None, None, None
+        return self._update(loss, closure if kind in (closures.FORWARD, closures.BACKWARD) else None, rng,
+                            grad_scale, found_inf)
 
-    def _forward_backward(self, closure, scaler) -> tuple[torch.Tensor, tuple | None]:
-        """Evaluate the training closure and backward (scaled by ``scaler`` if given)."""
+    def _forward_backward(self, closure, scaler) -> tuple[torch.Tensor | None, tuple | None, str]:
+        """Evaluate the training closure and, unless it ran its own backward or left the grads of a
+        backward before ``step`` (closures.call_training), backward (scaled by ``scaler`` if given)."""
         stash_now = (self.steps + 1) % self.hyper_every == 0
         rng = None
+        keyed = noise_hyper.keying(self._noise)  # put back if the backward ran before step()
         if self._noise:
             self._prepare_noise()  # the noise keys of this step, from its first forward
             rng = noise_hyper.rng_state(self.params[0].device) if stash_now else None
         with torch.enable_grad():
-            self.zero_grad(set_to_none=True)
-            loss = scalar_loss(closure(), "training")
+            self._call = closures.TrainingCall(self.params)
+            try:
+                kind, out = self._call.run(closure)
+            finally:
+                self._call = None
+            if kind != closures.FORWARD and scaler is not None:
+                noise_hyper.set_keying(self._noise, keyed)  # the refused step leaves the noise keys as found
+                raise RuntimeError("step(closure, scaler=) scales the closure's loss for the backward, and this "
+                                   "closure ran its own backward (or returned None): return the loss without "
+                                   "calling backward, or call scaler.scale(loss).backward(); scaler.step(opt)")
+            if kind == closures.NONE:  # the backward ran before step(): its grads (and ∇σL) are the step's
+                noise_hyper.set_keying(self._noise, keyed)
+                return None, rng, kind
+            if kind == closures.BACKWARD:
+                return closures.reported_loss(out), rng, kind
+            loss = scalar_loss(out, "training")
+            for p in self.params:  # zero_grad(set_to_none=True)
+                p.grad = None
             (loss if scaler is None else scaler.scale(loss)).backward()
-        return loss.detach(), rng
+        return loss.detach(), rng, kind
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if getattr(self, "_call", None) is not None:  # inside step's closure: a backward after this one is its own
+            self._call.zeroed()
 
     def _update(self, loss, closure, rng, grad_scale, found_inf) -> torch.Tensor | None:
         stash_now = (self.steps + 1) % self.hyper_every == 0

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import closures
 from ..closures import scalar_loss
 from ..distributed import module_seed
 from ..penalties import Hyperparameter
@@ -78,6 +79,20 @@ def recorded_grads(bindings: list[NoiseBinding], dtype: torch.dtype) -> list[tor
         g = b.module.sigma_grad
         out.append(torch.zeros_like(b.hyper.raw, dtype=dtype) if g is None else g.detach().to(dtype))
     return out
+
+
+def keying(bindings: list[NoiseBinding]) -> list[tuple]:
+    """The modules' keying and recording state (``set_keying`` puts it back): what a forward and
+    backward run since ``prepare`` left in them."""
+    return [(b.module.step, b.module._calls, b.module._recording, b.module.sigma_grad, list(b.module._sigma_leaves))
+            for b in bindings]
+
+
+def set_keying(bindings: list[NoiseBinding], saved: list[tuple]) -> None:
+    """Put back the state ``keying`` took."""
+    for b, (step, calls, recording, sigma_grad, leaves) in zip(bindings, saved):
+        b.module.step, b.module._calls, b.module._recording = step, calls, recording
+        b.module.sigma_grad, b.module._sigma_leaves = sigma_grad, leaves
 
 
 @dataclass
@@ -185,23 +200,36 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
     if norm == 0.0 or not math.isfinite(norm):
         return zeros  # v ⊥ every direction the step can move, or a non-finite v: no information
 
-    def replay_loss() -> torch.Tensor:
-        loss = scalar_loss(replay.closure(), "training")
-        return loss if loss_scale is None else loss * loss_scale
-
     def unscaled(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         return grads if loss_scale is None else [g / loss_scale for g in grads]
 
     def sigma_grads_at(scale: float) -> list[torch.Tensor]:
         backend.perturb_(params, [], theta, u, scale)
         with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
-            return unscaled(_grad_per_module(replay_loss(), bindings, dtype))
+            # the parameters' grads are set aside: a closure that runs its own backward (torch.optim's
+            # convention) leaves ∇σL in the modules' sigma_grad, and T1's grads stay as they were
+            with closures.grads_set_aside(model_params):
+                out = replay.closure()
+                if any(p.grad is not None for p in model_params):
+                    if loss_scale is not None:
+                        raise closures.backward_closure_error("a noise hypergradient after a GradScaler step")
+                    return [_recorded(b, dtype) for b in bindings]
+                if out is None:
+                    raise closures.backward_closure_error(f"noise_hypergrad={mode!r}")
+                loss = scalar_loss(out, "training")
+                return unscaled(_grad_per_module(loss if loss_scale is None else loss * loss_scale, bindings, dtype))
 
+    model_params = [p for p in model.parameters() if p.requires_grad]
     backend.perturb_(params, save, theta, u, 0.0)  # θ⁺ → save, θ ← θ_stash (exact: θ + 0·u)
     try:
         if mode == "exact":
-            with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
-                loss = replay_loss()
+            with replaying(model, bindings, replay, device, record=True), torch.enable_grad(), \
+                    closures.grads_set_aside(model_params):
+                out = replay.closure()
+                if out is None or any(p.grad is not None for p in model_params):
+                    raise closures.backward_closure_error("noise_hypergrad='exact' (a double backward)")
+                loss = scalar_loss(out, "training")
+                loss = loss if loss_scale is None else loss * loss_scale
                 grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
                 inner = sum((g * ui.to(g.dtype)).sum() for g, ui in zip(grads, u) if g is not None)
                 h = unscaled(_grad_per_module(inner, bindings, dtype))
@@ -230,6 +258,13 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
         b.hyper.raw.dtype) for b, hb in zip(bindings, h)}
 
 
+def _recorded(b: NoiseBinding, dtype: torch.dtype) -> torch.Tensor:
+    """∂L/∂σ of a module from a backward the training closure ran itself (zeros if none reached σ)."""
+    g = b.module.sigma_grad
+    return torch.zeros(b.hyper.raw.shape, dtype=dtype, device=b.hyper.raw.device) if g is None else \
+        g.detach().to(dtype).reshape(b.hyper.raw.shape)
+
+
 def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
     """∂output/∂σ per module, summed over the σ leaves of its forwards since the replay began
     (zeros where output does not depend on them)."""
@@ -247,5 +282,5 @@ def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "NoiseStash", "Replay", "bind_noise", "copy_rng", "prepare",
-           "recorded_grads", "rng_state", "set_rng_state", "sync_bounds", "noise_hypergrads"]
+__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "NoiseStash", "Replay", "bind_noise", "copy_rng", "keying",
+           "prepare", "recorded_grads", "rng_state", "set_keying", "set_rng_state", "sync_bounds", "noise_hypergrads"]

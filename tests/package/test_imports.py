@@ -1,7 +1,8 @@
 """The package's import graph: one way, no cycles, and no applications in the library.
 
 ``import t1t2_fast`` and each of its modules needs torch and numpy only: no application module
-(``t1t2_fast.apps``), no plotting or experiment dependency. Each module is imported in a fresh
+(``t1t2_fast.apps``), no framework integration (``t1t2_fast.integrations``, which imports its
+framework when used), no plotting or experiment dependency. Each module is imported in a fresh
 interpreter, so nothing another test imported hides a missing or unwanted import. The static
 graph of the library's imports (module level and inside functions alike, so a cycle cannot hide
 behind a function-local import) must have no cycle.
@@ -21,7 +22,8 @@ import t1t2_fast
 
 PACKAGE = pathlib.Path(t1t2_fast.__file__).parent
 # What the library must never load: its applications and their dependencies.
-FORBIDDEN = ("t1t2_fast.apps", "matplotlib", "sklearn", "tqdm", "optuna", "higher", "torchopt", "mnist1d", "pandas")
+FORBIDDEN = ("t1t2_fast.apps", "t1t2_fast.integrations", "lightning", "pytorch_lightning", "transformers",
+             "matplotlib", "sklearn", "tqdm", "optuna", "higher", "torchopt", "mnist1d", "pandas")
 OPTIONAL = {"t1t2_fast.triton_kernels": "triton"}  # modules that need an optional dependency to import
 
 
@@ -32,7 +34,8 @@ def _modules(apps: bool) -> list[str]:
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
         parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
         name = ".".join(parts)
-        if name.endswith("__main__") or (name.startswith("t1t2_fast.apps") and not apps):
+        outside = name.startswith(("t1t2_fast.apps", "t1t2_fast.integrations"))  # applications, framework glue
+        if name.endswith("__main__") or (outside and not apps):
             continue
         out.append(name)
     return out
