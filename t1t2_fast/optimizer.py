@@ -83,7 +83,10 @@ class T1T2(torch.optim.Optimizer):
 
     Across processes (``t1t2_fast.distributed``): ``model`` may be a ``DistributedDataParallel``
     wrapper (hyperparameters are named after the module inside it). ``process_group`` None reduces
-    over the wrapper's group, or over none for a plain module; an explicit group is used as given.
+    over the wrapper's group; for a plain module, over the default group when torch.distributed is
+    initialized with more than one process (frameworks build the optimizer from the unwrapped module
+    and train through a DDP wrapper), else over none. ``process_group=False`` opts out (no
+    reduction: each rank's λ follows its own hypergradients); an explicit group is used as given.
     Each rank then calls ``step``/``hyper_step`` with its own shards; ``hyper_step`` averages the
     ranks' hypergradients (one small all-reduce, which also checks that λ agrees on every rank).
     ``distributed_noise``: "exact" (default) averages the validation gradient first when the model
