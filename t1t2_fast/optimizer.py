@@ -193,6 +193,34 @@ class T1T2(torch.optim.Optimizer):
             out[h.name] = c.item() if c.dim() == 0 else c.clone()
         return out
 
+    def log_dict(self, prefix: str = "t1t2/") -> dict[str, float]:
+        """A flat {key: float} for a logger (TensorBoard, CSV, a framework's ``log_dict``), all keys
+        starting with ``prefix``: one value per network/layer hyperparameter (natural scale, under its
+        name); ``name/mean``, ``name/min`` and ``name/max`` for unit/element ones; after a hyper step,
+        ``hypergrad/name`` (the last hypergradient, its mean for a tensor); ``skipped/t1``,
+        ``skipped/t2`` and ``clipped/name`` (the counts). The tensors are read with one host sync."""
+        keys, vals = [], []
+        with torch.no_grad():
+            for h in self.all_hypers:
+                c = h.value().detach().to(torch.float64)
+                if c.dim() == 0:
+                    keys.append(h.name)
+                    vals.append(c)
+                else:
+                    keys += [f"{h.name}/mean", f"{h.name}/min", f"{h.name}/max"]
+                    vals += [c.mean(), c.min(), c.max()]
+            for name, g in self.last_hypergrad.items():
+                keys.append(f"hypergrad/{name}")
+                vals.append(g.detach().to(torch.float64).mean())
+            dev = vals[0].device if vals else None
+            values = torch.stack([v.to(dev) for v in vals]).tolist() if vals else []  # the one host sync
+        out = {prefix + k: float(v) for k, v in zip(keys, values)}
+        for kind in ("t1", "t2"):
+            out[f"{prefix}skipped/{kind}"] = float(self.skipped.get(kind, 0))
+        for name, count in self.clipped.items():
+            out[f"{prefix}clipped/{name}"] = float(count)
+        return out
+
     def raw_hyperparameters(self) -> dict[str, torch.Tensor]:
         """{name: raw λ}; the tensors themselves, so in-place writes change the hyperparameters."""
         return {h.name: h.raw for h in self.all_hypers}
