@@ -85,3 +85,25 @@ def test_noise_models_are_refused_with_the_reason():
     model = torch.nn.Sequential(t1t2.GaussianNoise(0.1), torch.nn.Linear(3, 2))
     with pytest.raises(ValueError, match="training closure"):
         T1T2Callback(t1t2.T1T2(model, []), [])
+
+
+def test_moved_first_reporters_see_lambda(tmp_path):
+    """The documented reordering: callbacks after T1T2Callback (report_to integrations) get λ in logs."""
+    seen = []
+
+    class Reporter(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append("t1t2/l2" in logs)
+
+    model = _tiny_bert()
+    opt = t1t2.T1T2(model, [t1t2.L2(1e-2, per="network")], optimizer="adam", lr=1e-3, hyper_every=1)
+    val = torch.utils.data.DataLoader(Synthetic(BATCH, seed=2), batch_size=BATCH,
+                                      collate_fn=transformers.default_data_collator)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=BATCH,
+                                          report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Synthetic(16, seed=1),
+                                   optimizers=(opt, None), callbacks=[Reporter, T1T2Callback(opt, val)])
+    trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(T1T2Callback))
+    trainer.train()
+    assert seen and all(seen)
