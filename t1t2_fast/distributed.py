@@ -47,18 +47,28 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
 
 
 def resolve_group(ddp: nn.Module | None, process_group):
-    """The process group T2 reduces over, or None for a one-process optimizer. ``process_group``
-    None: the DDP wrapper's group if the model is wrapped (the default group unless DDP was given
-    another), else none. An explicit group is used as given (a plain module whose gradients the
-    user averages himself)."""
+    """The process group T2 reduces over, or None for a one-process optimizer.
+
+    - ``process_group=None`` (default): the DDP wrapper's group if the model is wrapped (the default
+      group unless DDP was given another); else, when torch.distributed is initialized with more than
+      one process, the default group. The latter is how frameworks (Lightning, Hugging Face
+      Trainer/accelerate, most hand-written loops) work: they build the optimizer from the unwrapped
+      module and train through a DDP wrapper the optimizer never sees; without the default group the
+      ranks' λ would silently drift apart. Otherwise none.
+    - ``process_group=False``: none, explicitly (each rank updates λ from its own hypergradients).
+    - a group: used as given (a plain module whose gradients the user averages himself)."""
     import torch.distributed as dist
 
+    if process_group is False:
+        return None
     if process_group is not None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("T1T2(process_group=...) needs torch.distributed to be initialized "
                                "(torch.distributed.init_process_group) first")
         return process_group
     if ddp is None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return dist.group.WORLD
         return None
     if not (dist.is_available() and dist.is_initialized()):  # pragma: no cover - DDP needs it already
         raise RuntimeError("the model is wrapped in DistributedDataParallel but torch.distributed is not initialized")

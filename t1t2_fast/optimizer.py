@@ -84,7 +84,10 @@ class T1T2(torch.optim.Optimizer):
 
     Across processes (``t1t2_fast.distributed``): ``model`` may be a ``DistributedDataParallel``
     wrapper (hyperparameters are named after the module inside it). ``process_group`` None reduces
-    over the wrapper's group, or over none for a plain module; an explicit group is used as given.
+    over the wrapper's group; for a plain module, over the default group when torch.distributed is
+    initialized with more than one process (frameworks build the optimizer from the unwrapped module
+    and train through a DDP wrapper), else over none. ``process_group=False`` opts out (no
+    reduction: each rank's λ follows its own hypergradients); an explicit group is used as given.
     Each rank then calls ``step``/``hyper_step`` with its own shards; ``hyper_step`` averages the
     ranks' hypergradients (one small all-reduce, which also checks that λ agrees on every rank).
     ``distributed_noise``: "exact" (default) averages the validation gradient first when the model
@@ -190,6 +193,34 @@ class T1T2(torch.optim.Optimizer):
         for h in self.all_hypers:
             c = h.value().detach()
             out[h.name] = c.item() if c.dim() == 0 else c.clone()
+        return out
+
+    def log_dict(self, prefix: str = "t1t2/") -> dict[str, float]:
+        """A flat {key: float} for a logger (TensorBoard, CSV, a framework's ``log_dict``), all keys
+        starting with ``prefix``: one value per network/layer hyperparameter (natural scale, under its
+        name); ``name/mean``, ``name/min`` and ``name/max`` for unit/element ones; after a hyper step,
+        ``hypergrad/name`` (the last hypergradient, its mean for a tensor); ``skipped/t1``,
+        ``skipped/t2`` and ``clipped/name`` (the counts). The tensors are read with one host sync."""
+        keys, vals = [], []
+        with torch.no_grad():
+            for h in self.all_hypers:
+                c = h.value().detach().to(torch.float64)
+                if c.dim() == 0:
+                    keys.append(h.name)
+                    vals.append(c)
+                else:
+                    keys += [f"{h.name}/mean", f"{h.name}/min", f"{h.name}/max"]
+                    vals += [c.mean(), c.min(), c.max()]
+            for name, g in self.last_hypergrad.items():
+                keys.append(f"hypergrad/{name}")
+                vals.append(g.detach().to(torch.float64).mean())
+            dev = vals[0].device if vals else None
+            values = torch.stack([v.to(dev) for v in vals]).tolist() if vals else []  # the one host sync
+        out = {prefix + k: float(v) for k, v in zip(keys, values)}
+        for kind in ("t1", "t2"):
+            out[f"{prefix}skipped/{kind}"] = float(self.skipped.get(kind, 0))
+        for name, count in self.clipped.items():
+            out[f"{prefix}clipped/{name}"] = float(count)
         return out
 
     def raw_hyperparameters(self) -> dict[str, torch.Tensor]:

@@ -174,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None,
                    help="output folder (default: runs/<name>, or runs/<dataset>-<timestamp>)")
     g.add_argument("--name", default=None, help="run name for the default output folder")
+    g.add_argument("--logger", choices=("csv", "tensorboard"), default="csv",
+                   help="csv (default): log.csv in the output folder; tensorboard: also TensorBoard event files "
+                        "there (losses and T1T2.log_dict(): λ, hypergradients, skip and clip counts, at every "
+                        "logged step; needs pip install tensorboard)")
     g.add_argument("--quiet", action="store_true", help="no progress bar; print only the final summary")
     g.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits in a collective for the others before it "

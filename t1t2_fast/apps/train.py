@@ -98,7 +98,18 @@ def _torchrun_env() -> tuple[int, int, int] | None:
 CHECKPOINT_FORMAT = "t1t2-train-checkpoint"
 # Flags that change where and how a run reports, not what it computes: they may differ on --resume.
 # (--threads is not one of them: torch's kernels may sum in another order with another thread count.)
-RUN_ONLY_FLAGS = ("out", "name", "quiet", "dist_timeout", "checkpoint", "checkpoint_every", "resume", "max_skips", "func")
+RUN_ONLY_FLAGS = ("out", "name", "quiet", "dist_timeout", "checkpoint", "checkpoint_every", "resume", "max_skips", "func",
+                  "logger")
+
+
+def _tensorboard_writer(out: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing into the run's output folder."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # torch.utils.tensorboard needs the tensorboard package
+        raise UsageError(f"--logger tensorboard needs the tensorboard package (pip install tensorboard): "
+                         f"{exc}") from None
+    return SummaryWriter(log_dir=out)
 
 
 def _train_settings(args, world: int) -> dict:
@@ -269,6 +280,8 @@ def _train(args, ddp: _Dist | None = None) -> int:
     out = args.out or _default_out(args)
     if main_rank:
         os.makedirs(out, exist_ok=True)
+    # --logger tensorboard: event files next to log.csv (which is written either way), rank 0 only
+    writer = _tensorboard_writer(out) if main_rank and getattr(args, "logger", "csv") == "tensorboard" else None
     paths = {k: os.path.join(out, f) for k, f in
              (("log", "log.csv"), ("metrics", "metrics.json"), ("plot", "trajectories.png"))}
 
@@ -307,6 +320,11 @@ def _train(args, ddp: _Dist | None = None) -> int:
         for n in hyper_names:
             v = hp[n]
             bands[n].append((v, v) if isinstance(v, float) else (float(v.min()), float(v.max())))
+        if writer is not None:
+            writer.add_scalar("t1t2/loss/train", tl, step)
+            writer.add_scalar("t1t2/loss/val", vl, step)
+            for key, value in opt.log_dict(prefix="t1t2/").items():
+                writer.add_scalar(key, value, step)
         return tl, vl, hp
 
     bar = progress(total_steps, f"train {args.dataset}", args.quiet, unit="step")
@@ -399,6 +417,8 @@ def _train(args, ddp: _Dist | None = None) -> int:
                 checkpoint(step, train_time_before + time.perf_counter() - t_train)
     finally:
         bar.close()
+        if writer is not None:
+            writer.close()
     train_time = train_time_before + time.perf_counter() - t_train
     if done == total_steps:  # resumed from the final checkpoint: nothing ran, the outputs are rewritten
         checkpoint(done, train_time)

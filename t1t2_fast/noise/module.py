@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._dtypes import NOISE_MODES, compute_dtype
-from .._noise_autograd import backward_from_context, save_for_backward
+from .._noise_autograd import backward_from_context, noise_backward, save_for_backward
 from ..backend import BACKENDS, Backend, resolve_backend
 from ..penalties import Hyperparameter, get_transform
 from ..rng import noise_key
@@ -81,6 +81,71 @@ def gaussian_noise(x: torch.Tensor, sigma: torch.Tensor, key: int, channels: int
     (``t1t2_fast.backend.resolve_backend``)."""
     impl = resolve_backend(backend, x.device)
     return _GaussianNoiseFunction.apply(x.contiguous(), sigma, int(key), int(channels), int(inner), mode, impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# The op under torch.compile
+# ---------------------------------------------------------------------------------------------
+# In eager mode each forward draws a Python int key (noise_key(seed, step, call)); dynamo would
+# specialize a compiled graph on it and recompile at every forward. Under torch.compile the module
+# instead hands the op its counters as a tensor (step, call) and the op, opaque to dynamo, derives
+# the same key when it runs: one graph for every step, the same ε, bit for bit.
+def _keyed(counters: torch.Tensor, seed: int) -> int:
+    step, call = counters.tolist()
+    return noise_key(seed, max(step, 0), call)
+
+
+@torch.library.custom_op("t1t2_compile::gaussian_noise_keyed", mutates_args=())
+def _gaussian_noise_keyed(x: torch.Tensor, sigma: torch.Tensor, counters: torch.Tensor, seed: int, channels: int,
+                          inner: int, mode: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, a copy of the counters it drew with). The backward regenerates ε from that copy, a fresh
+    output of this op: the counters tensor itself is advanced after the draw, and a compiler may
+    save an input for the backward by reference."""
+    impl = resolve_backend(backend, x.device)
+    return impl.gaussian_noise(x.contiguous(), sigma, _keyed(counters, seed), channels, inner, mode), counters.clone()
+
+
+@_gaussian_noise_keyed.register_fake
+def _(x, sigma, counters, seed, channels, inner, mode, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(counters)
+
+
+@torch.library.custom_op("t1t2_compile::gaussian_noise_keyed_backward", mutates_args=())
+def _gaussian_noise_keyed_backward(grad_y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, counters: torch.Tensor,
+                                   seed: int, channels: int, inner: int, mode: str, backend: str, need_x_grad: bool,
+                                   need_sigma_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = resolve_backend(backend, grad_y.device)
+    fused = None if impl.name == "reference" else impl.gaussian_noise_backward
+    gx, gs = noise_backward(grad_y, x if x.numel() else None, sigma, _keyed(counters, seed), channels, inner, mode,
+                            need_x_grad, need_sigma_grad, fused)
+    # a custom op returns fresh tensors (additive ∂L/∂x is grad_y itself), empty ones where not asked for
+    gx = grad_y.new_empty(0) if gx is None else gx.clone() if gx is grad_y else gx
+    gs = sigma.new_empty(0) if gs is None else gs.to(sigma.dtype)
+    return gx, gs
+
+
+@_gaussian_noise_keyed_backward.register_fake
+def _(grad_y, x, sigma, counters, seed, channels, inner, mode, backend, need_x_grad, need_sigma_grad):
+    gx = torch.empty_like(grad_y, memory_format=torch.contiguous_format) if need_x_grad else grad_y.new_empty(0)
+    return gx, (torch.empty_like(sigma) if need_sigma_grad else sigma.new_empty(0))
+
+
+def _keyed_setup_context(ctx, inputs, output):
+    x, sigma, counters, seed, channels, inner, mode, backend = inputs
+    keep_x = mode == "multiplicative" and ctx.needs_input_grad[1]
+    ctx.save_for_backward(x if keep_x else x.new_empty(0), sigma, output[1])
+    ctx.args = (seed, channels, inner, mode, backend)
+
+
+def _keyed_backward(ctx, grad_y, _grad_counters):
+    x, sigma, counters = ctx.saved_tensors
+    gx, gs = _gaussian_noise_keyed_backward(grad_y, x, sigma, counters, *ctx.args, ctx.needs_input_grad[0],
+                                            ctx.needs_input_grad[1])
+    return ((gx if ctx.needs_input_grad[0] else None), (gs if ctx.needs_input_grad[1] else None),
+            None, None, None, None, None, None)
+
+
+_gaussian_noise_keyed.register_autograd(_keyed_backward, setup_context=_keyed_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +215,35 @@ class GaussianNoise(nn.Module):
                 raise ValueError(f"GaussianNoise: std {value} lies outside bounds {self.bounds}")
             raw.append(self.transform.inverse(value))
         self.register_buffer("raw", torch.tensor(raw, dtype=torch.get_default_dtype()).reshape(shape))
+        # (step, call) of the next draw, in a small CPU tensor (not a buffer: not in state_dict, not
+        # moved by .to()) that the torch.compile path hands its op; ``step``/``_calls`` read and write it
+        self._counters = torch.tensor([-1, 0], dtype=torch.int64)
         self.seed: int | None = None
         self.step: int | None = None
         self.sigma_grad: torch.Tensor | None = None
         self._calls = 0
         self._recording = False
         self._sigma_leaves: list[torch.Tensor] = []
+        self._compile_leaf: torch.Tensor | None = None  # the σ leaf of a compiled forward while recording
+        self._compile_leaf_used = False
+
+    @property
+    def step(self) -> int | None:
+        """The T1 step the keys are drawn for (set by the optimizer; None: 0)."""
+        step = int(self._counters[0])
+        return None if step < 0 else step
+
+    @step.setter
+    def step(self, value: int | None) -> None:
+        self._counters[0] = -1 if value is None else int(value)
+
+    @property
+    def _calls(self) -> int:
+        return int(self._counters[1])
+
+    @_calls.setter
+    def _calls(self, value: int) -> None:
+        self._counters[1] = int(value)
 
     # ---- the hyperparameter ----
     def value(self) -> torch.Tensor:
@@ -180,12 +268,16 @@ class GaussianNoise(nn.Module):
         seed/step) and, while recording, zero ``sigma_grad``."""
         self._calls = 0
         self._sigma_leaves = []
+        self._compile_leaf = self._new_leaf() if self._recording else None
+        self._compile_leaf_used = False
         self.sigma_grad = torch.zeros_like(self.raw) if self._recording else None
 
     def record_grad(self, enabled: bool = True) -> "GaussianNoise":
         """Start (or stop) accumulating ∂L/∂σ of the forwards into ``sigma_grad``."""
         self._recording = bool(enabled)
         self._sigma_leaves = []
+        self._compile_leaf = self._new_leaf() if self._recording else None
+        self._compile_leaf_used = False
         self.sigma_grad = torch.zeros_like(self.raw) if self._recording else None
         return self
 
@@ -193,6 +285,8 @@ class GaussianNoise(nn.Module):
     def sigma_leaves(self) -> list[torch.Tensor]:
         """The σ leaf tensors of the forwards since ``reset_calls()`` while recording (inputs for
         ``torch.autograd.grad``)."""
+        if self._compile_leaf is not None and self._compile_leaf_used:  # compiled forwards share one leaf
+            return list(self._sigma_leaves) + [self._compile_leaf]
         return list(self._sigma_leaves)
 
     def _accumulate(self, grad: torch.Tensor) -> None:
@@ -218,6 +312,8 @@ class GaussianNoise(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not noise_enabled():
             return x
+        if torch.compiler.is_compiling() and self.seed is not None:
+            return self._compiled_forward(x)
         channels, inner = self._layout(x)
         sigma = self.value().detach()
         active = self._recording or bool((sigma != 0).any())
@@ -231,6 +327,40 @@ class GaussianNoise(nn.Module):
             sigma.register_hook(self._accumulate)
             self._sigma_leaves.append(sigma)
         return gaussian_noise(x, sigma, key, channels, inner, self.mode, self.backend)
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as torch.compile traces it: the same draws as eager mode (the key comes from the
+        counters tensor inside the op), with nothing a graph would specialize on per step. σ = 0 is not
+        skipped (x + 0·ε is x). While recording, σ is one leaf per step (made outside the graph, see
+        ``_recording_leaf``) whose hook adds ∂L/∂σ into ``sigma_grad``, as eager mode's leaves do;
+        ``sigma_leaves`` (the exact noise hypergradient's double backward) is eager-only."""
+        channels, inner = self._layout(x)
+        if self._recording:
+            sigma = self._recording_leaf()
+            self._compile_leaf_used = True
+        else:
+            sigma = self.value().detach()
+        sigma = sigma.to(device=x.device, dtype=compute_dtype(x.dtype))
+        backend = self.backend if self.backend != "auto" else resolve_backend("auto", x.device).name
+        y, _ = _gaussian_noise_keyed(x, sigma, self._counters, int(self.seed), channels, inner, self.mode, backend)
+        self._counters[1] += 1
+        return y
+
+    def _new_leaf(self) -> torch.Tensor:
+        leaf = self.value().detach().clone().requires_grad_(True)
+        leaf.register_hook(self._accumulate)
+        return leaf
+
+    def _recording_leaf(self) -> torch.Tensor:
+        """The σ leaf of this step's compiled forwards: made eagerly by ``reset_calls``/``record_grad``
+        (a graph input, no graph break); after a copy of the module, made here (outside the graph)."""
+        if self._compile_leaf is None:
+            self._make_leaf_eagerly()
+        return self._compile_leaf
+
+    @torch.compiler.disable
+    def _make_leaf_eagerly(self) -> None:
+        self._compile_leaf = self._new_leaf()
 
     # ---- housekeeping ----
     def _apply(self, fn, recurse=True):
@@ -247,9 +377,19 @@ class GaussianNoise(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state["_sigma_leaves"] = []
+        state["_compile_leaf"] = None
         if state.get("sigma_grad") is not None:
             state["sigma_grad"] = state["sigma_grad"].detach().clone()
         return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        if "_counters" not in state:  # pickled before step/_calls lived in the counters tensor
+            step, calls = state.pop("step", None), state.pop("_calls", 0)
+            state["_counters"] = torch.tensor([-1 if step is None else step, calls], dtype=torch.int64)
+        state.setdefault("_compile_leaf", None)
+        state.setdefault("_compile_leaf_used", False)
+        super().__setstate__(state)
 
     def extra_repr(self) -> str:
         std = self.value().detach()

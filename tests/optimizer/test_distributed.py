@@ -149,3 +149,31 @@ def test_torchrun_cli(tmp_path):
     assert m["world_size"] == 2 and m["steps_done"] == 12 and m["hyper_steps"] == 12
     assert m["hyperparameters"]["noise.input"] != pytest.approx(0.1, rel=1e-6)
     assert not (tmp_path / "runs").exists()  # no other rank wrote a default output folder
+
+
+def test_framework_pattern_reduces_over_the_default_group(tmp_path):
+    """Optimizer built on the unwrapped module, training through DDP (what Lightning and Hugging Face
+    do): with process_group=None the hyper steps reduce over the default group, so θ and λ are
+    those of one process on the concatenated batches; process_group=False opts out."""
+    procs, outs = _spawn("framework", tmp_path)
+    try:
+        logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log}"
+    ranks = [torch.load(o) for o in outs]
+    torch.set_num_threads(1)
+    for case in cases.FRAMEWORK_CASES:
+        r0, r1 = ranks[0][case], ranks[1][case]
+        assert r0["world_size"] == r1["world_size"] == WORLD, case
+        assert r0["comm_bytes"] > 0, case
+        assert r0["opted_out_world_size"] == 1, case
+        ref = cases.reference(case, WORLD)
+        for key in ("theta", "raw", "hypergrad"):
+            assert r0[key].keys() == ref[key].keys()
+            for name in ref[key]:
+                assert torch.equal(r0[key][name], r1[key][name]), (case, key, name)
+                torch.testing.assert_close(r0[key][name], ref[key][name], rtol=1e-9, atol=1e-12,
+                                           msg=f"{case} {key} {name}")

@@ -35,6 +35,9 @@ CASES = {
     "adam-noise-exact": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "exact"),
 }
 
+# the framework pattern (run_framework): penalties, and noise whose replay runs through the DDP wrapper
+FRAMEWORK_CASES = ("momentum-penalties", "adam-penalties", "adam-noise-fd")
+
 
 def make_model(noise: bool) -> nn.Module:
     torch.manual_seed(SEED)
@@ -120,6 +123,25 @@ def run_rank(case: str, rank: int, world: int, **kw) -> dict:
     return out
 
 
+def run_framework(case: str, rank: int, world: int) -> dict:
+    """The frameworks' pattern (Lightning, Hugging Face Trainer/accelerate): the optimizer is built
+    on the unwrapped module, training runs through a DDP wrapper the optimizer never sees; T1T2 then
+    reduces over the default group (process_group=None)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    inner = make_model(CASES[case][1])
+    opt = make_opt(inner, case)
+    model = DDP(inner)
+    for x, y, xv, yv in batches():
+        xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
+        opt.step(lambda: F.cross_entropy(model(xs), ys))
+        opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
+    out = snapshot(inner, opt)
+    out.update(world_size=opt.world_size, comm_bytes=opt.comm_bytes,
+               opted_out_world_size=make_opt(make_model(False), case, process_group=False).world_size)
+    return out
+
+
 def drift(rank: int, world: int) -> str:
     """Rank 1 writes its own λ: the next hyper_step must fail on every rank, naming it."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -178,6 +200,9 @@ def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
             result["nonfinite"] = {case: nonfinite(case, rank, world) for case in ("momentum-penalties",
                                                                                   "adam-noise-fd")}
             torch.save(result, out)
+            return 0
+        if mode == "framework":
+            torch.save({case: run_framework(case, rank, world) for case in FRAMEWORK_CASES}, out)
             return 0
         # mode "hang": rank 1 raises in its validation closure at the 3rd hyper step and, instead of
         # dying (which would close its connections at once), stays alive for a while: rank 0 must
