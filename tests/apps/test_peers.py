@@ -1,4 +1,4 @@
-"""Issue 6 experiment 5: our one-step hypergradient against higher's and torchopt's, and the
+"""Experiment 5 (peers): our one-step hypergradient against higher's and torchopt's, and the
 `t1t2 peers` command at tiny size. The parity tests are float64 and tight (1e-8 relative), so a
 different update rule, Jacobian or parametrization on either side fails them; the last tests
 show that they do see such differences."""
