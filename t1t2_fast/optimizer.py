@@ -194,6 +194,12 @@ class T1T2(torch.optim.Optimizer):
     in its pass and honours the scaler's found_inf. ``bounds`` ({name or glob pattern: (lo, hi)},
     natural scale) override the declared bounds; a hyper step that would leave them is clipped and
     counted in ``clipped``.
+
+    ``param_groups``: torch.optim parameter groups, ``[{"params": names | regex | callable(name, p),
+    "lr"|"momentum"|"nesterov"|"betas"|"eps": ...}, ...]``; the parameters no group selects form a
+    last group with the constructor's options (docs/guide.md, "Parameter groups").
+    ``optimizer="adamw"``: adam plus a tuned decoupled L2 ``L2(weight_decay / 2, decoupled=True)`` on
+    the tensors ``weight_decay_params`` selects (default dim >= 2), torch.optim.AdamW's update.
     """
 
     # torch.amp.GradScaler.step hands this optimizer grad_scale/found_inf instead of unscaling itself
