@@ -2,7 +2,9 @@
 continues the identical trajectory. Keyed by parameter and hyperparameter names; the model's own
 parameters are saved by the model's state_dict.
 
-Layout (version 1): ``param_group`` and ``hyper_group`` (learning rates, betas, eps, fd_eps),
+Layout (version 1): ``param_group`` (the options of the one parameter group) or, with several
+groups, ``param_groups`` (a list of {"params": [names], options}; loading accepts either), and
+``hyper_group`` (learning rates, betas, eps, fd_eps),
 ``state`` (the T1 optimizer state per parameter name), ``steps``/``hyper_steps``, ``raw`` (λ per
 hyperparameter name), ``hyper_state`` (the hyper-optimizer's moments), ``stash`` (the pending T1
 step's stash, or None), ``last_hypergrad``, ``counters`` (skip and clip counts) and ``settings``
@@ -50,10 +52,13 @@ def save(opt) -> dict:
         stash = opt._stash.state(opt.param_names)
         if opt._stash.noise is not None:
             stash["noise"] = opt._stash.noise.state()
-    group = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    out = {"version": VERSION}
+    if len(opt.param_groups) == 1:  # the single-group layout, as before parameter groups existed
+        out["param_group"] = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    else:
+        out["param_groups"] = group_options(opt)
     return {
-        "version": VERSION,
-        "param_group": group,
+        **out,
         "hyper_group": hyper_group(opt),
         "state": state,
         "steps": opt.steps,
@@ -81,11 +86,12 @@ def load(opt, state_dict: dict) -> None:
     if unknown:
         raise ValueError(f"state_dict has optimizer state for unknown parameters {sorted(unknown)}")
     _check_settings(opt, state_dict.get("settings"))
+    _check_groups(opt, state_dict)
     dev = opt.params[0].device
     # optimizer state: tensors to the parameters' device, except 0-d ones (Adam's step stays on the CPU)
     move = lambda x: x.to(dev) if isinstance(x, torch.Tensor) and x.dim() > 0 else (
         x.clone() if isinstance(x, torch.Tensor) else x)
-    opt.param_groups[0].update(state_dict["param_group"])
+    _load_groups(opt, state_dict)
     for k, v in state_dict.get("hyper_group", {}).items():  # like the param group: the saved values win
         setattr(opt, k, tuple(v) if isinstance(v, (list, tuple)) else v)
     opt.state.clear()
@@ -106,6 +112,38 @@ def load(opt, state_dict: dict) -> None:
         if n in COUNTERS:
             setattr(opt, n, copy.deepcopy(value))
     opt.last_skip = None
+
+
+def group_options(opt) -> list[dict]:
+    """Per parameter group: its options and, under "params", its parameters' names."""
+    name = {id(p): n for n, p in zip(opt.param_names, opt.params)}
+    return [{"params": [name[id(p)] for p in g["params"]], **{k: v for k, v in g.items() if k != "params"}}
+            for g in opt.param_groups]
+
+
+def _check_groups(opt, state_dict: dict) -> None:
+    """That the saved parameter groups are this optimizer's (same members, same order)."""
+    ours = [g["params"] for g in group_options(opt)]
+    if "param_groups" in state_dict:
+        theirs = [list(g["params"]) for g in state_dict["param_groups"]]
+    elif "param_group" in state_dict:
+        theirs = [list(opt.param_names)]  # the single-group layout: every parameter in one group
+    else:
+        raise ValueError("state_dict has neither 'param_groups' nor 'param_group'; was it saved by T1T2.state_dict()?")
+    if len(theirs) == 1 and len(ours) == 1:
+        return
+    if theirs != ours:
+        raise ValueError(f"state_dict was saved with {len(theirs)} parameter group(s) {theirs}, and this T1T2 has "
+                         f"{len(ours)}: {ours}; build it with the same param_groups")
+
+
+def _load_groups(opt, state_dict: dict) -> None:
+    """Each group's saved options (lr, betas, a scheduler's initial_lr, ...) over the current ones."""
+    if "param_groups" in state_dict:
+        for group, saved in zip(opt.param_groups, state_dict["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+    else:
+        opt.param_groups[0].update(state_dict["param_group"])
 
 
 def _check_settings(opt, saved: dict | None) -> None:

@@ -35,28 +35,39 @@ class Stash:
     θ: the pre-step θ and ∂θ⁺/∂ĝ (a tensor for adam with the exact Jacobian, else one number per
     tensor), keyed by the tensor's index in the optimizer's parameter list. ``grad_scale``: the
     GradScaler scale of that step (its noise replay is scaled the same way); ``noise``: the noise
-    hyperparameters' part (``t1t2_fast.noise.hypergrad.NoiseStash``), set by ``T1T2``."""
+    hyperparameters' part (``t1t2_fast.noise.hypergrad.NoiseStash``), set by ``T1T2``. ``lrs``: with
+    several parameter groups, each tensor's learning rate η (its group's), which the decoupled-L2
+    term −2ηθ uses; None when one η (``lr``) applies to every tensor."""
 
     lr: float
     theta: dict[int, torch.Tensor]
     jac: dict[int, torch.Tensor | float]
     grad_scale: float | None = None
     noise: object | None = None
+    lrs: dict[int, float] | None = None
+
+    def lr_of(self, index: int) -> float:
+        return self.lr if self.lrs is None else self.lrs[index]
 
     def state(self, names: list[str]) -> dict:
         """A state_dict entry: the tensors copied, keyed by parameter name (the noise part apart)."""
         clone = lambda x: x.clone() if isinstance(x, torch.Tensor) else x
-        return {"lr": self.lr, "grad_scale": self.grad_scale,
-                "theta": {names[i]: t.clone() for i, t in self.theta.items()},
-                "jac": {names[i]: clone(j) for i, j in self.jac.items()}}
+        out = {"lr": self.lr, "grad_scale": self.grad_scale,
+               "theta": {names[i]: t.clone() for i, t in self.theta.items()},
+               "jac": {names[i]: clone(j) for i, j in self.jac.items()}}
+        if self.lrs is not None:
+            out["lrs"] = {names[i]: lr for i, lr in self.lrs.items()}
+        return out
 
     @classmethod
     def from_state(cls, state: dict, index: dict[str, int], device: torch.device) -> "Stash":
         """The inverse of ``state``: ``index`` maps parameter names to indices."""
         move = lambda x: x.to(device) if isinstance(x, torch.Tensor) and x.dim() > 0 else (
             x.clone() if isinstance(x, torch.Tensor) else x)
+        lrs = state.get("lrs")
         return cls(state["lr"], {index[n]: t.to(device).clone() for n, t in state["theta"].items()},
-                   {index[n]: move(j) for n, j in state["jac"].items()}, grad_scale=state.get("grad_scale"))
+                   {index[n]: move(j) for n, j in state["jac"].items()}, grad_scale=state.get("grad_scale"),
+                   lrs=None if lrs is None else {index[n]: float(lr) for n, lr in lrs.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +173,7 @@ def penalty_hypergrads(backend, hypers: list[Hyperparameter], indices: list[int]
                        stash: Stash) -> dict[str, torch.Tensor]:
     """Hypergradients of the raw hyperparameters, h = dc/dλ · Σ_{i∈g} J_i v_i m_i (docs/design.md),
     from the validation gradients ``v`` (aligned with ``indices``) and the stash of the T1 step, in
-    one call of the backend's ``penalty_hypergrad``."""
+    one call of the backend's ``penalty_hypergrad`` (one per distinct η when parameter groups differ in lr)."""
     thetas = [stash.theta[i] for i in indices]
     acc = thetas[0].dtype if thetas else torch.float32
     jacs = [stash.jac[i] for i in indices]
@@ -180,7 +191,20 @@ def penalty_hypergrads(backend, hypers: list[Hyperparameter], indices: list[int]
                 seg_kind.append(segment_kind(h.kind, h.decoupled))
                 seg_groups.append(t.num_groups)
                 owner.append(h.name)
-    flat = backend.penalty_hypergrad(v, thetas, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, stash.lr)
+    seg_lr = [stash.lr_of(indices[t]) for t in seg_tensor]
+    distinct = list(dict.fromkeys(seg_lr))  # in order of first appearance: deterministic
+    if len(distinct) <= 1:  # one η (one parameter group): one call
+        flat = backend.penalty_hypergrad(v, thetas, jac, jac_scalar, seg_tensor, seg_kind, seg_groups,
+                                         distinct[0] if distinct else stash.lr)
+    else:  # several groups' η: one call per η over its tensors' segments, put back in segment order
+        results: list = [None] * len(seg_tensor)
+        for lr in distinct:
+            which = [s for s, x in enumerate(seg_lr) if x == lr]
+            part = backend.penalty_hypergrad(v, thetas, jac, jac_scalar, [seg_tensor[s] for s in which],
+                                             [seg_kind[s] for s in which], [seg_groups[s] for s in which], lr)
+            for s, piece in zip(which, torch.split(part, [seg_groups[s] for s in which])):
+                results[s] = piece
+        flat = torch.cat(results)
     pieces: dict[str, list[torch.Tensor]] = {}
     for name, part in zip(owner, torch.split(flat, seg_groups)):
         pieces.setdefault(name, []).append(part)

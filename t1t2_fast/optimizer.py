@@ -9,6 +9,7 @@ groups), ``checkpoint`` (state_dict). The math is docs/design.md.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -23,9 +24,13 @@ from .functional import Stash, penalty_hypergrads, reused_buffer, t1_step
 from .guard import NonFiniteError, SkipGuard, all_finite
 from .hyper_optim import HYPER_OPTIMIZERS, HyperOptimizer
 from .noise import hypergrad as noise_hyper
-from .penalties import Hyperparameter, Penalty, bind_penalties, set_bounds
+from .penalties import L2, Hyperparameter, ParamFilter, Penalty, bind_penalties, set_bounds
 
 HYPERGRAD_MODES = ("exact", "sgd")
+# What T1T2(optimizer=) accepts: the fused op's optimizers, and "adamw" (adam plus a tuned decoupled L2)
+T1T2_OPTIMIZERS = OPTIMIZERS + ("adamw",)
+# The options a parameter group may set (torch.optim semantics); the others are the run's
+GROUP_OPTIONS = ("lr", "momentum", "nesterov", "betas", "eps")
 
 __all__ = ["T1T2", "NonFiniteError", "OPTIMIZERS", "HYPER_OPTIMIZERS", "HYPERGRAD_MODES", "SUPPORTED_DTYPES"]
 
@@ -38,23 +43,108 @@ def _check_choice(what, value, choices):
 def _check_arguments(optimizer, hyper_optimizer, hypergrad, noise_hypergrad, distributed_noise, fd_eps, lr, momentum,
                      nesterov, betas, hyper_every) -> None:
     """The constructor's argument checks, each with the message a user needs."""
-    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("optimizer", optimizer, T1T2_OPTIMIZERS)
     _check_choice("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS)
     _check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
     _check_choice("noise_hypergrad", noise_hypergrad, noise_hyper.NOISE_HYPERGRAD_MODES)
     _check_choice("distributed_noise", distributed_noise, distributed.DISTRIBUTED_NOISE)
     if not (fd_eps > 0 and math.isfinite(fd_eps)):
         raise ValueError(f"fd_eps must be a finite number > 0, got {fd_eps}")
-    if not (lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-    if nesterov and (optimizer != "sgd" or momentum <= 0):
-        raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0")
-    if not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas must lie in [0, 1), got {betas}")
+    _check_group_options(optimizer, lr, momentum, nesterov, betas, "")
     if int(hyper_every) != hyper_every or hyper_every < 1:
         raise ValueError(f"hyper_every must be a positive integer, got {hyper_every!r}")
+
+
+def _check_group_options(optimizer, lr, momentum, nesterov, betas, where: str) -> None:
+    """The checks of the options a parameter group may set; ``where`` names the group in the message."""
+    if not (lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"{where}lr must be a finite number >= 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"{where}momentum must lie in [0, 1), got {momentum}")
+    if nesterov and (optimizer != "sgd" or momentum <= 0):
+        raise ValueError(f"{where}nesterov=True needs optimizer='sgd' and momentum > 0")
+    if len(tuple(betas)) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"{where}betas must be two numbers in [0, 1), got {betas}")
+
+
+def _group_selects(spec, name: str, param: torch.Tensor) -> bool:
+    """Whether a parameter group's "params" selects a parameter: a list of exact names, a regular
+    expression searched in the name, or a callable (name, param) -> bool (as a penalty's params=)."""
+    if callable(spec):
+        return bool(spec(name, param))
+    if isinstance(spec, str):
+        return re.search(spec, name) is not None
+    return name in spec
+
+
+def _build_groups(named, groups, defaults: dict, optimizer: str) -> list[dict]:
+    """torch.optim param groups from the user's ``param_groups``: each group's "params" (names, a
+    regex or a callable) resolved to tensors in model order, its options over the constructor's;
+    the parameters no group selects form a last group with the constructor's options (left out
+    when empty). A parameter two groups select, an unknown key or a group that selects nothing is an
+    error."""
+    owner: dict[str, int] = {}
+    out = []
+    for k, g in enumerate(groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise ValueError(f"param_groups[{k}] must be a dict with a 'params' entry (parameter names, a regex "
+                             f"or a callable (name, param) -> bool) and options among {GROUP_OPTIONS}")
+        unknown = sorted(set(g) - {"params", *GROUP_OPTIONS})
+        if unknown:
+            raise ValueError(f"param_groups[{k}] has unknown keys {unknown}; a group may set {GROUP_OPTIONS} "
+                             f"(the other settings are the run's)")
+        spec = g["params"]
+        if not (callable(spec) or isinstance(spec, str)):
+            spec = list(spec)
+            if not all(isinstance(n, str) for n in spec):
+                raise TypeError(f"param_groups[{k}]['params'] must hold parameter names (str), a regex or a "
+                                f"callable (name, param) -> bool; tensors are not accepted, as hyperparameters "
+                                f"are named after parameters")
+            missing = sorted(set(spec) - {n for n, _ in named})
+            if missing:
+                raise ValueError(f"param_groups[{k}] names unknown parameters {missing}; the trainable ones are "
+                                 f"{[n for n, _ in named]}")
+        chosen = [n for n, p in named if _group_selects(spec, n, p)]
+        if not chosen:
+            raise ValueError(f"param_groups[{k}] selects no trainable parameter (its params are {g['params']!r})")
+        for n in chosen:
+            if n in owner:
+                raise ValueError(f"parameter {n!r} is selected by param_groups[{owner[n]}] and param_groups[{k}]; "
+                                 f"a parameter belongs to one group")
+            owner[n] = k
+        options = {**defaults, **{key: g[key] for key in GROUP_OPTIONS if key in g}}
+        options["betas"] = tuple(options["betas"])
+        _check_group_options(optimizer, options["lr"], options["momentum"], options["nesterov"], options["betas"],
+                             f"param_groups[{k}]: ")
+        out.append((chosen, options))
+    rest = [n for n, _ in named if n not in owner]
+    if rest:  # the default group: last, with the constructor's options
+        out.append((rest, dict(defaults)))
+    tensors = dict(named)
+    return [{"params": [tensors[n] for n in names], **options} for names, options in out]
+
+
+def _with_weight_decay(penalties: list, named, optimizer: str, weight_decay, weight_decay_params) -> list:
+    """``optimizer="adamw"``: AdamW's decay η·wd·θ is the decoupled L2 η·2cθ with c = wd/2, added as a
+    tuned hyperparameter ``l2.<name>`` per decayed tensor (dim >= 2 unless ``weight_decay_params``)."""
+    if optimizer != "adamw":
+        if weight_decay is not None or weight_decay_params is not None:
+            raise ValueError(f"weight_decay= and weight_decay_params= belong to optimizer='adamw' (got "
+                             f"optimizer={optimizer!r}); for {optimizer} add a penalty, e.g. L2(c, decoupled=True)")
+        return penalties
+    wd = 1e-2 if weight_decay is None else float(weight_decay)
+    if not (wd > 0 and math.isfinite(wd)):
+        raise ValueError(f"optimizer='adamw' needs weight_decay > 0 (its coefficient is tuned in log scale), got "
+                         f"{weight_decay}; use optimizer='adam' for no decay")
+    decay = L2(wd / 2, per="layer", decoupled=True, params=weight_decay_params)
+    for pen in penalties:
+        if isinstance(pen, Penalty) and pen.kind == "l2" and pen.decoupled:
+            both = [n for n, p in named if pen.selects(n, p) and decay.selects(n, p)]
+            if both:
+                raise ValueError(f"optimizer='adamw' already applies its weight decay to {both} as a tuned decoupled "
+                                 f"L2 (l2.<name>, c = weight_decay/2), and {pen!r} is a decoupled L2 on them too; "
+                                 f"drop it, or narrow weight_decay_params= or its params=")
+    return penalties + [decay]
 
 
 def _trainable(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], torch.device, torch.dtype]:
@@ -104,6 +194,12 @@ class T1T2(torch.optim.Optimizer):
     in its pass and honours the scaler's found_inf. ``bounds`` ({name or glob pattern: (lo, hi)},
     natural scale) override the declared bounds; a hyper step that would leave them is clipped and
     counted in ``clipped``.
+
+    ``param_groups``: torch.optim parameter groups, ``[{"params": names | regex | callable(name, p),
+    "lr"|"momentum"|"nesterov"|"betas"|"eps": ...}, ...]``; the parameters no group selects form a
+    last group with the constructor's options (docs/guide.md, "Parameter groups").
+    ``optimizer="adamw"``: adam plus a tuned decoupled L2 ``L2(weight_decay / 2, decoupled=True)`` on
+    the tensors ``weight_decay_params`` selects (default dim >= 2), torch.optim.AdamW's update.
     """
 
     # torch.amp.GradScaler.step hands this optimizer grad_scale/found_inf instead of unscaling itself
@@ -118,7 +214,9 @@ class T1T2(torch.optim.Optimizer):
                  fd_eps: float = 1e-3, backend: str = "auto", seed: int = 0, process_group=None,
                  distributed_noise: str = "exact", skip_nonfinite: bool = True,
                  max_consecutive_skips: int | None = 25,
-                 bounds: dict[str, tuple[float | None, float | None]] | None = None):
+                 bounds: dict[str, tuple[float | None, float | None]] | None = None,
+                 param_groups: Iterable[dict] | None = None, weight_decay: float | None = None,
+                 weight_decay_params: ParamFilter = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -130,9 +228,17 @@ class T1T2(torch.optim.Optimizer):
         named, device, dtype = _trainable(inner)
 
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, betas=tuple(betas), eps=eps)
-        super().__init__([p for _, p in named], defaults)
+        groups = [p for _, p in named] if param_groups is None else _build_groups(named, list(param_groups),
+                                                                                  defaults, optimizer)
+        super().__init__(groups, defaults)
         self.param_names = [n for n, _ in named]
+        self._params = [p for _, p in named]  # model order: the indices stash, state and λ targets use
+        index = {id(p): i for i, p in enumerate(self._params)}
+        self._group_indices = [[index[id(p)] for p in g["params"]] for g in self.param_groups]
+        penalties = _with_weight_decay(list(penalties), named, optimizer, weight_decay, weight_decay_params)
         self.optimizer_name, self.hypergrad_mode = optimizer, hypergrad
+        # the fused op's optimizer: adamw is adam plus the decoupled L2 added above
+        self._step_optimizer = "adam" if optimizer == "adamw" else optimizer
         self.hyper_every, self.seed = int(hyper_every), int(seed)
         self.compute_dtype = compute_dtype(dtype)
         self.backend: Backend = resolve_backend(backend, device)
@@ -164,7 +270,8 @@ class T1T2(torch.optim.Optimizer):
     # -- public views -----------------------------------------------------------------------
     @property
     def params(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
+        """Every trainable parameter, in the model's order (across the parameter groups)."""
+        return self._params
 
     @property
     def hyper_due(self) -> bool:
@@ -371,11 +478,35 @@ class T1T2(torch.optim.Optimizer):
         noise_hyper.prepare(self._noise, nxt, record)
 
     def _t1_update(self, stash: bool, grad_scale=None, found_inf=None, check_finite=False) -> Stash | None:
-        group = self.param_groups[0]
-        indices = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if len(self.param_groups) == 1:  # one fused call, as before parameter groups existed
+            return self._t1_group(0, stash, grad_scale, found_inf, check_finite)
+        # Several groups: one fused call per group with its options. The non-finite scan comes first,
+        # over every group, so that a skipped step writes nothing in any group.
+        if check_finite and not all_finite([p.grad for p in self.params if p.grad is not None]):
+            found_inf.fill_(1.0)
+        if found_inf is not None and float(found_inf) > 0:
+            return None
+        parts = [self._t1_group(k, stash, grad_scale, None, False) for k in range(len(self.param_groups))]
+        if not stash:
+            return None
+        merged = Stash(self.param_groups[0]["lr"], {}, {}, lrs={})
+        for k, part in enumerate(parts):
+            if part is None:  # no tensor of the group had a gradient
+                continue
+            merged.theta.update(part.theta)
+            merged.jac.update(part.jac)
+            merged.lrs.update({i: part.lr for i in part.theta})
+        return merged
+
+    def _t1_group(self, k: int, stash: bool, grad_scale, found_inf, check_finite) -> Stash | None:
+        """The fused T1 step of parameter group ``k`` (its tensors with a gradient)."""
+        group = self.param_groups[k]
+        indices = [i for i in self._group_indices[k] if self.params[i].grad is not None]
+        if not indices and len(self.param_groups) > 1:
+            return None
         params = [self.params[i] for i in indices]
         return t1_step(self.backend, params, [p.grad for p in params], [self.state[p] for p in params],
-                       self.hypers, indices, self.optimizer_name, group["lr"], group["momentum"],
+                       self.hypers, indices, self._step_optimizer, group["lr"], group["momentum"],
                        group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash,
                        buffers=self._stash_buffers, grad_scale=grad_scale, found_inf=found_inf,
                        check_finite=check_finite)
