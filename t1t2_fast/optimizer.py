@@ -366,6 +366,10 @@ class T1T2(torch.optim.Optimizer):
     del _delegate
 
     # -- T1 -----------------------------------------------------------------------------------
+    # step and hyper_step run eagerly inside torch.compile'd code (a graph break): their work is already
+    # one fused op per pass, and tracing them would guard on every float they read (each new lr from a
+    # scheduler, adam's bias corrections) and recompile at every step.
+    @torch.compiler.disable
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor | None:
         """One T1 step. With a closure: zero the grads, evaluate it, backward, update; a closure that
         runs its own backward (torch.optim's convention, PyTorch Lightning's) or returns None after a
@@ -512,6 +516,7 @@ class T1T2(torch.optim.Optimizer):
                        check_finite=check_finite)
 
     # -- T2 -----------------------------------------------------------------------------------
+    @torch.compiler.disable
     def hyper_step(self, closure: Callable[[], torch.Tensor],
                    train: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor:
         """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run without noise),
