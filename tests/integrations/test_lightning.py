@@ -4,6 +4,7 @@ initial weights, same batches in the same order, and Lightning's closures are re
 T1T2.step, so the update is the one a forward-only closure gives)."""
 import copy
 import importlib.util
+import os
 import warnings
 
 import pytest
@@ -13,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import t1t2_fast as t1t2
+
+from conftest import ROOT, needs_gloo
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
                                 reason="PyTorch Lightning is not installed (pip install lightning)")
@@ -199,3 +202,49 @@ def test_importing_the_library_does_not_import_lightning():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+@needs_gloo
+@pytest.mark.parametrize("mode", ["automatic", "manual"])
+def test_two_process_ddp(tmp_path, mode):
+    """Lightning's "ddp" strategy on CPU (gloo), 2 processes, the optimizer built from the unwrapped
+    module in configure_optimizers: T1T2 reduces over the default group, so λ and θ are identical on
+    both ranks and equal (to rounding: the full-batch gradient is summed in another order) a
+    one-process run on the union of the ranks' batches."""
+    import subprocess
+    import sys
+
+    script = ROOT / "tests" / "integrations" / "lightning_ddp.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE"))}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), mode], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    import lightning_ddp as run  # the script's data, model and optimizer
+    for r in ranks:
+        assert r["world_size"] == 2 and r["steps"] == run.STEPS and r["hyper_steps"] == run.STEPS // run.HYPER_EVERY
+    a, b = ranks
+    assert all(torch.equal(a["raw"][k], b["raw"][k]) for k in a["raw"])
+    assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))
+    # One process on the union of the ranks' batches: Lightning deals the training set with
+    # DistributedSampler(shuffle=True, seed=0) (it always shuffles the training loader under DDP);
+    # every rank validates on the same batches, the callback's loader.
+    from torch.utils.data.distributed import DistributedSampler
+    train, val = run.data()
+    dealt = [list(DistributedSampler(train, num_replicas=run.WORLD, rank=r, shuffle=True, seed=0))
+             for r in range(run.WORLD)]
+    model = run.mlp()
+    opt = run.make_opt(model)
+    start = {k: v.clone() for k, v in opt.raw_hyperparameters().items()}
+    val_batches = iter(DataLoader(val, batch_size=run.BATCH))
+    for k in range(run.STEPS):
+        x, y = train[torch.tensor([i for d in dealt for i in d[k * run.BATCH:(k + 1) * run.BATCH]])]
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        if opt.hyper_due:
+            xv, yv = next(val_batches)
+            opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+    for k, want in opt.raw_hyperparameters().items():
+        assert not torch.equal(want, start[k])  # λ moved
+        torch.testing.assert_close(a["raw"][k], want, rtol=1e-12, atol=1e-15)
+    for p, q in zip(a["params"], model.parameters()):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-12, atol=1e-15)
