@@ -29,29 +29,31 @@ import torch
 FORWARD, BACKWARD, NONE = "forward", "backward", "none"
 
 
-def scalar_loss(loss, where: str) -> torch.Tensor:
-    """The closure's loss as a 0-d tensor that requires grad, or a clear error saying what is wrong
-    with it; ``where`` names the closure ("training", "validation")."""
+def _one_value(loss, where: str, expected: str) -> torch.Tensor:
+    """``loss`` as a 0-d tensor, or the error that says what the ``where`` closure returned instead."""
     if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the {where} closure must return a scalar loss tensor, got {type(loss).__name__}")
+        raise TypeError(f"the {where} closure must return {expected}, got {type(loss).__name__}")
     if loss.numel() != 1:
         raise ValueError(f"the {where} closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}; "
                          f"reduce it (e.g. .mean()) inside the closure")
+    return loss.reshape(())
+
+
+def scalar_loss(loss, where: str) -> torch.Tensor:
+    """The closure's loss as a 0-d tensor that requires grad, or a clear error saying what is wrong
+    with it; ``where`` names the closure ("training", "validation")."""
+    loss = _one_value(loss, where, "a scalar loss tensor")
     if not loss.requires_grad:
         raise ValueError(f"the {where} closure returned a loss that does not require grad; is it computed from "
                          f"the model's parameters outside torch.no_grad()?")
-    return loss.reshape(())
+    return loss
 
 
 def reported_loss(loss) -> torch.Tensor | None:
     """What ``step`` returns for a closure that ran its own backward: its loss detached, or None."""
     if loss is None:
         return None
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(f"the training closure must return a scalar loss tensor or None, got {type(loss).__name__}")
-    if loss.numel() != 1:
-        raise ValueError(f"the training closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
-    return loss.detach().reshape(())
+    return _one_value(loss, "training", "a scalar loss tensor or None").detach()
 
 
 @contextmanager
