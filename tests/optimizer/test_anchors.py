@@ -87,7 +87,7 @@ def hand_update(theta, g, state, cfg):
                 d = g[n]
             out[n] = t - lr * d
         else:
-            (b1, b2), eps, step = cfg["betas"], 1e-8, st.get("step", 0) + 1
+            (b1, b2), eps, step = cfg["betas"], cfg.get("eps", 1e-8), st.get("step", 0) + 1
             m = b1 * st.get("m", torch.zeros_like(t)) + (1 - b1) * g[n]
             s = b2 * st.get("s", torch.zeros_like(t)) + (1 - b2) * g[n] * g[n]
             mhat, shat = m / (1 - b1 ** step), s / (1 - b2 ** step)
@@ -142,8 +142,7 @@ class Anchor:
             v.requires_grad_()
         plus, _ = self.step(differentiable=True)
         c2 = self.loss(plus, self.problem.xv, self.problem.yv)
-        grads = torch.autograd.grad(c2, list(raws.values()), allow_unused=True)
-        return {k: (torch.zeros_like(v) if gr is None else gr) for (k, v), gr in zip(raws.items(), grads)}
+        return dict(zip(raws, torch.autograd.grad(c2, list(raws.values()))))
 
 
 # ---------------------------------------------------------------------------------------------
