@@ -6,6 +6,8 @@
 - ``tests/support`` (oracle.py, problems.py, ddp_cases.py, resume_cases.py, runner.py) goes on
   sys.path, so test modules import those helpers by their bare names.
 - One definition of each skip marker (compiled extension, CUDA kernels, GPU, Triton, nvcc, gloo).
+- ``T1T2_EXPECT_EXT=1`` (set by .ci/run) says the compiled extension must have loaded: without it the
+  session stops with an error naming the load error, instead of skipping every C++ parity test.
 - One tolerance table (``TOL``), keyed by the comparison and the dtype.
 - Backend and device parametrization: ``backends(...)`` / ``op_backends(...)`` give pytest params
   over the backends that exist ("reference", "cpp", "triton") with the marker that skips each one
@@ -65,6 +67,16 @@ def _triton_reason() -> str:
 
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"compiled extension not built ({_extension.LOAD_ERROR}); "
                                                   f"build it with `pip install --no-build-isolation -e .`")
+
+
+def pytest_configure(config):
+    """Fail, not skip, when the compiled backend is expected (T1T2_EXPECT_EXT=1, set by .ci/run) and
+    did not load: a broken build would otherwise pass CI as a run of skipped C++ parity tests."""
+    if os.environ.get("T1T2_EXPECT_EXT") == "1" and not HAS_EXT:
+        raise pytest.UsageError(f"T1T2_EXPECT_EXT=1 but the compiled extension did not load "
+                                f"({_extension.LOAD_ERROR}); build it with `pip install --no-build-isolation -e .`")
+
+
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA device (torch.cuda.is_available() is False)")
 needs_cuda_kernels = pytest.mark.skipif(
     not HAS_CUDA_KERNELS,

@@ -84,8 +84,29 @@ def test_compare_writes_table_plot_and_summary(tmp_path):
     assert len(rows) == 2
     assert_png(tmp_path / "compare.png")
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["runs"] == 2 and s["improved"] + s["tied"] + s["worse"] == 2
-    assert len(s["rows"]) == 2 and "mean_test_error_after" in s
+    assert s["runs"] == 2 and len(s["rows"]) == 2
+    # the summary counts the CSV's rows: each run is improved, tied or worse by its own two errors
+    col = {name: header.index(name) for name in ("test_error_before", "test_error_after")}
+    before = [float(r[col["test_error_before"]]) for r in rows]
+    after = [float(r[col["test_error_after"]]) for r in rows]
+    assert [r["test_error_before"] for r in s["rows"]] == pytest.approx(before, rel=1e-6)
+    assert [r["test_error_after"] for r in s["rows"]] == pytest.approx(after, rel=1e-6)
+    pairs = list(zip(before, after))
+    assert (s["improved"], s["tied"], s["worse"]) == (sum(a < b for b, a in pairs), sum(a == b for b, a in pairs),
+                                                     sum(a > b for b, a in pairs)), (s, pairs)
+    assert s["mean_test_error_after"] == pytest.approx(sum(after) / 2, rel=1e-6)
+
+
+def test_compare_summary_counts_each_run_by_its_own_errors():
+    """improved / tied / worse: test error after tuning below / equal to / above the same run's
+    error before; means and medians over the runs."""
+    rows = [dict(test_error_before=b, test_error_after=a, test_error_t1t2_run=t)
+            for b, a, t in [(0.30, 0.20, 0.25), (0.10, 0.10, 0.12), (0.20, 0.25, 0.22), (0.40, 0.35, 0.30)]]
+    s = ex.compare_summary(rows)
+    assert (s["runs"], s["improved"], s["tied"], s["worse"]) == (4, 2, 1, 1)
+    assert s["mean_test_error_before"] == pytest.approx(0.25) and s["mean_test_error_after"] == pytest.approx(0.225)
+    assert s["median_test_error_after"] == pytest.approx(0.225) and s["mean_change"] == pytest.approx(-0.025)
+    assert s["mean_test_error_t1t2_run"] == pytest.approx(0.2225)
 
 
 def test_retraining_uses_the_tuned_raw_values_exactly():

@@ -106,14 +106,19 @@ def test_a_slightly_wrong_learning_rate_is_caught():
 
 
 def test_peak_memory_of_a_plain_step_counts_what_it_holds():
-    """The measurement: a plain momentum-SGD step holds θ, ∇θ and the momentum buffer, and foreach
-    SGD's weight decay makes ∇θ + wd·θ out of place (one more copy of the weight matrices): 4x the
-    weights, plus a little activation memory. The same number whatever runs before it."""
+    """The measurement counts what a plain momentum-SGD step must hold, and nothing made before it.
+    Lower bound: θ (the method's model copy), ∇θ and the momentum buffer are all live while the step
+    runs, so a peak under 3x the weights misses allocations. Upper bound: besides those three, foreach
+    SGD's weight decay may form ∇θ + wd·θ out of place (at most one more copy of the weights; how much
+    of it is live at once depends on torch's foreach kernels: measured 3.91x on torch 2.13), and the
+    forward/backward's batch-sized tensors (a few of batch x (in + depth·width + classes) values).
+    The same number whatever runs before it."""
     p = P.Problem(optimizer="sgd", width=64, batch=8)
     init, data = P.make_inputs(p)
     weights = sum(t.numel() * t.element_size() for t in init.values())
+    activations = p.batch * (p.in_features + p.depth * p.width + p.classes) * 4  # float32 values
     peak = P.peak_memory(p, P.PLAIN, init, data)
-    assert 3.9 * weights <= peak <= 4.1 * weights
+    assert 3 * weights <= peak <= 4 * weights + 4 * activations, (peak / weights, weights, activations)
     assert P.peak_memories(p, ["higher", P.PLAIN] if P.available_peers()[0] else ["ours-reference", P.PLAIN],
                            init, data)[P.PLAIN] == peak
 

@@ -135,8 +135,24 @@ def test_adam_jacobian_limit_where_s_is_zero(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_without_tensors_is_a_no_op(impl):
-    step_op(impl)([], [], [], [], [], [], [], [], [], "sgd", 0.1, 0.0, False, 0.9, 0.999, 1e-8, [], [])
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_without_tensors_is_a_no_op(impl, opt_name, monkeypatch):
+    """No tensors (a parameter group with nothing in it): the op returns nothing, launches no kernel,
+    and its guard, asked to scan, finds nothing non-finite: found_inf stays 0 and the GradScaler's
+    scale is untouched (a set flag would make T1T2 skip the step)."""
+    opt = OPTIMIZERS[opt_name]
+    found_inf = torch.zeros(1, device=impl[1])
+    scale = torch.full((1,), 1024.0, device=impl[1])
+    counters = []
+    if impl[0] == "triton":
+        for kernels in (triton_t1_step.KERNELS, triton_t1_step.SCAN):
+            counters.append(LaunchCounter(kernels.table_kernel))
+            monkeypatch.setattr(kernels, "table_kernel", counters[-1])
+    out = step_op(impl)([], [], [], [], [], [], [], [], [], opt["optimizer"], 0.1, opt.get("momentum", 0.0), False,
+                        0.9, 0.999, 1e-8, [], [], scale, found_inf, True)
+    assert out is None
+    assert float(found_inf) == 0.0 and float(scale) == 1024.0
+    assert all(c.launches == 0 for c in counters)
 
 
 @pytest.mark.parametrize("impl", [p for p in IMPLS if p.values[0][0] == "cpp"])

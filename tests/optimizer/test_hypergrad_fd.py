@@ -53,6 +53,34 @@ def test_several_penalties_on_one_model(opt_name, backend):
     assert relative_error(h, fd) <= TOL
 
 
+FOLDED = {
+    "l2": lambda per: [t1t2.L2(0.05, per="network"), t1t2.L2(0.02, per=per, transform="softplus")],
+    "l1": lambda per: [t1t2.L1(0.02, per="network"), t1t2.L1(0.01, per=per, transform="softplus")],
+    "l2-decoupled": lambda per: [t1t2.L2(0.05, per="network", decoupled=True),
+                                 t1t2.L2(0.02, per=per, transform="softplus", decoupled=True)],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+@pytest.mark.parametrize("per", ["unit", "element"])
+@pytest.mark.parametrize("kind", list(FOLDED))
+def test_two_penalties_of_one_kind_on_one_tensor(kind, per, opt_name, backend):
+    """A network-wide and a finer penalty of the same kind on the same weights are folded into one
+    coefficient list for the T1 step (functional.coefficient_lists): both must reach θ⁺ and both
+    hypergradients must match finite differences."""
+    problem = Problem(seed=5)
+    penalties = FOLDED[kind](per)
+    model, opt = warmed_up(problem, penalties, backend=backend, **OPTIMIZER_CONFIGS[opt_name])
+    h = analytic_hypergrad(problem, model, opt)
+    prefix = kind[:2]
+    assert set(h) == {prefix, f"{prefix}.0.weight", f"{prefix}.2.weight"}
+    fd = fd_hypergrad(problem, model, opt, penalties)
+    assert relative_error(h, fd) <= TOL, {k: (h[k], fd[k]) for k in h}
+    for name in h:  # each penalty on its own, not only the total
+        assert relative_error({name: h[name]}, {name: fd[name]}) <= TOL, name
+
+
 def test_adam_exact_where_second_moment_is_zero():
     """Entries whose gradient has always been exactly 0 have ŝ = 0; the exact Jacobian takes the
     limit 0 for its second term there instead of autograd's NaN."""

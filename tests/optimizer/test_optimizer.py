@@ -100,11 +100,18 @@ def test_linear_transform_is_projected_into_bounds():
     problem = Problem(seed=8)
     model = copy.deepcopy(problem.model)
     opt = t1t2.T1T2(model, [t1t2.L2(1e-4, transform="linear")], lr=0.3, hyper_optimizer="sgd", hyper_lr=1e6)
+    raw0 = {k: float(v) for k, v in opt.raw_hyperparameters().items()}
     opt.step(problem.train_closure(model))
     opt.hyper_step(problem.val_closure(model))
     values = opt.hyperparameters()
+    h = {k: float(v) for k, v in opt.last_hypergrad.items()}
     assert all(v >= 0.0 for v in values.values())
     assert any(v == 0.0 for v in values.values()), "a huge hyper step should hit the lower bound"
+    # the step descends (λ − η_h·h), then the projection clips at 0: a hyperparameter whose
+    # hypergradient is positive lands on the bound, one whose hypergradient is negative grows
+    assert any(g > 0 for g in h.values()) and any(g < 0 for g in h.values()), h
+    for name, value in values.items():
+        assert value == max(raw0[name] - 1e6 * h[name], 0.0), (name, value, raw0[name], h[name])
     with pytest.raises(ValueError, match="outside bounds"):
         t1t2.L2(0.5, transform="linear", bounds=(0.0, 0.1))
 

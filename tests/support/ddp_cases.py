@@ -226,8 +226,11 @@ def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
         except Exception as exc:  # noqa: BLE001 - reported to the test, then a non-zero exit
             with open(out, "w") as f:
                 f.write(f"{time.monotonic() - t0:.2f}\n{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-            if rank == 1:
-                time.sleep(float(os.environ.get("T1T2_TEST_LINGER", "10")))
+            if rank == 1:  # alive until the test has seen rank 0 give up (T1T2_TEST_RELEASE is created)
+                release = os.environ.get("T1T2_TEST_RELEASE")
+                deadline = time.monotonic() + float(os.environ.get("T1T2_TEST_LINGER", "10"))
+                while time.monotonic() < deadline and not (release and os.path.exists(release)):
+                    time.sleep(0.05)
             os._exit(1)  # no destroy_process_group: it would wait for the peer
         return 0
     finally:

@@ -88,6 +88,7 @@ def fd_hypergrad(problem, model, opt, penalties, delta=1e-4, sgd_step=False):
         sgd_model = copy.deepcopy(model)
         sgd_opt = t1t2.T1T2(sgd_model, penalties, optimizer="sgd", lr=opt.param_groups[0]["lr"],
                             backend="reference")
+        sgd_opt.steps = opt.steps  # noise keys count T1 steps: the plain SGD step draws the real step's ε
         with torch.no_grad():
             for n, raw in sgd_opt.raw_hyperparameters().items():
                 raw.copy_(opt.raw_hyperparameters()[n])
