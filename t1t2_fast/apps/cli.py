@@ -203,9 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
 FULL = {"grid": {"size": 9, "seeds": 3, "runs": 12, "steps": 3000},
         "compare": {"runs": 20, "seeds": 3, "steps": 3000},
         "search": {"repeats": 5, "steps": 3000}}
-SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
+SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 10, "steps": 1000},
          "compare": {"runs": 10, "seeds": 2, "steps": 1000},
          "search": {"repeats": 2, "steps": 1000}}
+# grid/compare/search flags that a --preset may set; what they are without one
+EXPERIMENT_DEFAULTS = {"width": 128, "depth": 2, "batch_size": 64, "optimizer": "sgd", "hyper_optimizer": "adam",
+                       "hyper_lr": 1e-2, "hyper_every": 1, "hypergrad": "exact", "l2_per": "network",
+                       "l2_transform": "log", "batchnorm": False}
+PRESET_SMALL = {"width": 256, "depth": 2}
+PRESET_FULL = {"width": 1000, "depth": 3}
+FASHION_SAMPLES = 4000  # fashion-mnist training images used without --full (3000 T1 / 1000 validation)
 
 
 def _subset(choices, what_else: str = "", also=lambda item: False):
@@ -242,28 +249,53 @@ def _add_experiment_commands(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("problem")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits: scikit-learn's 8x8 digits; mnist1d: MNIST-1D generated offline")
+                   help="digits: scikit-learn's 8x8 digits; mnist1d: MNIST-1D generated offline; fashion-mnist: "
+                        "the real Fashion-MNIST images from IDX files (--data-dir, or Debian's dataset-fashion-mnist)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="fashion-mnist: folder with the four IDX files (or DIR/FashionMNIST/raw); default: "
+                        "/usr/share/datasets/fashion-mnist")
     g.add_argument("--samples", type=_number(int, "an integer >= 30", lo=30), default=None,
-                   help="number of examples (mnist1d default 5000; digits default all 1797)")
+                   help="number of examples (mnist1d default 5000; digits default all 1797; fashion-mnist: "
+                        "training images split 3:1 into T1 and validation, default 4000, --full all 60000; "
+                        "its test set is always the official 10,000)")
+    g.add_argument("--preset", choices=tuple(ex.PRESETS), default=None,
+                   help="paper: the paper's setting (BN MLP 784-256-256-10, --full 784-1000-1000-1000-10; Adam "
+                        "lr 1e-3 for T1 with hypergrad sgd; T2 every 10 steps with hyper Adam lr 1e-3; per-layer L2 "
+                        "in linear scale c = 1e-3*λ, clipped at >= 0; batch 100). Explicit flags still win")
     g.add_argument("--axes", choices=ex.AXES, default="noise-l2",
                    help="noise-l2: input noise n0 in [0, 1] x log10 L2 in [-5, -2] (no hidden noise); "
                         "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty)")
-    g.add_argument("--l2-per", choices=("network", "layer"), default="network",
+    g.add_argument("--l2-per", choices=("network", "layer"), default=None,
                    help="noise-l2: one L2 coefficient for all weight matrices, or one per matrix (T1-T2 "
-                        "then tunes each; the map's y is the mean of their log10)")
-    g.add_argument("--width", type=positive_int, default=128, help="units per hidden layer")
-    g.add_argument("--depth", type=positive_int, default=2, help="number of hidden layers (ReLU)")
+                        "then tunes each; the map's y is the mean of their log10) (default network; paper: layer)")
+    g.add_argument("--l2-transform", default=None, metavar="T",
+                   help="parameterization of L2 tuned by T2: log, linear, or linear*<s> for c = s*λ (default log; "
+                        "paper: linear*0.001)")
+    g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm1d after every hidden Linear (default off; paper: on)")
+    g.add_argument("--width", type=positive_int, default=None,
+                   help="units per hidden layer (default 128; paper 256, --full 1000)")
+    g.add_argument("--depth", type=positive_int, default=None,
+                   help="number of hidden layers (ReLU) (default 2; paper 2, --full 3)")
     g = common.add_argument_group("training")
     g.add_argument("--steps", type=positive_int, default=None, help="T1 steps per run (default 1000, --full 3000)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="training and validation batch size")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the weights")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training and validation batch size (default 64; paper 100)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                   help="optimizer of the weights (default sgd; paper adam)")
     g.add_argument("--lr", type=positive_float, default=None,
                    help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
     g.add_argument("--momentum", type=unit_interval, default=0.9, help="sgd momentum")
-    g.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default="adam", help="optimizer of the hyperparameters")
-    g.add_argument("--hyper-lr", type=positive_float, default=1e-2,
-                   help="hyper-optimizer learning rate on the raw hyperparameters (log L2, noise std)")
-    g.add_argument("--hyper-every", type=positive_int, default=1, help="a T2 step every this many T1 steps")
+    g.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default=None,
+                   help="optimizer of the hyperparameters (default adam)")
+    g.add_argument("--hyper-lr", type=positive_float, default=None,
+                   help="hyper-optimizer learning rate on the raw hyperparameters (log L2, noise std) "
+                        "(default 1e-2; paper 1e-3)")
+    g.add_argument("--hyper-every", type=positive_int, default=None,
+                   help="a T2 step every this many T1 steps (default 1; paper 10)")
+    g.add_argument("--hypergrad", choices=("exact", "sgd"), default=None,
+                   help="exact: through the optimizer's update; sgd: the paper's approximation (default exact; "
+                        "paper sgd)")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="implementation of the fused ops")
     g = common.add_argument_group("run")
     g.add_argument("--seed", type=nonneg_int, default=0, help="base seed: data split, initializations, random starts")
@@ -286,7 +318,7 @@ def _add_experiment_commands(sub) -> None:
                     "summary.json; prints where the runs ended relative to the grid's best cells.")
     gr.add_argument("--size", type=_number(int, "an integer >= 2", lo=2), default=None,
                     help="grid points per axis (default 5, --full 9)")
-    gr.add_argument("--runs", type=positive_int, default=None, help="T1-T2 runs from random starts (default 8, --full 12)")
+    gr.add_argument("--runs", type=positive_int, default=None, help="T1-T2 runs from random starts (default 10, --full 12)")
     gr.set_defaults(func=cmd_grid)
 
     cp = sub.add_parser(
@@ -416,17 +448,28 @@ def main(argv: list[str] | None = None) -> int:
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
     _fill_defaults(args, (FULL if args.full else SMALL)[args.command])
+    if args.preset:
+        _fill_defaults(args, {**ex.PRESETS[args.preset], **(PRESET_FULL if args.full else PRESET_SMALL)})
+    _fill_defaults(args, EXPERIMENT_DEFAULTS)
+    if args.dataset == "fashion-mnist" and args.samples is None and not args.full:
+        args.samples = FASHION_SAMPLES
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
+    try:
+        from t1t2_fast.penalties import get_transform
+        get_transform(args.l2_transform)
+    except ValueError as exc:
+        raise UsageError(f"--l2-transform: {exc}") from None
     if args.l2_per != "network" and args.axes != "noise-l2":
         raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty)")
     if args.hyper_every > args.steps:
         raise UsageError(f"--hyper-every {args.hyper_every} exceeds --steps {args.steps}: T1-T2 would never tune")
     try:
-        data = load_data(args.dataset, seed=args.seed, samples=args.samples)
+        data = load_data(args.dataset, seed=args.seed, samples=args.samples, data_dir=args.data_dir)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    cfg = ex.Config(dataset=args.dataset, axes=args.axes, samples=args.samples, split_seed=args.seed,
+    cfg = ex.Config(batchnorm=args.batchnorm, hypergrad=args.hypergrad, l2_transform=args.l2_transform,
+                    data_dir=args.data_dir, dataset=args.dataset, axes=args.axes, samples=args.samples, split_seed=args.seed,
                  width=args.width, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
                  optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, l2_per=args.l2_per,
                  hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every,
@@ -493,6 +536,13 @@ def _grid(args, data, cfg, out, t0) -> dict[str, str]:
         print(f"{s['fraction_runs_in_best_quarter']:.0%} of runs end nearest a best-quarter cell; median rank "
               f"{s['median_end_rank']:g}; T1-T2 runs' own test error mean {s['t1t2_test_error']['mean']:.4f} "
               f"(* = ended outside the grid)")
+    if s.get("band"):
+        b = s["band"]
+        print(f"optimal band (test error within 2 SE of the difference from the best cell): {b['cells_in_band']} of "
+              f"{b['cells']} cells; a single run is in it at test error <= {b['run_threshold']:.4f}")
+        if s["runs"]:
+            print(f"runs in the band: own test error {s['fraction_runs_error_in_band']:.0%}, end point "
+                  f"{s['fraction_runs_end_in_band']:.0%} (goal: >= 80%)")
     return paths
 
 
@@ -522,6 +572,10 @@ def _compare(args, data, cfg, out, t0) -> dict[str, str]:
     print(f"mean test error before {s['mean_test_error_before']:.4f}, after {s['mean_test_error_after']:.4f} "
           f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
           f"worse {s['worse']} of {s['runs']}")
+    st = s["sign_test"]
+    print(f"after <= before in {st['fraction_after_le_before']:.0%} of starts (goal: >= 80%); sign test "
+          f"{st['improved']} better / {st['worse']} worse ({st['tied']} tied): p = {st['p_one_sided']:.3g} one-sided, "
+          f"{st['p_two_sided']:.3g} two-sided")
     return paths
 
 

@@ -30,6 +30,7 @@ import torch
 
 import t1t2_fast as t1t2
 
+from . import stats
 from .common import progress, t1t2_iteration, write_csv
 from .data import BatchStream
 from .models import make_mlp
@@ -72,6 +73,20 @@ class Config:
     hyper_every: int = 1
     backend: str = "auto"
     record_points: int = 50    # trajectory points recorded per T1-T2 run (plus the start)
+    batchnorm: bool = False    # BatchNorm1d after every hidden Linear (the paper's MLPs)
+    hypergrad: str = "exact"   # T1T2(hypergrad=): "exact" or the paper's "sgd" approximation
+    l2_transform: str = "log"  # L2's parameterization (penalties.get_transform): "log", "linear", "linear*<s>"
+    data_dir: str | None = None  # where fashion-mnist's files are looked for first
+
+
+# `--preset paper` (the paper's setting, Luketina et al. 2016 and its code): BN MLP, Adam for T1 with
+# the SGD-form hypergradient, a T2 step every 10 T1 steps, hyper Adam lr 1e-3, per-layer L2 in linear
+# scale (c = 1e-3·λ: about 1e-6 per T2 step) clipped at >= 0. Explicit flags still win.
+PRESETS = {
+    "paper": {"batchnorm": True, "optimizer": "adam", "lr": 1e-3, "hypergrad": "sgd", "hyper_every": 10,
+              "hyper_optimizer": "adam", "hyper_lr": 1e-3, "l2_transform": "linear*0.001", "l2_per": "layer",
+              "batch_size": 100},
+}
 
 
 @dataclass
@@ -106,15 +121,16 @@ def build(data, cfg: Config, point: tuple[float, float], seed: int):
     x, y = point
     torch.manual_seed(seed)
     if cfg.axes == "noise-l2":
-        model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input",), noise_init=x)
-        penalties = [t1t2.L2(10.0 ** y, per=cfg.l2_per)]
+        model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input",), noise_init=x,
+                         batchnorm=cfg.batchnorm)
+        penalties = [t1t2.L2(10.0 ** y, per=cfg.l2_per, transform=cfg.l2_transform)]
     else:
         model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input", "hidden"),
-                         noise_init=y)
+                         noise_init=y, batchnorm=cfg.batchnorm)
         model.input.raw.fill_(x)  # make_mlp gives every site one level; the input's is n0
         penalties = []
     opt = t1t2.T1T2(model, penalties, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                    hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr,
+                    hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr, hypergrad=cfg.hypergrad,
                     # fixed runs never stash: a hyper_every beyond the run makes step() pure T1
                     hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
     return model, opt
@@ -248,6 +264,7 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
     by_index = {(c["i"], c["j"]): c for c in cells}
     best = min(cells, key=lambda c: c["rank"])
     quarter = math.ceil(0.25 * len(cells))
+    band = stats.optimal_band(cells) if len(cells[0]["test_errors"]) >= 2 else None
     runs = []
     for k, res in enumerate(results):
         i, j, outside = nearest_cell(res.end, cfg.axes, size)
@@ -257,6 +274,8 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
                      "end_outside_grid": outside, "test_error": res.test_error, "val_error": res.val_error,
                      "diverged": res.diverged, "nearest_cell": [i, j], "nearest_cell_test_error": c["test_error"],
                      "nearest_cell_rank": c["rank"], "in_best_quarter": c["rank"] <= quarter,
+                     "end_in_band": bool(c["in_band"]) if band else None,
+                     "error_in_band": bool(res.test_error <= band["run_threshold"]) if band else None,
                      "final_hyperparameters": res.hyperparameters})
     errs = [c["test_error"] for c in cells]
     return {
@@ -266,6 +285,10 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
         "best_quarter_size": quarter,
         "fraction_runs_in_best_quarter": float(np.mean([r["in_best_quarter"] for r in runs])) if runs else None,
         "median_end_rank": float(np.median([r["nearest_cell_rank"] for r in runs])) if runs else None,
+        "band": band,
+        "fraction_runs_error_in_band": (float(np.mean([r["error_in_band"] for r in runs]))
+                                        if runs and band else None),
+        "fraction_runs_end_in_band": float(np.mean([r["end_in_band"] for r in runs])) if runs and band else None,
         "t1t2_test_error": {"mean": float(np.mean([r.test_error for r in results])),
                             "min": min(r.test_error for r in results),
                             "max": max(r.test_error for r in results)} if results else None,
@@ -309,10 +332,10 @@ def write_grid_csvs(out: str, result: dict, cfg: Config) -> dict[str, str]:
     cells, runs = result["cells"], result["runs"]
     seeds = len(cells[0]["test_errors"])
     paths = {"grid": os.path.join(out, "grid.csv"), "trajectories": os.path.join(out, "trajectories.csv")}
-    write_csv(paths["grid"], ["i", "j", ax.name, ay.name, "test_error", "val_error", "rank"]
+    write_csv(paths["grid"], ["i", "j", ax.name, ay.name, "test_error", "val_error", "rank", "in_band"]
                + [f"test_error_seed{s}" for s in range(seeds)],
-               [[c["i"], c["j"], c[ax.name], c[ay.name], c["test_error"], c["val_error"], c["rank"], *c["test_errors"]]
-                for c in cells])
+               [[c["i"], c["j"], c[ax.name], c[ay.name], c["test_error"], c["val_error"], c["rank"],
+                 int(c["in_band"]) if "in_band" in c else "", *c["test_errors"]] for c in cells])
     names = list(runs[0].trajectory[0][3]) if runs else []
     write_csv(paths["trajectories"], ["run", "step", ax.name, ay.name] + names,
                [[k, step, x, y, *[hp[n] for n in names]] for k, r in enumerate(runs)
@@ -342,6 +365,12 @@ def plot_map(path: str, result: dict, cfg: Config, size: int, title: str) -> Non
         ax.text(c[ax_x.name], c[ax_y.name], f"{100 * c['test_error']:.1f}", ha="center", va="center",
                 fontsize=7 if size <= 6 else 5, color="white" if c["rank"] > len(result["cells"]) / 2 else "black")
     best = min(result["cells"], key=lambda c: c["rank"])
+    band = [c for c in result["cells"] if c.get("in_band")]
+    if band:
+        from matplotlib.patches import Rectangle
+        for k, c in enumerate(band):
+            ax.add_patch(Rectangle((c[ax_x.name] - dx, c[ax_y.name] - dy), 2 * dx, 2 * dy, fill=False, ec="red",
+                                   lw=1.2, ls="--", label="optimal band (2 SE of the difference)" if k == 0 else None))
     ax.plot(best[ax_x.name], best[ax_y.name], "o", mfc="none", mec="red", ms=16, mew=2, label="best cell")
     palette = matplotlib.colormaps["tab10"]
     for k, r in enumerate(result["runs"]):
@@ -369,7 +398,8 @@ def compare_summary(rows: list[dict]) -> dict:
             "median_test_error_before": float(np.median(before)), "median_test_error_after": float(np.median(after)),
             "mean_test_error_t1t2_run": float(np.mean([r["test_error_t1t2_run"] for r in rows])),
             "improved": int((after < before).sum()), "tied": int((after == before).sum()),
-            "worse": int((after > before).sum()), "mean_change": float((after - before).mean())}
+            "worse": int((after > before).sum()), "mean_change": float((after - before).mean()),
+            "sign_test": stats.sign_test(before, after)}
 
 
 def plot_compare(path: str, rows: list[dict], title: str) -> None:

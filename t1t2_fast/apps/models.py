@@ -14,10 +14,12 @@ MODELS = ("mlp256", "mlp1024", "mlp4096", "cnn")  # make_model's defaults; any m
 
 
 def make_mlp(num_features: int, num_classes: int, width: int, depth: int, noise: tuple[str, ...] = (),
-             noise_init: float = 0.1, noise_per: str = "layer", noise_mode: str = "additive"):
+             noise_init: float = 0.1, noise_per: str = "layer", noise_mode: str = "additive",
+             batchnorm: bool = False):
     """An MLP with named layers (fc1..fcN, out), so hyperparameters read ``l2.fc1.weight``; with
     ``noise``, GaussianNoise modules ``input`` (before fc1) and ``hidden<i>`` (after relu<i>), whose
-    levels are the hyperparameters ``noise.input``, ``noise.hidden1``, ..."""
+    levels are the hyperparameters ``noise.input``, ``noise.hidden1``, ...; with ``batchnorm``, a
+    BatchNorm1d ``bn<i>`` between fc<i> and relu<i> (the paper's MLPs)."""
 
     def noise_layer(features):
         return GaussianNoise(noise_init, per=noise_per, num_features=features if noise_per == "unit" else None,
@@ -29,6 +31,8 @@ def make_mlp(num_features: int, num_classes: int, width: int, depth: int, noise:
     fan_in = num_features
     for i in range(1, depth + 1):
         layers[f"fc{i}"] = nn.Linear(fan_in, width)
+        if batchnorm:
+            layers[f"bn{i}"] = nn.BatchNorm1d(width)
         layers[f"relu{i}"] = nn.ReLU()
         if "hidden" in noise:
             layers[f"hidden{i}"] = noise_layer(width)
