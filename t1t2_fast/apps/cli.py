@@ -29,7 +29,7 @@ from . import search as se
 from . import train
 from .common import DEFAULT_LR, UsageError, args_config, timestamped, torch_threads, write_csv, write_json
 from .data import DATASETS, load_data
-from .models import MODELS, NOISE_SITES, is_mlp_name
+from .models import MODELS, NOISE_SITES, PAPER_MODEL, is_mlp_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,14 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = tr.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: scikit-learn's 8x8 digits (1797 examples); mnist1d: MNIST-1D generated "
-                        "offline (needs `pip install mnist1d`)")
+                        "offline (needs `pip install mnist1d`); fashion-mnist: the real Fashion-MNIST images "
+                        "(IDX files from --data-dir or Debian's dataset-fashion-mnist)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="fashion-mnist: folder with the four IDX files (or DIR/FashionMNIST/raw); default: "
+                        "/usr/share/datasets/fashion-mnist")
     g.add_argument("--samples", type=_number(int, "an integer >= 30", lo=30), default=None,
                    help="number of examples (mnist1d: generated, default 5000; digits: a stratified "
-                        "subsample of the 1797, default all)")
+                        "subsample of the 1797, default all; fashion-mnist: training images split 3:1 into "
+                        "T1 and validation, default all 60000, the test set is the official 10000)")
 
     g = tr.add_argument_group("model")
     g.add_argument("--width", type=positive_int, default=128, help="units per hidden layer")
     g.add_argument("--depth", type=nonneg_int, default=2, help="number of hidden layers (ReLU)")
+    g.add_argument("--batchnorm", action="store_true",
+                   help="BatchNorm1d before every hidden ReLU (its running statistics are left as T1 left them "
+                        "by the T2 steps)")
 
     g = tr.add_argument_group("hyperparameters (tuned by T2; initial values in natural scale)")
     g.add_argument("--l2", type=nonneg_float, default=1e-3, metavar="INIT",
@@ -111,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per", choices=PER_CHOICES, default="layer",
                    help="granularity: one coefficient for the network, per weight matrix, per output "
                         "unit (row) or per weight")
+    g.add_argument("--l2-transform", default="log", metavar="T",
+                   help="parameterization of the L2/L1 coefficients: log, linear, or linear*<s> for c = s*λ")
     g.add_argument("--decoupled", action="store_true",
                    help="apply L2 outside the optimizer's preconditioner (AdamW-style weight decay)")
 
@@ -728,8 +738,13 @@ def _add_overhead_command(sub) -> None:
                     "noise tuned by 'fd' ('noise'), on each backend. Writes overhead.csv, overhead.png, "
                     "summary.json and prints the overhead beside its floor (the validation forward/backward, "
                     "plus fd's extra training forward/backward, per hyper_every plain steps).")
-    op.add_argument("--models", type=_subset(MODELS, " or mlp<width>", is_mlp_name), default=MODELS,
-                    help="comma-separated: mlp<width> (any width) and/or cnn")
+    op.add_argument("--models", type=_subset(MODELS, " or mlp<width> or paper",
+                                             lambda m: is_mlp_name(m) or m == PAPER_MODEL), default=MODELS,
+                    help="comma-separated: mlp<width> (784-w-w-10, any width), cnn, and/or paper (the paper's BN MLP "
+                         "784-1000-1000-1000-10, the experiments' --full network)")
+    op.add_argument("--dataset", choices=("synthetic", "fashion-mnist"), default="synthetic",
+                    help="batches of random numbers, or of real fashion-mnist images (--data-dir)")
+    op.add_argument("--data-dir", default=None, metavar="DIR", help="where fashion-mnist's IDX files are")
     op.add_argument("--settings", type=_subset(ov.SETTINGS), default=ov.SETTINGS, help="comma-separated")
     op.add_argument("--backends", type=_subset(ov.BACKENDS), default=ov.BACKENDS, help="comma-separated")
     op.add_argument("--hyper-every", type=_int_list, default=(10, 1), help="comma-separated")
@@ -759,7 +774,12 @@ def cmd_overhead(args) -> int:
         return 1
     cfg = ov.Config(models=args.models, settings=args.settings, backends=args.backends, hyper_every=args.hyper_every,
                     steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, optimizer=args.optimizer,
-                    lr=0.01 if args.optimizer == "sgd" else 1e-3)
+                    lr=0.01 if args.optimizer == "sgd" else 1e-3, dataset=args.dataset, data_dir=args.data_dir)
+    if args.dataset != "synthetic":
+        from .images import find_fashion_mnist, INSTALL_HINT
+        if find_fashion_mnist(args.data_dir) is None:
+            print(f"t1t2 overhead: error: the Fashion-MNIST files were not found; {INSTALL_HINT}", file=sys.stderr)
+            return 1
     out = args.out or timestamped(os.path.join("runs", "overhead"))
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
