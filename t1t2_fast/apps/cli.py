@@ -458,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
     _fill_defaults(args, (FULL if args.full else SMALL)[args.command])
+    if args.l2_per not in (None, "network") and args.axes != "noise-l2":
+        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty)")
+    if args.axes != "noise-l2":  # no penalty: a preset's L2 settings do not apply
+        args.l2_per = "network"
     if args.preset:
         _fill_defaults(args, {**ex.PRESETS[args.preset], **(PRESET_FULL if args.full else PRESET_SMALL)})
     _fill_defaults(args, EXPERIMENT_DEFAULTS)
@@ -470,8 +474,6 @@ def _experiment_setup(args):
         get_transform(args.l2_transform)
     except ValueError as exc:
         raise UsageError(f"--l2-transform: {exc}") from None
-    if args.l2_per != "network" and args.axes != "noise-l2":
-        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty)")
     if args.hyper_every > args.steps:
         raise UsageError(f"--hyper-every {args.hyper_every} exceeds --steps {args.steps}: T1-T2 would never tune")
     try:

@@ -160,6 +160,18 @@ def test_grid_paper_preset_band(tmp_path, fake_dir):
     assert header[:4] == ["run", "step", "n0", "log10_l2"] and sum(h.startswith("l2.") for h in header) == 3
 
 
+def test_grid_paper_preset_noise_noise(tmp_path, fake_dir):
+    """With --axes noise-noise the preset's per-layer L2 does not apply (there is no penalty)."""
+    out = tmp_path / "grid-nn"
+    assert main(["grid", *TINY, "--axes", "noise-noise", "--data-dir", str(fake_dir), "--samples", "200", "--size",
+                 "2", "--seeds", "2", "--runs", "1", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["batchnorm"] and s["band"]["cells"] == 4
+    assert set(s["runs"][0]["final_hyperparameters"]) == {"noise.input", "noise.hidden1", "noise.hidden2"}
+    assert main(["grid", *TINY, "--axes", "noise-noise", "--l2-per", "layer", "--data-dir", str(fake_dir),
+                 "--out", str(tmp_path / "bad")]) == 2
+
+
 def test_compare_paper_preset_sign_test(tmp_path, fake_dir, capsys):
     out = tmp_path / "compare"
     assert main(["compare", *TINY, "--data-dir", str(fake_dir), "--samples", "200", "--runs", "3", "--seeds", "1",
