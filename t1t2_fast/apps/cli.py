@@ -747,6 +747,8 @@ def _add_overhead_command(sub) -> None:
     op.add_argument("--dataset", choices=("synthetic", "fashion-mnist"), default="synthetic",
                     help="batches of random numbers, or of real fashion-mnist images (--data-dir)")
     op.add_argument("--data-dir", default=None, metavar="DIR", help="where fashion-mnist's IDX files are")
+    op.add_argument("--hypergrad", choices=("exact", "sgd"), default="exact",
+                    help="T1-T2's hypergradient: exact, or the paper's sgd approximation (its scheme with --optimizer adam)")
     op.add_argument("--settings", type=_subset(ov.SETTINGS), default=ov.SETTINGS, help="comma-separated")
     op.add_argument("--backends", type=_subset(ov.BACKENDS), default=ov.BACKENDS, help="comma-separated")
     op.add_argument("--hyper-every", type=_int_list, default=(10, 1), help="comma-separated")
@@ -776,7 +778,8 @@ def cmd_overhead(args) -> int:
         return 1
     cfg = ov.Config(models=args.models, settings=args.settings, backends=args.backends, hyper_every=args.hyper_every,
                     steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, optimizer=args.optimizer,
-                    lr=0.01 if args.optimizer == "sgd" else 1e-3, dataset=args.dataset, data_dir=args.data_dir)
+                    lr=0.01 if args.optimizer == "sgd" else 1e-3, dataset=args.dataset, data_dir=args.data_dir,
+                    hypergrad=args.hypergrad)
     if args.dataset != "synthetic":
         from .images import find_fashion_mnist, INSTALL_HINT
         if find_fashion_mnist(args.data_dir) is None:

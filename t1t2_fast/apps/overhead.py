@@ -62,6 +62,7 @@ class Config:
     l2: float = 1e-4
     noise: float = 0.1
     seed: int = 0
+    hypergrad: str = "exact"    # T1T2(hypergrad=): the paper's scheme is "sgd"
     dataset: str = "synthetic"  # or "fashion-mnist": batches of real images (shapes and timing as synthetic)
     data_dir: str | None = None
 
@@ -128,6 +129,7 @@ def _t1t2(cfg: Config, model: nn.Module, backend: str, hyper_every: int):
     # per="layer" on the weight matrices, like the torch baseline's weight_decay groups
     return t1t2.T1T2(model, [t1t2.L2(cfg.l2, per="layer")], optimizer=cfg.optimizer, lr=cfg.lr,
                      momentum=cfg.momentum, hyper_lr=1e-3, hyper_every=hyper_every, noise_hypergrad="fd",
+                     hypergrad=cfg.hypergrad,
                      backend=backend, seed=cfg.seed)
 
 

@@ -195,7 +195,9 @@ def test_search_and_train_and_overhead_on_fake_images(tmp_path, fake_dir):
     assert m["hyper_steps"] == 2
     assert main(["overhead", "--dataset", "fashion-mnist", "--data-dir", str(fake_dir), "--models", "mlp32",
                  "--settings", "penalties", "--backends", "reference", "--hyper-every", "10", "--steps", "2",
-                 "--rounds", "1", "--quiet", "--out", str(tmp_path / "ov")]) == 0
+                 "--rounds", "1", "--optimizer", "adam", "--hypergrad", "sgd", "--quiet", "--out", str(tmp_path / "ov")]) == 0
+    ov = json.loads((tmp_path / "ov" / "summary.json").read_text())["config"]
+    assert (ov["hypergrad"], ov["dataset"], ov["optimizer"]) == ("sgd", "fashion-mnist", "adam")
 
 
 def test_bad_l2_transform_is_a_usage_error(tmp_path, fake_dir):
