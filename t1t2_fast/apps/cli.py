@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
 from t1t2_fast import BACKENDS as BACKEND_CHOICES
@@ -274,7 +275,8 @@ def _add_experiment_commands(sub) -> None:
                         "in linear scale c = 1e-3*λ, clipped at >= 0; batch 100). Explicit flags still win")
     g.add_argument("--axes", choices=ex.AXES, default="noise-l2",
                    help="noise-l2: input noise n0 in [0, 1] x log10 L2 in [-5, -2] (no hidden noise); "
-                        "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty)")
+                        "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty); many (search only): per-layer "
+                        "log10 L2 and per-site noise, one coordinate each (2 x (depth + 1) hyperparameters)")
     g.add_argument("--l2-per", choices=("network", "layer"), default=None,
                    help="noise-l2: one L2 coefficient for all weight matrices, or one per matrix (T1-T2 "
                         "then tunes each; the map's y is the mean of their log10) (default network; paper: layer)")
@@ -356,9 +358,11 @@ def _add_experiment_commands(sub) -> None:
                     help="baselines: random, tpe (default both)")
     se.add_argument("--repeats", type=positive_int, default=None,
                     help="repeats of the whole comparison with other search seeds (default 2, --full 5)")
-    se.add_argument("--clock", choices=("wall", "process"), default="wall",
-                    help="what a budget measures: wall-clock seconds (time.perf_counter) or this process's "
-                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine)")
+    se.add_argument("--clock", choices=("wall", "process", "plain-runs"), default="wall",
+                    help="what a budget measures: wall-clock seconds (time.perf_counter), this process's "
+                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine), or "
+                         "plain-run equivalents (a fixed run counts 1, a T1-T2 run the ratio of their CPU "
+                         "times, measured before the search on two pairs of runs)")
     se.set_defaults(func=cmd_search)
     _add_peers_command(sub)
 
@@ -458,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
     _fill_defaults(args, (FULL if args.full else SMALL)[args.command])
+    if args.axes == "many" and args.command != "search":
+        raise UsageError("--axes many (one coordinate per hyperparameter) applies to search only: a map or a "
+                         "before/after table needs two axes")
     if args.l2_per not in (None, "network") and args.axes != "noise-l2":
-        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty)")
+        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty, many is per layer)")
     if args.axes != "noise-l2":  # no penalty: a preset's L2 settings do not apply
         args.l2_per = "network"
     if args.preset:
@@ -601,10 +608,55 @@ def cmd_search(args) -> int:
     return _run_experiment(args, _search)
 
 
+def _search_xlabel(args) -> str:
+    if args.clock == "plain-runs":
+        return "compute in plain-run equivalents (a fixed-hyperparameter run = 1)"
+    return (f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} seconds "
+            f"({args.threads} thread{'s' if args.threads > 1 else ''})")
+
+
+def _goal_line(result) -> str | None:
+    """Issue 17's goal: T1-T2 with one run's compute within one standard error of the best baseline
+    given the largest budget (four runs' by default); mean test error and its SE over repeats."""
+    rows, budgets = result["per_repeat"], result["budgets"]
+    if len(budgets) < 2:
+        return None
+
+    def stat(method, k):
+        v = [r["test_error"] for r in rows if r["method"] == method and r["budget_runs"] == k
+             and r["test_error"] is not None]
+        if not v:
+            return None
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+        return float(np.mean(v)), sd / math.sqrt(len(v)), len(v)
+
+    t1 = stat("t1t2", budgets[0])
+    base = [(m, stat(m, budgets[-1])) for m in result["methods"] if m != "t1t2"]
+    base = [(m, b) for m, b in base if b is not None]
+    if t1 is None or not base:
+        return None
+    m, b = min(base, key=lambda mb: mb[1][0])
+    se = math.sqrt(t1[1] ** 2 + b[1] ** 2)
+    met = t1[0] - b[0] <= se
+    return (f"goal: T1-T2 at {budgets[0]} run {100 * t1[0]:.2f}% (SE {100 * t1[1]:.2f}) vs best baseline ({m}) at "
+            f"{budgets[-1]} runs {100 * b[0]:.2f}% (SE {100 * b[1]:.2f}): difference {100 * (t1[0] - b[0]):+.2f} points, "
+            f"SE of the difference {100 * se:.2f} -> {'met' if met else 'missed'}")
+
+
 def _search(args, data, cfg, out, t0) -> dict[str, str]:
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    train, ratio = ex.train_run, None
+    if args.clock == "plain-runs":
+        ratio = se.measure_ratio(data, cfg)
+        clock = se.PlainRunClock(ratio["ratio"])
+        train = clock.wrap(ex.train_run)
+        if not args.quiet:
+            print(f"a T1-T2 run costs {ratio['ratio']:.3f} plain runs (CPU time ratios {ratio['ratios']})")
+    else:
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
     result = se.search_experiment(data, cfg, repeats=args.repeats, budgets=args.budgets, methods=args.methods,
-                                  seed=args.seed, quiet=args.quiet, clock=clock)
+                                  seed=args.seed, quiet=args.quiet, clock=clock, train=train)
+    if ratio is not None:
+        result["summary"]["plain_run_ratio"] = ratio
     paths = se.write_search_csvs(out, result, cfg)
     paths["plot"] = os.path.join(out, "search.png")
     paths["summary"] = os.path.join(out, "summary.json")
@@ -612,8 +664,7 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
     se.plot_search(paths["plot"], result, title=(
         f"{cfg.dataset} {cfg.axes}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps per run, {args.repeats} "
         f"repeat(s); a T1-T2 run took {s['t1t2_run_s']['mean']:.1f} s, a fixed run {s['fixed_run_s']['mean']:.2f} s "
-        f"({args.clock} clock)"), xlabel=f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} seconds "
-                                        f"({args.threads} thread{'s' if args.threads > 1 else ''})")
+        f"({args.clock} clock)"), xlabel=_search_xlabel(args))
     _write_summary(paths["summary"], se.summary_json(result), args, cfg, t0)
     load = f"; CPU/wall {s['cpu_over_wall']:.2f}" if args.clock == "wall" else ""
     print(f"{args.repeats} repeat(s); one T1-T2 run {s['t1t2_run_s']['mean']:.2f} s, one fixed run "
@@ -621,6 +672,9 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
           f"selected by validation error, test error reported:")
     for line in se.format_table(result):
         print("  " + line)
+    goal = _goal_line(result)
+    if goal:
+        print(goal)
     return paths
 
 

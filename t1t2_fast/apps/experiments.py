@@ -35,7 +35,7 @@ from .common import progress, t1t2_iteration, write_csv
 from .data import BatchStream
 from .models import make_mlp
 
-AXES = ("noise-l2", "noise-noise")
+AXES = ("noise-l2", "noise-noise", "many")  # "many": search only (one coordinate per hyperparameter)
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,18 @@ AXIS_PAIRS = {
     "noise-l2": (Axis("n0", "input noise std n0", 0.0, 1.0), Axis("log10_l2", "log10 L2 coefficient", -5.0, -2.0)),
     "noise-noise": (Axis("n0", "input noise std n0", 0.0, 1.0), Axis("n1", "hidden noise std n1", 0.0, 1.0)),
 }
+
+
+def coordinates(axes: str, depth: int = 2) -> tuple[Axis, ...]:
+    """The coordinates of a point on ``axes``: the two of AXIS_PAIRS, or for "many" one per
+    hyperparameter: log10 of the L2 coefficient of each weight matrix (fc1..fc<depth>, out) in
+    [-5, -2], then the noise std of the input (n0) and after each hidden layer (n1..n<depth>) in [0, 1]."""
+    if axes != "many":
+        return AXIS_PAIRS[axes]
+    layers = [f"fc{i}" for i in range(1, depth + 1)] + ["out"]
+    return tuple([Axis(f"log10_l2_{n}", f"log10 L2 of {n}", -5.0, -2.0) for n in layers]
+                 + [Axis(f"n{i}", "input noise std" if i == 0 else f"hidden noise std {i}", 0.0, 1.0)
+                    for i in range(depth + 1)])
 
 
 @dataclass
@@ -105,8 +117,13 @@ def _mean(value) -> float:
     return float(value) if isinstance(value, float) else float(value.double().mean())
 
 
-def point_of(hypers: dict, axes: str) -> tuple[float, float]:
-    """The (x, y) coordinates of T1T2.hyperparameters() on ``axes``."""
+def point_of(hypers: dict, axes: str) -> tuple[float, ...]:
+    """The (x, y) coordinates of T1T2.hyperparameters() on ``axes`` (for "many", ``coordinates``'s)."""
+    if axes == "many":
+        l2 = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
+        hidden = sorted((int(n[len("noise.hidden"):]), _mean(v)) for n, v in hypers.items()
+                        if n.startswith("noise.hidden"))
+        return tuple(l2 + [_mean(hypers["noise.input"])] + [v for _, v in hidden])
     x = _mean(hypers["noise.input"])
     if axes == "noise-l2":
         logs = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
@@ -118,6 +135,8 @@ def point_of(hypers: dict, axes: str) -> tuple[float, float]:
 def build(data, cfg: Config, point: tuple[float, float], seed: int):
     """The MLP (GaussianNoise sites ``input`` and, for noise-noise, ``hidden<i>``) and its T1T2
     optimizer with the hyperparameters at ``point``; the weights are initialized from ``seed``."""
+    if cfg.axes == "many":
+        return _build_many(data, cfg, point, seed)
     x, y = point
     torch.manual_seed(seed)
     if cfg.axes == "noise-l2":
@@ -133,6 +152,26 @@ def build(data, cfg: Config, point: tuple[float, float], seed: int):
                     hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr, hypergrad=cfg.hypergrad,
                     # fixed runs never stash: a hyper_every beyond the run makes step() pure T1
                     hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
+    return model, opt
+
+
+def _build_many(data, cfg: Config, point, seed: int):
+    """``build`` for axes "many": per-layer L2 and per-site noise, each set from its coordinate."""
+    torch.manual_seed(seed)
+    model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input", "hidden"),
+                     noise_init=0.1, batchnorm=cfg.batchnorm)
+    opt = t1t2.T1T2(model, [t1t2.L2(1e-4, per="layer", transform=cfg.l2_transform)], optimizer=cfg.optimizer,
+                    lr=cfg.lr, momentum=cfg.momentum, hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr,
+                    hypergrad=cfg.hypergrad, hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
+    l2 = [h for h in opt.all_hypers if h.kind == "l2"]
+    noise = [model.input] + [getattr(model, f"hidden{i}") for i in range(1, cfg.depth + 1)]
+    if len(point) != len(l2) + len(noise):
+        raise ValueError(f"axes 'many' needs {len(l2) + len(noise)} coordinates, got {len(point)}")
+    with torch.no_grad():
+        for h, v in zip(l2, point[:len(l2)]):
+            h.raw.fill_(h.transform.inverse(10.0 ** v))
+        for m, v in zip(noise, point[len(l2):]):
+            m.raw.fill_(m.transform.inverse(v))
     return model, opt
 
 
@@ -195,18 +234,18 @@ def fixed_error(data, cfg: Config, point, seeds, raw=None) -> tuple[float, float
             [r.test_error for r in runs])
 
 
-def point_stream(axes: str, seed: int, stream: int):
+def point_stream(axes: str, seed: int, stream: int, depth: int = 2):
     """An endless sequence of points uniform over the axis box (log-uniform in L2), reproducible
     from (seed, stream); for searches that do not know in advance how many points they will use."""
-    ax, ay = AXIS_PAIRS[axes]
+    coords = coordinates(axes, depth)
     rng = np.random.default_rng([seed, stream])
     while True:
-        yield float(rng.uniform(ax.lo, ax.hi)), float(rng.uniform(ay.lo, ay.hi))
+        yield tuple(float(rng.uniform(a.lo, a.hi)) for a in coords)
 
 
-def random_points(axes: str, n: int, seed: int, stream: int) -> list[tuple[float, float]]:
-    """The first ``n`` points of ``point_stream(axes, seed, stream)``."""
-    return list(itertools.islice(point_stream(axes, seed, stream), n))
+def random_points(axes: str, n: int, seed: int, stream: int, depth: int = 2) -> list[tuple[float, ...]]:
+    """The first ``n`` points of ``point_stream(axes, seed, stream, depth)``."""
+    return list(itertools.islice(point_stream(axes, seed, stream, depth), n))
 
 
 def grid_values(axis: Axis, size: int) -> list[float]:

@@ -211,3 +211,45 @@ def test_paper_model_has_batchnorm_and_the_full_widths():
     m = make_model("paper", 0.1)
     assert [mod.num_features for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm1d)] == [1000] * 3
     assert sum(p.numel() for p in m.parameters()) == 784 * 1000 + 2 * 1000 * 1000 + 10000 + 3000 + 10 + 6000
+
+
+# ------------------------------------------------------------------------------------------------
+# many hyperparameters, compute in plain-run equivalents (experiment 3 of issue 17)
+# ------------------------------------------------------------------------------------------------
+def test_plain_run_clock_counts_runs():
+    from t1t2_fast.apps import search as se
+
+    calls = []
+    clock = se.PlainRunClock(1.5)
+    train = clock.wrap(lambda data, cfg, point, seed, tune: calls.append(tune) or "r")
+    assert clock() == 0.0
+    assert train(None, None, None, 0, tune=True) == "r" and clock() == 1.5
+    train(None, None, None, 1, tune=False)
+    assert clock() == 2.5 and calls == [True, False]
+
+
+def test_many_axes_build_sets_every_hyperparameter(fake_dir):
+    from t1t2_fast.apps import experiments as ex
+
+    d = load_data("fashion-mnist", seed=0, samples=200, data_dir=str(fake_dir))
+    cfg = ex.Config(dataset="fashion-mnist", axes="many", width=8, depth=2, l2_transform="linear*0.001")
+    coords = ex.coordinates("many", 2)
+    assert [a.name for a in coords] == ["log10_l2_fc1", "log10_l2_fc2", "log10_l2_out", "n0", "n1", "n2"]
+    point = (-4.0, -3.0, -2.5, 0.1, 0.2, 0.3)
+    model, opt = ex.build(d, cfg, point, seed=0)
+    assert ex.point_of(opt.hyperparameters(), "many") == pytest.approx(point, rel=1e-6)
+    (p,) = ex.random_points("many", 1, 0, 0, depth=3)
+    assert len(p) == 8 and all(-5 <= v <= -2 for v in p[:4]) and all(0 <= v <= 1 for v in p[4:])
+
+
+def test_search_many_plain_runs(tmp_path, fake_dir, capsys):
+    out = tmp_path / "search"
+    assert main(["search", *TINY, "--data-dir", str(fake_dir), "--samples", "200", "--axes", "many", "--clock",
+                 "plain-runs", "--repeats", "2", "--budgets", "1,2", "--methods", "random", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["plain_run_ratio"]["ratio"] > 0
+    header = (out / "search.csv").read_text().splitlines()[0].split(",")
+    assert sum(h.startswith("start_") for h in header) == 6 and sum(h.startswith("end_") for h in header) == 6
+    assert "goal: T1-T2 at 1 run" in capsys.readouterr().out
+    for cmd in ("grid", "compare"):
+        assert main([cmd, *TINY, "--axes", "many", "--data-dir", str(fake_dir), "--out", str(tmp_path / cmd)]) == 2
