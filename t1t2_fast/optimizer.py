@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, distributed
+from .batchnorm import keeps_running_stats
 from ._dtypes import OPTIMIZERS, SUPPORTED_DTYPES, compute_dtype
 from .backend import Backend, resolve_backend
 from . import closures
@@ -517,6 +518,7 @@ class T1T2(torch.optim.Optimizer):
 
     # -- T2 -----------------------------------------------------------------------------------
     @torch.compiler.disable
+    @keeps_running_stats  # batch norm's running statistics: as the T1 step left them (batchnorm.py)
     def hyper_step(self, closure: Callable[[], torch.Tensor],
                    train: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor:
         """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run without noise),

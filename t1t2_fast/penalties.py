@@ -68,6 +68,28 @@ class LinearTransform(Transform):
             raise ValueError(f"{what}: initial value must be finite, got {init!r}")
 
 
+class ScaledLinearTransform(LinearTransform):
+    """c = s·λ for a fixed s > 0 (name "linear*<s>", e.g. "linear*0.001"): linear scale, with the raw
+    value's unit chosen so that a hyper-optimizer step of size η in λ moves c by s·η. Adam's step in λ
+    is about its learning rate whatever the gradient's size, so this sets how far c moves per T2 step
+    (the paper's code: lr 1e-3 moving L2 about 1e-6 per step, i.e. s = 1e-3)."""
+
+    def __init__(self, scale: float):
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"transform 'linear*<scale>' needs a positive finite scale, got {scale!r}")
+        self.scale = float(scale)
+        self.name = f"linear*{self.scale:g}"
+
+    def value(self, raw):
+        return raw * self.scale
+
+    def derivative(self, raw):
+        return torch.full_like(raw, self.scale)
+
+    def inverse(self, c):
+        return c / self.scale
+
+
 class SoftplusTransform(Transform):
     name = "softplus"
 
@@ -88,6 +110,11 @@ TRANSFORMS = {t.name: t for t in (LogTransform(), LinearTransform(), SoftplusTra
 
 
 def get_transform(name: str) -> Transform:
+    if isinstance(name, str) and name.startswith("linear*"):
+        try:
+            return ScaledLinearTransform(float(name[len("linear*"):]))
+        except ValueError:
+            raise ValueError(f"unknown transform {name!r}; 'linear*<scale>' needs a positive number") from None
     try:
         return TRANSFORMS[name]
     except KeyError:
@@ -107,12 +134,13 @@ class Penalty:
         init: initial value c₀ in natural scale.
         per: "network" (one c for every targeted tensor), "layer" (one per tensor, the paper's
             default), "unit" (one per row, i.e. per slice along dim 0) or "element".
-        transform: "log" (c = exp λ), "linear" (c = λ, projected into ``bounds``) or "softplus".
+        transform: "log" (c = exp λ), "linear" (c = λ, projected into ``bounds``), "linear*<s>"
+            (c = s·λ, e.g. "linear*0.001": a hyper step of η moves c by s·η) or "softplus".
         params: which parameters it applies to. ``None``: every parameter with dim ≥ 2 (weights,
             not biases or norm scales). A callable ``(name, param) -> bool``, a regular expression
             searched in the parameter name, or a list of exact parameter names.
         bounds: (lo, hi) in natural scale; λ is projected so that c stays inside after every hyper
-            step. Default (0, inf) for "linear", no projection for "log"/"softplus".
+            step. Default (0, inf) for "linear" and "linear*<s>", no projection for "log"/"softplus".
     """
 
     kind = "?"
@@ -126,7 +154,7 @@ class Penalty:
         init = float(init)
         self.transform.check_init(init, name)
         if bounds is None:
-            bounds = (0.0, math.inf) if self.transform.name == "linear" else (-math.inf, math.inf)
+            bounds = (0.0, math.inf) if isinstance(self.transform, LinearTransform) else (-math.inf, math.inf)
         lo, hi = (float(b) for b in bounds)
         if not lo <= init <= hi:
             raise ValueError(f"{name}: initial value {init} lies outside bounds ({lo}, {hi})")

@@ -16,6 +16,7 @@ import platform
 import sys
 import time
 
+import numpy as np
 import torch
 
 from t1t2_fast import BACKENDS as BACKEND_CHOICES
@@ -29,7 +30,7 @@ from . import search as se
 from . import train
 from .common import DEFAULT_LR, UsageError, args_config, timestamped, torch_threads, write_csv, write_json
 from .data import DATASETS, load_data
-from .models import MODELS, NOISE_SITES, is_mlp_name
+from .models import MODELS, NOISE_SITES, PAPER_MODEL, is_mlp_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,14 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = tr.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: scikit-learn's 8x8 digits (1797 examples); mnist1d: MNIST-1D generated "
-                        "offline (needs `pip install mnist1d`)")
+                        "offline (needs `pip install mnist1d`); fashion-mnist: the real Fashion-MNIST images "
+                        "(IDX files from --data-dir or Debian's dataset-fashion-mnist)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="fashion-mnist: folder with the four IDX files (or DIR/FashionMNIST/raw); default: "
+                        "/usr/share/datasets/fashion-mnist")
     g.add_argument("--samples", type=_number(int, "an integer >= 30", lo=30), default=None,
                    help="number of examples (mnist1d: generated, default 5000; digits: a stratified "
-                        "subsample of the 1797, default all)")
+                        "subsample of the 1797, default all; fashion-mnist: training images split 3:1 into "
+                        "T1 and validation, default all 60000, the test set is the official 10000)")
 
     g = tr.add_argument_group("model")
     g.add_argument("--width", type=positive_int, default=128, help="units per hidden layer")
     g.add_argument("--depth", type=nonneg_int, default=2, help="number of hidden layers (ReLU)")
+    g.add_argument("--batchnorm", action="store_true",
+                   help="BatchNorm1d before every hidden ReLU (its running statistics are left as T1 left them "
+                        "by the T2 steps)")
 
     g = tr.add_argument_group("hyperparameters (tuned by T2; initial values in natural scale)")
     g.add_argument("--l2", type=nonneg_float, default=1e-3, metavar="INIT",
@@ -111,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per", choices=PER_CHOICES, default="layer",
                    help="granularity: one coefficient for the network, per weight matrix, per output "
                         "unit (row) or per weight")
+    g.add_argument("--l2-transform", default="log", metavar="T",
+                   help="parameterization of the L2/L1 coefficients: log, linear, or linear*<s> for c = s*λ")
     g.add_argument("--decoupled", action="store_true",
                    help="apply L2 outside the optimizer's preconditioner (AdamW-style weight decay)")
 
@@ -203,9 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
 FULL = {"grid": {"size": 9, "seeds": 3, "runs": 12, "steps": 3000},
         "compare": {"runs": 20, "seeds": 3, "steps": 3000},
         "search": {"repeats": 5, "steps": 3000}}
-SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 8, "steps": 1000},
+SMALL = {"grid": {"size": 5, "seeds": 2, "runs": 10, "steps": 1000},
          "compare": {"runs": 10, "seeds": 2, "steps": 1000},
          "search": {"repeats": 2, "steps": 1000}}
+# grid/compare/search flags that a --preset may set; what they are without one
+EXPERIMENT_DEFAULTS = {"width": 128, "depth": 2, "batch_size": 64, "optimizer": "sgd", "hyper_optimizer": "adam",
+                       "hyper_lr": 1e-2, "hyper_every": 1, "hypergrad": "exact", "l2_per": "network",
+                       "l2_transform": "log", "batchnorm": False}
+PRESET_SMALL = {"width": 256, "depth": 2}
+PRESET_FULL = {"width": 1000, "depth": 3}
+FASHION_SAMPLES = 4000  # fashion-mnist training images used without --full (3000 T1 / 1000 validation)
 
 
 def _subset(choices, what_else: str = "", also=lambda item: False):
@@ -242,28 +260,54 @@ def _add_experiment_commands(sub) -> None:
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("problem")
     g.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits: scikit-learn's 8x8 digits; mnist1d: MNIST-1D generated offline")
+                   help="digits: scikit-learn's 8x8 digits; mnist1d: MNIST-1D generated offline; fashion-mnist: "
+                        "the real Fashion-MNIST images from IDX files (--data-dir, or Debian's dataset-fashion-mnist)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="fashion-mnist: folder with the four IDX files (or DIR/FashionMNIST/raw); default: "
+                        "/usr/share/datasets/fashion-mnist")
     g.add_argument("--samples", type=_number(int, "an integer >= 30", lo=30), default=None,
-                   help="number of examples (mnist1d default 5000; digits default all 1797)")
+                   help="number of examples (mnist1d default 5000; digits default all 1797; fashion-mnist: "
+                        "training images split 3:1 into T1 and validation, default 4000, --full all 60000; "
+                        "its test set is always the official 10,000)")
+    g.add_argument("--preset", choices=tuple(ex.PRESETS), default=None,
+                   help="paper: the paper's setting (BN MLP 784-256-256-10, --full 784-1000-1000-1000-10; Adam "
+                        "lr 1e-3 for T1 with hypergrad sgd; T2 every 10 steps with hyper Adam lr 1e-3; per-layer L2 "
+                        "in linear scale c = 1e-3*λ, clipped at >= 0; batch 100). Explicit flags still win")
     g.add_argument("--axes", choices=ex.AXES, default="noise-l2",
                    help="noise-l2: input noise n0 in [0, 1] x log10 L2 in [-5, -2] (no hidden noise); "
-                        "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty)")
-    g.add_argument("--l2-per", choices=("network", "layer"), default="network",
+                        "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty); many (search only): per-layer "
+                        "log10 L2 and per-site noise, one coordinate each (2 x (depth + 1) hyperparameters)")
+    g.add_argument("--l2-per", choices=("network", "layer"), default=None,
                    help="noise-l2: one L2 coefficient for all weight matrices, or one per matrix (T1-T2 "
-                        "then tunes each; the map's y is the mean of their log10)")
-    g.add_argument("--width", type=positive_int, default=128, help="units per hidden layer")
-    g.add_argument("--depth", type=positive_int, default=2, help="number of hidden layers (ReLU)")
+                        "then tunes each; the map's y is the mean of their log10) (default network; paper: layer)")
+    g.add_argument("--l2-transform", default=None, metavar="T",
+                   help="parameterization of L2 tuned by T2: log, linear, or linear*<s> for c = s*λ (default log; "
+                        "paper: linear*0.001)")
+    g.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
+                   help="BatchNorm1d after every hidden Linear (default off; paper: on)")
+    g.add_argument("--width", type=positive_int, default=None,
+                   help="units per hidden layer (default 128; paper 256, --full 1000)")
+    g.add_argument("--depth", type=positive_int, default=None,
+                   help="number of hidden layers (ReLU) (default 2; paper 2, --full 3)")
     g = common.add_argument_group("training")
     g.add_argument("--steps", type=positive_int, default=None, help="T1 steps per run (default 1000, --full 3000)")
-    g.add_argument("--batch-size", type=positive_int, default=64, help="training and validation batch size")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd", help="optimizer of the weights")
+    g.add_argument("--batch-size", type=positive_int, default=None,
+                   help="training and validation batch size (default 64; paper 100)")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                   help="optimizer of the weights (default sgd; paper adam)")
     g.add_argument("--lr", type=positive_float, default=None,
                    help=f"learning rate (default: {DEFAULT_LR['sgd']} for sgd, {DEFAULT_LR['adam']} for adam)")
     g.add_argument("--momentum", type=unit_interval, default=0.9, help="sgd momentum")
-    g.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default="adam", help="optimizer of the hyperparameters")
-    g.add_argument("--hyper-lr", type=positive_float, default=1e-2,
-                   help="hyper-optimizer learning rate on the raw hyperparameters (log L2, noise std)")
-    g.add_argument("--hyper-every", type=positive_int, default=1, help="a T2 step every this many T1 steps")
+    g.add_argument("--hyper-optimizer", choices=("adam", "sgd"), default=None,
+                   help="optimizer of the hyperparameters (default adam)")
+    g.add_argument("--hyper-lr", type=positive_float, default=None,
+                   help="hyper-optimizer learning rate on the raw hyperparameters (log L2, noise std) "
+                        "(default 1e-2; paper 1e-3)")
+    g.add_argument("--hyper-every", type=positive_int, default=None,
+                   help="a T2 step every this many T1 steps (default 1; paper 10)")
+    g.add_argument("--hypergrad", choices=("exact", "sgd"), default=None,
+                   help="exact: through the optimizer's update; sgd: the paper's approximation (default exact; "
+                        "paper sgd)")
     g.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="implementation of the fused ops")
     g = common.add_argument_group("run")
     g.add_argument("--seed", type=nonneg_int, default=0, help="base seed: data split, initializations, random starts")
@@ -286,7 +330,7 @@ def _add_experiment_commands(sub) -> None:
                     "summary.json; prints where the runs ended relative to the grid's best cells.")
     gr.add_argument("--size", type=_number(int, "an integer >= 2", lo=2), default=None,
                     help="grid points per axis (default 5, --full 9)")
-    gr.add_argument("--runs", type=positive_int, default=None, help="T1-T2 runs from random starts (default 8, --full 12)")
+    gr.add_argument("--runs", type=positive_int, default=None, help="T1-T2 runs from random starts (default 10, --full 12)")
     gr.set_defaults(func=cmd_grid)
 
     cp = sub.add_parser(
@@ -314,9 +358,11 @@ def _add_experiment_commands(sub) -> None:
                     help="baselines: random, tpe (default both)")
     se.add_argument("--repeats", type=positive_int, default=None,
                     help="repeats of the whole comparison with other search seeds (default 2, --full 5)")
-    se.add_argument("--clock", choices=("wall", "process"), default="wall",
-                    help="what a budget measures: wall-clock seconds (time.perf_counter) or this process's "
-                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine)")
+    se.add_argument("--clock", choices=("wall", "process", "plain-runs"), default="wall",
+                    help="what a budget measures: wall-clock seconds (time.perf_counter), this process's "
+                         "CPU seconds (time.process_time, less sensitive to other jobs on the machine), or "
+                         "plain-run equivalents (a fixed run counts 1, a T1-T2 run the ratio of their CPU "
+                         "times, measured before the search on two pairs of runs)")
     se.set_defaults(func=cmd_search)
     _add_peers_command(sub)
 
@@ -416,17 +462,33 @@ def main(argv: list[str] | None = None) -> int:
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
     _fill_defaults(args, (FULL if args.full else SMALL)[args.command])
+    if args.axes == "many" and args.command != "search":
+        raise UsageError("--axes many (one coordinate per hyperparameter) applies to search only: a map or a "
+                         "before/after table needs two axes")
+    if args.l2_per not in (None, "network") and args.axes != "noise-l2":
+        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty, many is per layer)")
+    if args.axes != "noise-l2":  # no penalty: a preset's L2 settings do not apply
+        args.l2_per = "network"
+    if args.preset:
+        _fill_defaults(args, {**ex.PRESETS[args.preset], **(PRESET_FULL if args.full else PRESET_SMALL)})
+    _fill_defaults(args, EXPERIMENT_DEFAULTS)
+    if args.dataset == "fashion-mnist" and args.samples is None and not args.full:
+        args.samples = FASHION_SAMPLES
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
-    if args.l2_per != "network" and args.axes != "noise-l2":
-        raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty)")
+    try:
+        from t1t2_fast.penalties import get_transform
+        get_transform(args.l2_transform)
+    except ValueError as exc:
+        raise UsageError(f"--l2-transform: {exc}") from None
     if args.hyper_every > args.steps:
         raise UsageError(f"--hyper-every {args.hyper_every} exceeds --steps {args.steps}: T1-T2 would never tune")
     try:
-        data = load_data(args.dataset, seed=args.seed, samples=args.samples)
+        data = load_data(args.dataset, seed=args.seed, samples=args.samples, data_dir=args.data_dir)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    cfg = ex.Config(dataset=args.dataset, axes=args.axes, samples=args.samples, split_seed=args.seed,
+    cfg = ex.Config(batchnorm=args.batchnorm, hypergrad=args.hypergrad, l2_transform=args.l2_transform,
+                    data_dir=args.data_dir, dataset=args.dataset, axes=args.axes, samples=args.samples, split_seed=args.seed,
                  width=args.width, depth=args.depth, steps=args.steps, batch_size=args.batch_size,
                  optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, l2_per=args.l2_per,
                  hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr, hyper_every=args.hyper_every,
@@ -493,6 +555,13 @@ def _grid(args, data, cfg, out, t0) -> dict[str, str]:
         print(f"{s['fraction_runs_in_best_quarter']:.0%} of runs end nearest a best-quarter cell; median rank "
               f"{s['median_end_rank']:g}; T1-T2 runs' own test error mean {s['t1t2_test_error']['mean']:.4f} "
               f"(* = ended outside the grid)")
+    if s.get("band"):
+        b = s["band"]
+        print(f"optimal band (test error within 2 SE of the difference from the best cell): {b['cells_in_band']} of "
+              f"{b['cells']} cells; a single run is in it at test error <= {b['run_threshold']:.4f}")
+        if s["runs"]:
+            print(f"runs in the band: own test error {s['fraction_runs_error_in_band']:.0%}, end point "
+                  f"{s['fraction_runs_end_in_band']:.0%} (goal: >= 80%)")
     return paths
 
 
@@ -522,6 +591,10 @@ def _compare(args, data, cfg, out, t0) -> dict[str, str]:
     print(f"mean test error before {s['mean_test_error_before']:.4f}, after {s['mean_test_error_after']:.4f} "
           f"(T1-T2 runs themselves {s['mean_test_error_t1t2_run']:.4f}); improved {s['improved']}, tied {s['tied']}, "
           f"worse {s['worse']} of {s['runs']}")
+    st = s["sign_test"]
+    print(f"after <= before in {st['fraction_after_le_before']:.0%} of starts (goal: >= 80%); sign test "
+          f"{st['improved']} better / {st['worse']} worse ({st['tied']} tied): p = {st['p_one_sided']:.3g} one-sided, "
+          f"{st['p_two_sided']:.3g} two-sided")
     return paths
 
 
@@ -535,10 +608,55 @@ def cmd_search(args) -> int:
     return _run_experiment(args, _search)
 
 
+def _search_xlabel(args) -> str:
+    if args.clock == "plain-runs":
+        return "compute in plain-run equivalents (a fixed-hyperparameter run = 1)"
+    return (f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} seconds "
+            f"({args.threads} thread{'s' if args.threads > 1 else ''})")
+
+
+def _goal_line(result) -> str | None:
+    """Issue 17's goal: T1-T2 with one run's compute within one standard error of the best baseline
+    given the largest budget (four runs' by default); mean test error and its SE over repeats."""
+    rows, budgets = result["per_repeat"], result["budgets"]
+    if len(budgets) < 2:
+        return None
+
+    def stat(method, k):
+        v = [r["test_error"] for r in rows if r["method"] == method and r["budget_runs"] == k
+             and r["test_error"] is not None]
+        if not v:
+            return None
+        sd = float(np.std(v, ddof=1)) if len(v) > 1 else math.nan
+        return float(np.mean(v)), sd / math.sqrt(len(v)), len(v)
+
+    t1 = stat("t1t2", budgets[0])
+    base = [(m, stat(m, budgets[-1])) for m in result["methods"] if m != "t1t2"]
+    base = [(m, b) for m, b in base if b is not None]
+    if t1 is None or not base:
+        return None
+    m, b = min(base, key=lambda mb: mb[1][0])
+    se = math.sqrt(t1[1] ** 2 + b[1] ** 2)
+    met = t1[0] - b[0] <= se
+    return (f"goal: T1-T2 at {budgets[0]} run {100 * t1[0]:.2f}% (SE {100 * t1[1]:.2f}) vs best baseline ({m}) at "
+            f"{budgets[-1]} runs {100 * b[0]:.2f}% (SE {100 * b[1]:.2f}): difference {100 * (t1[0] - b[0]):+.2f} points, "
+            f"SE of the difference {100 * se:.2f} -> {'met' if met else 'missed'}")
+
+
 def _search(args, data, cfg, out, t0) -> dict[str, str]:
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    train, ratio = ex.train_run, None
+    if args.clock == "plain-runs":
+        ratio = se.measure_ratio(data, cfg)
+        clock = se.PlainRunClock(ratio["ratio"])
+        train = clock.wrap(ex.train_run)
+        if not args.quiet:
+            print(f"a T1-T2 run costs {ratio['ratio']:.3f} plain runs (CPU time ratios {ratio['ratios']})")
+    else:
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
     result = se.search_experiment(data, cfg, repeats=args.repeats, budgets=args.budgets, methods=args.methods,
-                                  seed=args.seed, quiet=args.quiet, clock=clock)
+                                  seed=args.seed, quiet=args.quiet, clock=clock, train=train)
+    if ratio is not None:
+        result["summary"]["plain_run_ratio"] = ratio
     paths = se.write_search_csvs(out, result, cfg)
     paths["plot"] = os.path.join(out, "search.png")
     paths["summary"] = os.path.join(out, "summary.json")
@@ -546,8 +664,7 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
     se.plot_search(paths["plot"], result, title=(
         f"{cfg.dataset} {cfg.axes}, MLP {cfg.width}x{cfg.depth}, {cfg.steps} steps per run, {args.repeats} "
         f"repeat(s); a T1-T2 run took {s['t1t2_run_s']['mean']:.1f} s, a fixed run {s['fixed_run_s']['mean']:.2f} s "
-        f"({args.clock} clock)"), xlabel=f"{'wall-clock' if args.clock == 'wall' else 'process CPU'} seconds "
-                                        f"({args.threads} thread{'s' if args.threads > 1 else ''})")
+        f"({args.clock} clock)"), xlabel=_search_xlabel(args))
     _write_summary(paths["summary"], se.summary_json(result), args, cfg, t0)
     load = f"; CPU/wall {s['cpu_over_wall']:.2f}" if args.clock == "wall" else ""
     print(f"{args.repeats} repeat(s); one T1-T2 run {s['t1t2_run_s']['mean']:.2f} s, one fixed run "
@@ -555,6 +672,9 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
           f"selected by validation error, test error reported:")
     for line in se.format_table(result):
         print("  " + line)
+    goal = _goal_line(result)
+    if goal:
+        print(goal)
     return paths
 
 
@@ -674,8 +794,15 @@ def _add_overhead_command(sub) -> None:
                     "noise tuned by 'fd' ('noise'), on each backend. Writes overhead.csv, overhead.png, "
                     "summary.json and prints the overhead beside its floor (the validation forward/backward, "
                     "plus fd's extra training forward/backward, per hyper_every plain steps).")
-    op.add_argument("--models", type=_subset(MODELS, " or mlp<width>", is_mlp_name), default=MODELS,
-                    help="comma-separated: mlp<width> (any width) and/or cnn")
+    op.add_argument("--models", type=_subset(MODELS, " or mlp<width> or paper",
+                                             lambda m: is_mlp_name(m) or m == PAPER_MODEL), default=MODELS,
+                    help="comma-separated: mlp<width> (784-w-w-10, any width), cnn, and/or paper (the paper's BN MLP "
+                         "784-1000-1000-1000-10, the experiments' --full network)")
+    op.add_argument("--dataset", choices=("synthetic", "fashion-mnist"), default="synthetic",
+                    help="batches of random numbers, or of real fashion-mnist images (--data-dir)")
+    op.add_argument("--data-dir", default=None, metavar="DIR", help="where fashion-mnist's IDX files are")
+    op.add_argument("--hypergrad", choices=("exact", "sgd"), default="exact",
+                    help="T1-T2's hypergradient: exact, or the paper's sgd approximation (its scheme with --optimizer adam)")
     op.add_argument("--settings", type=_subset(ov.SETTINGS), default=ov.SETTINGS, help="comma-separated")
     op.add_argument("--backends", type=_subset(ov.BACKENDS), default=ov.BACKENDS, help="comma-separated")
     op.add_argument("--hyper-every", type=_int_list, default=(10, 1), help="comma-separated")
@@ -705,7 +832,13 @@ def cmd_overhead(args) -> int:
         return 1
     cfg = ov.Config(models=args.models, settings=args.settings, backends=args.backends, hyper_every=args.hyper_every,
                     steps=args.steps, rounds=args.rounds, batch_size=args.batch_size, optimizer=args.optimizer,
-                    lr=0.01 if args.optimizer == "sgd" else 1e-3)
+                    lr=0.01 if args.optimizer == "sgd" else 1e-3, dataset=args.dataset, data_dir=args.data_dir,
+                    hypergrad=args.hypergrad)
+    if args.dataset != "synthetic":
+        from .images import find_fashion_mnist, INSTALL_HINT
+        if find_fashion_mnist(args.data_dir) is None:
+            print(f"t1t2 overhead: error: the Fashion-MNIST files were not found; {INSTALL_HINT}", file=sys.stderr)
+            return 1
     out = args.out or timestamped(os.path.join("runs", "overhead"))
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()

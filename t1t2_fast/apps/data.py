@@ -7,9 +7,15 @@ accuracy is an honest estimate. Everything here works offline:
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 x 64, 10 classes).
 - ``mnist1d``: MNIST-1D (Greydanus 2020) generated locally with ``mnist1d.data.make_dataset``
   (40 features, 10 classes); never downloaded.
+- ``fashion-mnist``: real Fashion-MNIST images (784 features, 10 classes) read from IDX files
+  (images.py: ``--data-dir``, a torchvision ``FashionMNIST/raw`` folder, or Debian's
+  ``dataset-fashion-mnist``). T1 and validation sets are a stratified split of a stratified
+  subsample of ``samples`` of the 60,000 training images (default all), in the proportions of the
+  first two ``fractions``; the test set is always the official 10,000 test images.
 
 Features are standardized with the training split's mean and standard deviation only, so no
-statistic leaks from validation or test data into training.
+statistic leaks from validation or test data into training (per feature; for fashion-mnist one mean
+and one standard deviation over all pixels, so that near-constant border pixels are not blown up).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DATASETS = ("digits", "mnist1d")
+DATASETS = ("digits", "mnist1d", "fashion-mnist")
 MNIST1D_DEFAULT_SAMPLES = 5000
 
 
@@ -100,17 +106,18 @@ def _stratified_split(y: np.ndarray, fractions: tuple[float, float, float], seed
 
 def load_data(name: str = "digits", seed: int = 0, *, samples: int | None = None,
               fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-              dtype: torch.dtype = torch.float32) -> Data:
+              dtype: torch.dtype = torch.float32, data_dir: str | None = None) -> Data:
     """Load a built-in dataset and split it into train / validation (T2) / test.
 
     Args:
-        name: "digits" or "mnist1d".
+        name: "digits", "mnist1d" or "fashion-mnist".
         seed: decides the split (and the subsample when ``samples`` is given); the same seed gives
             the same split.
         samples: for mnist1d the number of examples generated (default 5000); for digits a
             stratified subsample of that size (default: all 1797).
         fractions: train, validation, test proportions (each class is split this way).
         dtype: floating dtype of the feature tensors.
+        data_dir: where to look first for fashion-mnist's files (images.py).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
@@ -119,6 +126,8 @@ def load_data(name: str = "digits", seed: int = 0, *, samples: int | None = None
     if samples is not None and samples < 30:
         raise ValueError(f"samples must be at least 30 (a few per class for each split), got {samples}")
 
+    if name == "fashion-mnist":
+        return _fashion_mnist(seed, samples, fractions, dtype, data_dir)
     if name == "digits":
         x, y = _load_digits()
         if samples is not None and samples < len(y):
@@ -141,6 +150,30 @@ def load_data(name: str = "digits", seed: int = 0, *, samples: int | None = None
 
     return Data(name=name, train=split(train_idx), val=split(val_idx), test=split(test_idx),
                 num_features=int(x.shape[1]), num_classes=int(y.max()) + 1)
+
+
+def _fashion_mnist(seed, samples, fractions, dtype, data_dir) -> Data:
+    from .images import load_fashion_mnist
+
+    xtr, ytr, xte, yte = load_fashion_mnist(data_dir)
+    if samples is not None and samples < len(ytr):
+        keep = _subsample(ytr, samples, seed)
+        xtr, ytr = xtr[keep], ytr[keep]
+    val_share = fractions[1] / (fractions[0] + fractions[1])
+    # _stratified_split needs three positive parts; its "test" part is empty up to rounding (then merged into T1)
+    train_idx, val_idx, rest = _stratified_split(ytr, (1 - val_share - 1e-12, val_share, 1e-12), seed)
+    train_idx = np.concatenate([train_idx, rest])
+    scale = xtr[train_idx].astype(np.float64) / 255.0
+    mean, std = float(scale.mean()), float(scale.std())
+
+    def split(x, y, idx=None):
+        x = x if idx is None else x[idx]
+        y = y if idx is None else y[idx]
+        feats = (torch.from_numpy(x.astype(np.float64)) / 255.0 - mean) / std
+        return Split(feats.to(dtype), torch.from_numpy(y.astype(np.int64)))
+
+    return Data(name="fashion-mnist", train=split(xtr, ytr, train_idx), val=split(xtr, ytr, val_idx),
+                test=split(xte, yte), num_features=int(xtr.shape[1]), num_classes=10)
 
 
 def _subsample(y: np.ndarray, samples: int, seed: int) -> np.ndarray:

@@ -30,11 +30,12 @@ import torch
 
 import t1t2_fast as t1t2
 
+from . import stats
 from .common import progress, t1t2_iteration, write_csv
 from .data import BatchStream
 from .models import make_mlp
 
-AXES = ("noise-l2", "noise-noise")
+AXES = ("noise-l2", "noise-noise", "many")  # "many": search only (one coordinate per hyperparameter)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,18 @@ AXIS_PAIRS = {
     "noise-l2": (Axis("n0", "input noise std n0", 0.0, 1.0), Axis("log10_l2", "log10 L2 coefficient", -5.0, -2.0)),
     "noise-noise": (Axis("n0", "input noise std n0", 0.0, 1.0), Axis("n1", "hidden noise std n1", 0.0, 1.0)),
 }
+
+
+def coordinates(axes: str, depth: int = 2) -> tuple[Axis, ...]:
+    """The coordinates of a point on ``axes``: the two of AXIS_PAIRS, or for "many" one per
+    hyperparameter: log10 of the L2 coefficient of each weight matrix (fc1..fc<depth>, out) in
+    [-5, -2], then the noise std of the input (n0) and after each hidden layer (n1..n<depth>) in [0, 1]."""
+    if axes != "many":
+        return AXIS_PAIRS[axes]
+    layers = [f"fc{i}" for i in range(1, depth + 1)] + ["out"]
+    return tuple([Axis(f"log10_l2_{n}", f"log10 L2 of {n}", -5.0, -2.0) for n in layers]
+                 + [Axis(f"n{i}", "input noise std" if i == 0 else f"hidden noise std {i}", 0.0, 1.0)
+                    for i in range(depth + 1)])
 
 
 @dataclass
@@ -72,6 +85,20 @@ class Config:
     hyper_every: int = 1
     backend: str = "auto"
     record_points: int = 50    # trajectory points recorded per T1-T2 run (plus the start)
+    batchnorm: bool = False    # BatchNorm1d after every hidden Linear (the paper's MLPs)
+    hypergrad: str = "exact"   # T1T2(hypergrad=): "exact" or the paper's "sgd" approximation
+    l2_transform: str = "log"  # L2's parameterization (penalties.get_transform): "log", "linear", "linear*<s>"
+    data_dir: str | None = None  # where fashion-mnist's files are looked for first
+
+
+# `--preset paper` (the paper's setting, Luketina et al. 2016 and its code): BN MLP, Adam for T1 with
+# the SGD-form hypergradient, a T2 step every 10 T1 steps, hyper Adam lr 1e-3, per-layer L2 in linear
+# scale (c = 1e-3·λ: about 1e-6 per T2 step) clipped at >= 0. Explicit flags still win.
+PRESETS = {
+    "paper": {"batchnorm": True, "optimizer": "adam", "lr": 1e-3, "hypergrad": "sgd", "hyper_every": 10,
+              "hyper_optimizer": "adam", "hyper_lr": 1e-3, "l2_transform": "linear*0.001", "l2_per": "layer",
+              "batch_size": 100},
+}
 
 
 @dataclass
@@ -90,8 +117,13 @@ def _mean(value) -> float:
     return float(value) if isinstance(value, float) else float(value.double().mean())
 
 
-def point_of(hypers: dict, axes: str) -> tuple[float, float]:
-    """The (x, y) coordinates of T1T2.hyperparameters() on ``axes``."""
+def point_of(hypers: dict, axes: str) -> tuple[float, ...]:
+    """The (x, y) coordinates of T1T2.hyperparameters() on ``axes`` (for "many", ``coordinates``'s)."""
+    if axes == "many":
+        l2 = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
+        hidden = sorted((int(n[len("noise.hidden"):]), _mean(v)) for n, v in hypers.items()
+                        if n.startswith("noise.hidden"))
+        return tuple(l2 + [_mean(hypers["noise.input"])] + [v for _, v in hidden])
     x = _mean(hypers["noise.input"])
     if axes == "noise-l2":
         logs = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
@@ -103,20 +135,43 @@ def point_of(hypers: dict, axes: str) -> tuple[float, float]:
 def build(data, cfg: Config, point: tuple[float, float], seed: int):
     """The MLP (GaussianNoise sites ``input`` and, for noise-noise, ``hidden<i>``) and its T1T2
     optimizer with the hyperparameters at ``point``; the weights are initialized from ``seed``."""
+    if cfg.axes == "many":
+        return _build_many(data, cfg, point, seed)
     x, y = point
     torch.manual_seed(seed)
     if cfg.axes == "noise-l2":
-        model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input",), noise_init=x)
-        penalties = [t1t2.L2(10.0 ** y, per=cfg.l2_per)]
+        model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input",), noise_init=x,
+                         batchnorm=cfg.batchnorm)
+        penalties = [t1t2.L2(10.0 ** y, per=cfg.l2_per, transform=cfg.l2_transform)]
     else:
         model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input", "hidden"),
-                         noise_init=y)
+                         noise_init=y, batchnorm=cfg.batchnorm)
         model.input.raw.fill_(x)  # make_mlp gives every site one level; the input's is n0
         penalties = []
     opt = t1t2.T1T2(model, penalties, optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-                    hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr,
+                    hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr, hypergrad=cfg.hypergrad,
                     # fixed runs never stash: a hyper_every beyond the run makes step() pure T1
                     hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
+    return model, opt
+
+
+def _build_many(data, cfg: Config, point, seed: int):
+    """``build`` for axes "many": per-layer L2 and per-site noise, each set from its coordinate."""
+    torch.manual_seed(seed)
+    model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input", "hidden"),
+                     noise_init=0.1, batchnorm=cfg.batchnorm)
+    opt = t1t2.T1T2(model, [t1t2.L2(1e-4, per="layer", transform=cfg.l2_transform)], optimizer=cfg.optimizer,
+                    lr=cfg.lr, momentum=cfg.momentum, hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr,
+                    hypergrad=cfg.hypergrad, hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
+    l2 = [h for h in opt.all_hypers if h.kind == "l2"]
+    noise = [model.input] + [getattr(model, f"hidden{i}") for i in range(1, cfg.depth + 1)]
+    if len(point) != len(l2) + len(noise):
+        raise ValueError(f"axes 'many' needs {len(l2) + len(noise)} coordinates, got {len(point)}")
+    with torch.no_grad():
+        for h, v in zip(l2, point[:len(l2)]):
+            h.raw.fill_(h.transform.inverse(10.0 ** v))
+        for m, v in zip(noise, point[len(l2):]):
+            m.raw.fill_(m.transform.inverse(v))
     return model, opt
 
 
@@ -179,18 +234,18 @@ def fixed_error(data, cfg: Config, point, seeds, raw=None) -> tuple[float, float
             [r.test_error for r in runs])
 
 
-def point_stream(axes: str, seed: int, stream: int):
+def point_stream(axes: str, seed: int, stream: int, depth: int = 2):
     """An endless sequence of points uniform over the axis box (log-uniform in L2), reproducible
     from (seed, stream); for searches that do not know in advance how many points they will use."""
-    ax, ay = AXIS_PAIRS[axes]
+    coords = coordinates(axes, depth)
     rng = np.random.default_rng([seed, stream])
     while True:
-        yield float(rng.uniform(ax.lo, ax.hi)), float(rng.uniform(ay.lo, ay.hi))
+        yield tuple(float(rng.uniform(a.lo, a.hi)) for a in coords)
 
 
-def random_points(axes: str, n: int, seed: int, stream: int) -> list[tuple[float, float]]:
-    """The first ``n`` points of ``point_stream(axes, seed, stream)``."""
-    return list(itertools.islice(point_stream(axes, seed, stream), n))
+def random_points(axes: str, n: int, seed: int, stream: int, depth: int = 2) -> list[tuple[float, ...]]:
+    """The first ``n`` points of ``point_stream(axes, seed, stream, depth)``."""
+    return list(itertools.islice(point_stream(axes, seed, stream, depth), n))
 
 
 def grid_values(axis: Axis, size: int) -> list[float]:
@@ -248,6 +303,7 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
     by_index = {(c["i"], c["j"]): c for c in cells}
     best = min(cells, key=lambda c: c["rank"])
     quarter = math.ceil(0.25 * len(cells))
+    band = stats.optimal_band(cells) if len(cells[0]["test_errors"]) >= 2 else None
     runs = []
     for k, res in enumerate(results):
         i, j, outside = nearest_cell(res.end, cfg.axes, size)
@@ -257,6 +313,8 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
                      "end_outside_grid": outside, "test_error": res.test_error, "val_error": res.val_error,
                      "diverged": res.diverged, "nearest_cell": [i, j], "nearest_cell_test_error": c["test_error"],
                      "nearest_cell_rank": c["rank"], "in_best_quarter": c["rank"] <= quarter,
+                     "end_in_band": bool(c["in_band"]) if band else None,
+                     "error_in_band": bool(res.test_error <= band["run_threshold"]) if band else None,
                      "final_hyperparameters": res.hyperparameters})
     errs = [c["test_error"] for c in cells]
     return {
@@ -266,6 +324,10 @@ def _grid_summary(cells, results, cfg: Config, size: int) -> dict:
         "best_quarter_size": quarter,
         "fraction_runs_in_best_quarter": float(np.mean([r["in_best_quarter"] for r in runs])) if runs else None,
         "median_end_rank": float(np.median([r["nearest_cell_rank"] for r in runs])) if runs else None,
+        "band": band,
+        "fraction_runs_error_in_band": (float(np.mean([r["error_in_band"] for r in runs]))
+                                        if runs and band else None),
+        "fraction_runs_end_in_band": float(np.mean([r["end_in_band"] for r in runs])) if runs and band else None,
         "t1t2_test_error": {"mean": float(np.mean([r.test_error for r in results])),
                             "min": min(r.test_error for r in results),
                             "max": max(r.test_error for r in results)} if results else None,
@@ -309,10 +371,10 @@ def write_grid_csvs(out: str, result: dict, cfg: Config) -> dict[str, str]:
     cells, runs = result["cells"], result["runs"]
     seeds = len(cells[0]["test_errors"])
     paths = {"grid": os.path.join(out, "grid.csv"), "trajectories": os.path.join(out, "trajectories.csv")}
-    write_csv(paths["grid"], ["i", "j", ax.name, ay.name, "test_error", "val_error", "rank"]
+    write_csv(paths["grid"], ["i", "j", ax.name, ay.name, "test_error", "val_error", "rank", "in_band"]
                + [f"test_error_seed{s}" for s in range(seeds)],
-               [[c["i"], c["j"], c[ax.name], c[ay.name], c["test_error"], c["val_error"], c["rank"], *c["test_errors"]]
-                for c in cells])
+               [[c["i"], c["j"], c[ax.name], c[ay.name], c["test_error"], c["val_error"], c["rank"],
+                 int(c["in_band"]) if "in_band" in c else "", *c["test_errors"]] for c in cells])
     names = list(runs[0].trajectory[0][3]) if runs else []
     write_csv(paths["trajectories"], ["run", "step", ax.name, ay.name] + names,
                [[k, step, x, y, *[hp[n] for n in names]] for k, r in enumerate(runs)
@@ -342,6 +404,12 @@ def plot_map(path: str, result: dict, cfg: Config, size: int, title: str) -> Non
         ax.text(c[ax_x.name], c[ax_y.name], f"{100 * c['test_error']:.1f}", ha="center", va="center",
                 fontsize=7 if size <= 6 else 5, color="white" if c["rank"] > len(result["cells"]) / 2 else "black")
     best = min(result["cells"], key=lambda c: c["rank"])
+    band = [c for c in result["cells"] if c.get("in_band")]
+    if band:
+        from matplotlib.patches import Rectangle
+        for k, c in enumerate(band):
+            ax.add_patch(Rectangle((c[ax_x.name] - dx, c[ax_y.name] - dy), 2 * dx, 2 * dy, fill=False, ec="red",
+                                   lw=1.2, ls="--", label="optimal band (2 SE of the difference)" if k == 0 else None))
     ax.plot(best[ax_x.name], best[ax_y.name], "o", mfc="none", mec="red", ms=16, mew=2, label="best cell")
     palette = matplotlib.colormaps["tab10"]
     for k, r in enumerate(result["runs"]):
@@ -369,7 +437,8 @@ def compare_summary(rows: list[dict]) -> dict:
             "median_test_error_before": float(np.median(before)), "median_test_error_after": float(np.median(after)),
             "mean_test_error_t1t2_run": float(np.mean([r["test_error_t1t2_run"] for r in rows])),
             "improved": int((after < before).sum()), "tied": int((after == before).sum()),
-            "worse": int((after > before).sum()), "mean_change": float((after - before).mean())}
+            "worse": int((after > before).sum()), "mean_change": float((after - before).mean()),
+            "sign_test": stats.sign_test(before, after)}
 
 
 def plot_compare(path: str, rows: list[dict], title: str) -> None:

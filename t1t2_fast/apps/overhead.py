@@ -62,6 +62,9 @@ class Config:
     l2: float = 1e-4
     noise: float = 0.1
     seed: int = 0
+    hypergrad: str = "exact"    # T1T2(hypergrad=): the paper's scheme is "sgd"
+    dataset: str = "synthetic"  # or "fashion-mnist": batches of real images (shapes and timing as synthetic)
+    data_dir: str | None = None
 
 
 @dataclass
@@ -80,10 +83,29 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def batches(name: str, batch: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``count`` fixed random batches (inputs, labels) shaped for ``make_model(name)``."""
-    shape = (batch, 784) if name.startswith("mlp") else (batch, 1, 28, 28)
-    return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
+def batches(name: str, batch: int, count: int, gen: torch.Generator, images=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` fixed batches (inputs, labels) shaped for ``make_model(name)``: random, or drawn from
+    ``images`` (a data.Split of 784-pixel images, e.g. fashion-mnist's training split)."""
+    shape = (batch, 1, 28, 28) if name == "cnn" else (batch, 784)
+    if images is None:
+        return [(torch.randn(shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)) for _ in range(count)]
+    out = []
+    for _ in range(count):
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        out.append((images.x[idx].reshape(shape).contiguous(), images.y[idx].clone()))
+    return out
+
+
+_DATA_CACHE: dict = {}
+
+
+def _real_data(name: str, seed: int, data_dir):
+    """data.load_data, read once per process (every (model, setting) takes its batches from it)."""
+    key = (name, seed, data_dir)
+    if key not in _DATA_CACHE:
+        from .data import load_data
+        _DATA_CACHE[key] = load_data(name, seed=seed, data_dir=data_dir)
+    return _DATA_CACHE[key]
 
 
 def _set_noise_backend(model: nn.Module, backend: str) -> None:
@@ -107,6 +129,7 @@ def _t1t2(cfg: Config, model: nn.Module, backend: str, hyper_every: int):
     # per="layer" on the weight matrices, like the torch baseline's weight_decay groups
     return t1t2.T1T2(model, [t1t2.L2(cfg.l2, per="layer")], optimizer=cfg.optimizer, lr=cfg.lr,
                      momentum=cfg.momentum, hyper_lr=1e-3, hyper_every=hyper_every, noise_hypergrad="fd",
+                     hypergrad=cfg.hypergrad,
                      backend=backend, seed=cfg.seed)
 
 
@@ -164,8 +187,9 @@ def measure(cfg: Config, model_name: str, setting: str, progress=None, timer=_ti
     steps), ("t1t2", backend, hyper_every), ("val_fb", backend, 0), ("train_fb", backend, 0)."""
     noisy = setting == "noise"
     gen = torch.Generator().manual_seed(cfg.seed)
-    train = batches(model_name, cfg.batch_size, 4, gen)
-    val = batches(model_name, cfg.batch_size, 4, gen)
+    data = None if cfg.dataset == "synthetic" else _real_data(cfg.dataset, cfg.seed, cfg.data_dir)
+    train = batches(model_name, cfg.batch_size, 4, gen, None if data is None else data.train)
+    val = batches(model_name, cfg.batch_size, 4, gen, None if data is None else data.val)
     torch.manual_seed(cfg.seed)
     base = make_model(model_name, cfg.noise if noisy else None)
     params = sum(p.numel() for p in base.parameters())

@@ -111,7 +111,7 @@ def best_so_far(trials: list[Trial]) -> list[Trial | None]:
 def run_t1t2(data, cfg: ex.Config, runs: int, repeat: int, seed: int, *, clock=time.perf_counter,
              train=ex.train_run, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
     """``runs`` T1-T2 runs from the first points of the repeat's stream, timed back to back."""
-    starts = ex.point_stream(cfg.axes, seed + repeat, POINT_STREAM)
+    starts = ex.point_stream(cfg.axes, seed + repeat, POINT_STREAM, cfg.depth)
     trials = []
     t0, c0 = clock(), time.process_time()
     for i in range(runs):
@@ -128,7 +128,7 @@ def run_t1t2(data, cfg: ex.Config, runs: int, repeat: int, seed: int, *, clock=t
 
 class _RandomProposer:
     def __init__(self, cfg: ex.Config, repeat: int, seed: int):
-        self.points = ex.point_stream(cfg.axes, seed + repeat, POINT_STREAM)
+        self.points = ex.point_stream(cfg.axes, seed + repeat, POINT_STREAM, cfg.depth)
 
     def ask(self):
         return next(self.points)
@@ -143,15 +143,14 @@ class _TPEProposer:
 
     def __init__(self, cfg: ex.Config, repeat: int, seed: int):
         optuna = require_optuna()
-        self.ax, self.ay = ex.AXIS_PAIRS[cfg.axes]
+        self.coords = ex.coordinates(cfg.axes, cfg.depth)
         self.study = optuna.create_study(direction="minimize",
                                          sampler=optuna.samplers.TPESampler(seed=seed + repeat))
         self.trial = None
 
     def ask(self):
         self.trial = self.study.ask()
-        return (self.trial.suggest_float(self.ax.name, self.ax.lo, self.ax.hi),
-                self.trial.suggest_float(self.ay.name, self.ay.lo, self.ay.hi))
+        return tuple(self.trial.suggest_float(a.name, a.lo, a.hi) for a in self.coords)
 
     def tell(self, value: float) -> None:
         self.study.tell(self.trial, value)
@@ -191,12 +190,46 @@ def _warm_up(data, cfg: ex.Config, train, methods) -> None:
     imports, first calls into the kernels) do not land in the first timed run of a method."""
     tiny = ex.Config(**{**asdict(cfg), "steps": 2 * cfg.hyper_every, "record_points": 1})
     for tune in (True, False):
-        train(data, tiny, ex.random_points(cfg.axes, 1, 0, 0)[0], 0, tune=tune)
+        train(data, tiny, ex.random_points(cfg.axes, 1, 0, 0, cfg.depth)[0], 0, tune=tune)
     if "tpe" in methods:
         proposer = _TPEProposer(cfg, 0, 0)
         for _ in range(12):  # past TPE's random start-up trials, so its model is built once
-            x, y = proposer.ask()
-            proposer.tell(x + y)
+            proposer.tell(sum(proposer.ask()))
+
+
+class PlainRunClock:
+    """Compute counted in plain-run equivalents instead of seconds: a fixed-hyperparameter run costs
+    1, a T1-T2 run ``ratio`` (measured by ``measure_ratio``). ``wrap(train)`` advances the clock after
+    each run; calling the clock reads it (the ``clock`` of search_experiment)."""
+
+    def __init__(self, ratio: float):
+        self.ratio, self.now = float(ratio), 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def wrap(self, train):
+        def run(data, cfg, point, seed, tune, **kwargs):
+            result = train(data, cfg, point, seed, tune=tune, **kwargs)
+            self.now += self.ratio if tune else 1.0
+            return result
+        return run
+
+
+def measure_ratio(data, cfg: ex.Config, train=ex.train_run, repeats: int = 2, timer=time.process_time) -> dict:
+    """The process CPU time of a T1-T2 run over that of a fixed run at the same point and seed (the
+    median of ``repeats`` pairs, each pair run back to back, untimed by any budget)."""
+    point = ex.random_points(cfg.axes, 1, 0, 99, cfg.depth)[0]
+    pairs = []
+    for r in range(repeats):
+        t0 = timer()
+        train(data, cfg, point, r, tune=False)
+        fixed = timer() - t0
+        t0 = timer()
+        train(data, cfg, point, r, tune=True)
+        pairs.append(((timer() - t0) / max(fixed, 1e-12), fixed))
+    ratios = sorted(p[0] for p in pairs)
+    return {"ratio": float(np.median(ratios)), "ratios": ratios, "fixed_run_s": [p[1] for p in pairs]}
 
 
 def search_experiment(data, cfg: ex.Config, repeats: int, budgets=DEFAULT_BUDGETS, methods=METHODS,
@@ -352,19 +385,18 @@ def _last_per_run(result: dict) -> list[Trial]:
 def write_search_csvs(out: str, result: dict, cfg: ex.Config) -> dict[str, str]:
     """search.csv (a row per trial, with the best-so-far selection) and search_budget.csv (a row
     per method and budget, mean/min/max over repeats)."""
-    ax, ay = ex.AXIS_PAIRS[cfg.axes]
+    coords = [a.name for a in ex.coordinates(cfg.axes, cfg.depth)]
     paths = {"trials": os.path.join(out, "search.csv"), "budget": os.path.join(out, "search_budget.csv")}
     rows = []
     for method in result["methods"]:
         for rep in range(len(result["budget_s"])):
             ts = _of(result["trials"], method, rep)
             for t, best in zip(ts, best_so_far(ts)):
-                rows.append([t.method, t.repeat, t.trial, t.seed, t.start[0], t.start[1], t.end[0], t.end[1],
-                             t.started_s, t.elapsed_s, t.cpu_s, t.val_error, t.test_error, int(t.diverged),
+                rows.append([t.method, t.repeat, t.trial, t.seed, *t.start, *t.end, t.started_s, t.elapsed_s, t.cpu_s, t.val_error, t.test_error, int(t.diverged),
                              int(t.counted), best.trial if best else "", best.val_error if best else "",
                              best.test_error if best else ""])
-    write_csv(paths["trials"], ["method", "repeat", "trial", "seed", f"start_{ax.name}", f"start_{ay.name}",
-                                   f"end_{ax.name}", f"end_{ay.name}", "started_s", "elapsed_s", "cpu_s",
+    write_csv(paths["trials"], ["method", "repeat", "trial", "seed", *[f"start_{c}" for c in coords],
+                                   *[f"end_{c}" for c in coords], "started_s", "elapsed_s", "cpu_s",
                                    "val_error", "test_error", "diverged", "counted", "best_trial",
                                    "best_val_error", "best_test_error"], rows)
     header = ["method", "budget_runs", "repeats", "repeats_with_a_result"]

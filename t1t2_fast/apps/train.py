@@ -225,7 +225,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
         raise UsageError(f"--device {args.device!r} is not usable here: {exc}") from None
 
     try:
-        data = load_data(args.dataset, seed=args.seed, samples=args.samples)
+        data = load_data(args.dataset, seed=args.seed, samples=args.samples, data_dir=args.data_dir)
     except RuntimeError as exc:  # e.g. mnist1d not installed
         print(f"t1t2 train: error: {exc}", file=sys.stderr)
         return 1
@@ -255,17 +255,18 @@ def _train(args, ddp: _Dist | None = None) -> int:
 
     _seed_everything(args.seed)
     model = make_mlp(data.num_features, data.num_classes, args.width, args.depth, noise=args.noise,
-                     noise_init=args.noise_init, noise_per=args.noise_per, noise_mode=args.noise_mode).to(device)
+                     noise_init=args.noise_init, noise_per=args.noise_per, noise_mode=args.noise_mode,
+                     batchnorm=args.batchnorm).to(device)
     net = model  # the module itself: evaluation and names; `model` is what the training closures call
     if ddp is not None:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     penalties = []
     if args.l2 > 0:
-        penalties.append(t1t2.L2(args.l2, per=args.per, decoupled=args.decoupled))
+        penalties.append(t1t2.L2(args.l2, per=args.per, decoupled=args.decoupled, transform=args.l2_transform))
     elif args.decoupled:
         raise UsageError("--decoupled needs L2 (--l2 > 0)")
     if args.l1 is not None:
-        penalties.append(t1t2.L1(args.l1, per=args.per))
+        penalties.append(t1t2.L1(args.l1, per=args.per, transform=args.l2_transform))
     try:
         opt = t1t2.T1T2(model, penalties, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                         nesterov=args.nesterov, hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr,

@@ -41,7 +41,7 @@ def test_grid_writes_csvs_map_and_summary(grid_run):
     rc, out = grid_run
     assert rc == 0
     header, rows = read_csv(out / "grid.csv")
-    assert header == ["i", "j", "n0", "log10_l2", "test_error", "val_error", "rank", "test_error_seed0"]
+    assert header == ["i", "j", "n0", "log10_l2", "test_error", "val_error", "rank", "in_band", "test_error_seed0"]
     assert len(rows) == 4
     assert sorted(int(r[6]) for r in rows) == [1, 2, 3, 4]
     assert {(float(r[2]), float(r[3])) for r in rows} == {(0, -5), (0, -2), (1, -5), (1, -2)}

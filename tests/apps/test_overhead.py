@@ -94,7 +94,7 @@ def test_cli_writes_table_plot_and_summary(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--models", "resnet"], "--models: expected a comma-separated subset of mlp256, mlp1024, mlp4096, cnn or "
-                             "mlp<width>, got 'resnet'"),
+                             "mlp<width> or paper, got 'resnet'"),
     (["--models", "mlp0"], "got 'mlp0'"),
     (["--hyper-every", "0"], "--hyper-every: expected comma-separated positive integers"),
     (["--backends", "cuda"], "--backends: expected a comma-separated subset of cpp, reference"),
