@@ -389,6 +389,12 @@ class T1T2(torch.optim.Optimizer):
     last_skip = _counter("last_skip", "Why the latest step was skipped (None: it was taken).")
     del _delegate, _counter
 
+    def check_nonfinite(self) -> None:
+        """Read the lazy guard's device counters now (one host read) and raise ``NonFiniteError`` if
+        ``max_consecutive_skips`` steps were skipped in a row; ``hyper_step`` does this by itself, a loop
+        without hyper steps calls it when it wants to know (``t1t2 train`` does, every iteration)."""
+        self._guard.materialize(steps=self.steps)
+
     # -- T1 -----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None,
              loss: torch.Tensor | None = None) -> torch.Tensor | None:
