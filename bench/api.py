@@ -2,7 +2,7 @@
 torch.optim's for-loop, foreach and fused SGD (momentum + weight decay) and AdamW, with the number of
 host reads (synchronizations) each call makes (docs/benchmarks.md, "The API").
 
-    python bench/api.py [--sizes 3e5 2e6 2.5e7] [--rounds 7] [--threads N] [--device cpu|cuda]
+    python bench/api.py [--sizes 3e5 2e6 2.5e7] [--rounds 7] [--threads N] [--device cpu|cuda] [--out DIR]
 
 The model is an MLP of ``DEPTH`` square Linear layers (weights and biases: 2·DEPTH tensors) whose width
 gives the parameter count. Gradients are random and set once; every optimizer steps from them:
@@ -187,11 +187,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="also write the tables to DIR/api.md")
     args = ap.parse_args()
+    lines = []
+
+    def emit(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"# bench/api.py: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    emit(f"# bench/api.py: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {device}, best of {args.rounds} rounds")
     for size in args.sizes:
         model = make_model(size, device)
@@ -226,15 +233,21 @@ def main() -> None:
                 for p, s in zip(model.parameters(), saved):
                     p.copy_(s)
             base = min(c.best for c in cases if c.family == "torch")
-            print(f"\n## {family}, {n / 1e6:.2f}M parameters in {len(saved)} tensors "
-                  f"(val fwd+bwd {val_best * 1e3:.2f} ms)\n")
-            print("| step | ms | vs fastest torch | reads/step | reads/hyper |")
-            print("|---|---:|---:|---:|---:|")
+            emit()
+            emit(f"## {family}, {n / 1e6:.2f}M parameters in {len(saved)} tensors "
+                  f"(val fwd+bwd {val_best * 1e3:.2f} ms)")
+            emit()
+            emit("| step | ms | vs fastest torch | reads/step | reads/hyper |")
+            emit("|---|---:|---:|---:|---:|")
             for c in cases:
                 step_reads, hyper_reads = c.reads
-                print(f"| {c.name} | {c.best * 1e3:.2f} | {c.best / base:.2f} | {step_reads} | "
+                emit(f"| {c.name} | {c.best * 1e3:.2f} | {c.best / base:.2f} | {step_reads} | "
                       f"{'' if hyper_reads is None else hyper_reads} |")
             del cases
+    if args.out:
+        from pathlib import Path
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "api.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

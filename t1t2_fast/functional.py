@@ -59,6 +59,8 @@ class Stash:
                "jac": {names[i]: clone(j) for i, j in self.jac.items()}}
         if self.lrs is not None:
             out["lrs"] = {names[i]: lr for i, lr in self.lrs.items()}
+        if self.found is not None:
+            out["found"] = self.found.detach().clone()
         return out
 
     @classmethod
@@ -69,7 +71,8 @@ class Stash:
         lrs = state.get("lrs")
         return cls(state["lr"], {index[n]: t.to(device).clone() for n, t in state["theta"].items()},
                    {index[n]: move(j) for n, j in state["jac"].items()}, grad_scale=state.get("grad_scale"),
-                   lrs=None if lrs is None else {index[n]: float(lr) for n, lr in lrs.items()})
+                   lrs=None if lrs is None else {index[n]: float(lr) for n, lr in lrs.items()},
+                   found=None if state.get("found") is None else state["found"].to(device).clone())
 
 
 # ---------------------------------------------------------------------------------------------

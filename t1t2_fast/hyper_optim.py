@@ -30,10 +30,14 @@ class HyperOptimizer:
         """Per hyperparameter name, the hyper steps that hit a bound (counted on the device, read here)."""
         if self._clip_pending is not None:
             from .guard import host_list
-            for n, m in zip(self._clip_names, host_list(self._clip_pending)):
-                self._clipped[n] = self._clipped.get(n, 0) + int(m)
-            self._clip_pending = None
+            self.fold_clips(host_list(self._clip_pending))
         return self._clipped
+
+    def fold_clips(self, values: list) -> None:
+        """Add the device clip counts, read back as ``values``, to the host ones."""
+        for n, m in zip(self._clip_names, values):
+            self._clipped[n] = self._clipped.get(n, 0) + int(m)
+        self._clip_pending = None
 
     @clipped.setter
     def clipped(self, value: dict[str, int]) -> None:

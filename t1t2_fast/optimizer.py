@@ -338,9 +338,19 @@ class T1T2(torch.optim.Optimizer):
             for name, g in self.last_hypergrad.items():
                 keys.append(f"hypergrad/{name}")
                 vals.append(g.detach().to(torch.float64).mean())
-            dev = vals[0].device if vals else None
-            values = torch.stack([v.to(dev) for v in vals]).tolist() if vals else []  # the one host sync
-        out = {prefix + k: float(v) for k, v in zip(keys, values)}
+            # the lazy guard's and the clip counts' device counters ride along in the same read
+            pending = [p.to(torch.float64) for p in self._guard.pending()]
+            clips = self._hyper_optim._clip_pending
+            extra = pending + ([clips.to(torch.float64)] if clips is not None else [])
+            dev = vals[0].device if vals else (extra[0].device if extra else None)
+            flat = [v.reshape(1).to(dev) for v in vals] + [e.reshape(-1).to(dev) for e in extra]
+            values = host_list(torch.cat(flat)) if flat else []  # the one host sync
+        rest = values[len(vals):]
+        self._guard.materialize([rest[5 * j:5 * j + 5] for j in range(len(pending))], steps=self.steps,
+                                raise_error=False)
+        if clips is not None:
+            self._hyper_optim.fold_clips(rest[5 * len(pending):])
+        out = {prefix + k: float(v) for k, v in zip(keys, values[:len(vals)])}
         for kind in ("t1", "t2"):
             out[f"{prefix}skipped/{kind}"] = float(self.skipped.get(kind, 0))
         for name, count in self.clipped.items():
@@ -382,7 +392,11 @@ class T1T2(torch.optim.Optimizer):
         def get(self):  # the lazy guard's device counters are read here, when asked for (one host read)
             self._guard.materialize(steps=self.steps, raise_error=False)
             return getattr(self._guard, name)
-        return property(get, lambda self, value: setattr(self._guard, name, value), doc=doc)
+
+        def put(self, value):  # what was counted on the device before is folded in first, then replaced
+            self._guard.materialize(steps=self.steps, raise_error=False)
+            setattr(self._guard, name, value)
+        return property(get, put, doc=doc)
 
     skipped = _counter("skipped", "Steps skipped for Inf/NaN in all, per kind ('t1', 't2').")
     consecutive_skips = _counter("consecutive_skips", "Steps skipped in a row, per kind.")
