@@ -135,7 +135,8 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
             hypers: list[Hyperparameter], indices: list[int], optimizer: str, lr: float, momentum: float,
             nesterov: bool, betas: tuple[float, float], eps: float, hypergrad: str, stash: bool,
             buffers: dict | None = None, grad_scale: torch.Tensor | None = None,
-            found_inf: torch.Tensor | None = None, check_finite: bool = False, lazy: bool = False) -> Stash | None:
+            found_inf: torch.Tensor | None = None, check_finite: bool = False, lazy: bool = False,
+            coefficients: dict | None = None) -> Stash | None:
     """One T1 step of ``params`` in place through the backend's fused op. ``indices`` are the
     tensors' positions in the hyperparameters' target lists; ``states`` their optimizer state dicts
     (created and advanced here). Returns the stash for T2 when ``stash`` is set. ``buffers``, if
@@ -148,7 +149,8 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     step was skipped, nothing was written (adam's step count stays too) and this returns None.
     ``lazy``: it is not read back (no host sync): a skipped step writes nothing in θ, the optimizer
     buffers and the stash buffers, adam's step count advances anyway, and the stash is returned
-    (the caller keeps the flag to know it holds nothing of this step)."""
+    (the caller keeps the flag to know it holds nothing of this step). ``coefficients``, if given,
+    keeps the penalty coefficient lists between calls while no λ changed (by its version counter)."""
     beta1, beta2 = betas
     acc = compute_dtype(params[0].dtype) if params else torch.float32
     state1, state2, bc1, bc2, adam_steps = [], [], [], [], []
@@ -170,7 +172,16 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=acc)
             state1.append(state["momentum_buffer"])
     device = params[0].device if params else torch.device("cpu")
-    l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
+    # λ changes only at hyper steps (in place: its version counter moves), so the coefficient lists
+    # (c = φ(λ), a transform per hyperparameter) are kept in ``coefficients`` until one of them moves
+    key = (tuple(indices), acc, device, tuple((id(h.raw), h.raw._version) for h in hypers))
+    cached = None if coefficients is None else coefficients.get("lists")
+    if cached is not None and cached[0] == key:
+        l2, l1, decay = cached[1]
+    else:
+        l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
+        if coefficients is not None:
+            coefficients["lists"] = (key, (l2, l1, decay))
     def stash_buffers(kind):
         cache = {} if buffers is None else buffers
         return [reused_buffer(cache, (kind, i), p, acc) for i, p in zip(indices, params)]

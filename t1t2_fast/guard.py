@@ -101,49 +101,91 @@ class SkipGuard:
                3: "non-finite training gradient", 4: "non-finite validation loss or gradient",
                5: "non-finite hypergradient"}
 
+    # lazy mode: per kind, a device log of the steps since the last read, one float64 a step: 0 for a
+    # step taken, 8·step + code for a skipped one (exact up to step 2^49); LOG_STEPS steps are folded
+    # on the device into a summary [skips, consecutive, peak consecutive, 8·step + code of the last]
+    LOG_STEPS = 1024
+
     def record(self, kind: str, found: torch.Tensor, step: int, code: torch.Tensor | int) -> None:
-        """Lazy mode: count a step of ``kind`` whose skip flag ``found`` (> 0: skipped) stays on the
-        device; ``code`` (a key of ``REASONS``, may be a device tensor) says why, if it was."""
-        f = (found > 0).reshape(())
+        """Lazy mode: log a step of ``kind`` whose skip flag ``found`` (> 0: skipped) stays on the
+        device; ``code`` (a key of ``REASONS``, may be a device tensor) says why, if it was. Two to four
+        one-element device ops, no host read."""
         self._seq += 1
         self._recorded[kind] = self._seq  # which kind's latest step is the latest (for last_skip)
-        acc = self._pending.get(kind)
-        if acc is None:
-            acc = self._pending[kind] = torch.zeros(5, dtype=torch.float64, device=found.device)
-            acc[1] = self.consecutive_skips[kind]  # a run of skips continues across a read
-        ff = f.to(torch.float64)
-        consec = (acc[1] + 1) * ff
-        code = torch.as_tensor(code, dtype=torch.float64, device=found.device)
-        acc.copy_(torch.stack([acc[0] + ff, consec, torch.maximum(acc[2], consec),
-                               torch.where(f, torch.full_like(acc[3], float(step)), acc[3]),
-                               torch.where(f, code, acc[4])]))
+        log = self._pending.get(kind)
+        if log is None:  # [buffer, steps logged, summary of folded steps or None, consecutive before]
+            log = self._pending[kind] = [torch.empty(self.LOG_STEPS, dtype=torch.float64, device=found.device),
+                                         0, None, self.consecutive_skips[kind]]
+        flag = found.reshape(()).to(torch.float64)
+        if isinstance(code, int):
+            value = (flag > 0).to(torch.float64) * float(8 * step + code) if code != 1 else flag * float(8 * step + 1)
+        else:
+            value = (flag > 0).to(torch.float64) * (code.to(torch.float64) + float(8 * step))
+        log[0].select(0, log[1]).copy_(value)
+        log[1] += 1
+        if log[1] == self.LOG_STEPS:
+            self._fold(log)
+
+    @staticmethod
+    def _fold(log: list) -> None:
+        """Fold a full log into its device summary (vectorized, no host read)."""
+        buf, n, summary, before = log
+        v = buf[:n]
+        skipped = v > 0
+        idx = torch.arange(n, device=v.device, dtype=torch.float64)
+        c_in = summary[1] if summary is not None else torch.tensor(float(before), dtype=torch.float64,
+                                                                     device=v.device)
+        last_taken = torch.cummax(torch.where(skipped, -1.0, idx), 0).values
+        run = torch.where(skipped, torch.where(last_taken >= 0, idx - last_taken, idx + 1 + c_in), 0.0)
+        last = v.gather(0, torch.where(skipped, idx, -1.0).argmax().reshape(1)).reshape(())  # the last skipped
+        parts = [skipped.sum().to(torch.float64), run[-1], run.max(), torch.where(skipped.any(), last, 0.0)]
+        if summary is not None:
+            parts = [parts[0] + summary[0], parts[1], torch.maximum(parts[2], summary[2]),
+                     torch.where(parts[3] > 0, parts[3], summary[3])]
+        log[2], log[1] = torch.stack(parts), 0
 
     def pending(self) -> list[torch.Tensor]:
-        """The device counters ``materialize`` reads (to be read together with other values)."""
-        return [self._pending[k] for k in STEP_KINDS if k in self._pending]
+        """The device values ``materialize`` reads, flat (to be read together with other values)."""
+        out = []
+        for k in STEP_KINDS:
+            log = self._pending.get(k)
+            if log is not None:
+                out += ([log[2]] if log[2] is not None else []) + [log[0][:log[1]]]
+        return out
 
     def materialize(self, values: list | None = None, steps: int = 0, raise_error: bool = True) -> None:
-        """Fold the device counters into the host ones (``values``: their contents, already read with
-        others; else read here, one sync) and raise ``NonFiniteError`` if a run of skips reached the
-        limit."""
+        """Fold the device logs into the host counters (``values``: the ``pending()`` tensors' contents
+        concatenated, already read with others; else read here, one sync) and raise ``NonFiniteError``
+        if a run of skips reached the limit."""
         kinds = [k for k in STEP_KINDS if k in self._pending]
-        if not kinds:
-            if raise_error and self._tripped is not None:
-                tripped, self._tripped = self._tripped, None
-                self._raise(*tripped)
-            return
-        if values is None:
-            values = host_list(torch.stack(self.pending()))
-        # in the order of each kind's latest recorded step: last_skip is about the latest one
-        for kind, (n, consec, peak, at, code) in sorted(zip(kinds, values), key=lambda kv: self._recorded[kv[0]]):
-            del self._pending[kind]
-            reason = f"{'T1' if kind == 't1' else 'T2'} step {int(at)}: {self.REASONS.get(int(code), '?')}"
-            self.skipped[kind] += int(n)
-            self.consecutive_skips[kind] = int(consec)
-            self.last_skip = reason if consec > 0 else None  # the latest recorded step of this kind
-            limit = self.max_consecutive_skips
-            if limit is not None and peak >= limit:
-                self._tripped = (kind, int(peak), reason, steps)
+        if kinds:
+            if values is None:
+                values = host_list(torch.cat(self.pending()))
+            pos, parsed = 0, []
+            for kind in kinds:
+                _, n, summary, before = self._pending.pop(kind)
+                total, consec, peak, last = 0, before, 0, 0.0
+                if summary is not None:
+                    total, consec, peak, last = values[pos:pos + 4]
+                    pos += 4
+                for v in values[pos:pos + n]:
+                    if v > 0:
+                        total, consec, last = total + 1, consec + 1, v
+                        peak = max(peak, consec)
+                    else:
+                        consec = 0
+                pos += n
+                parsed.append((kind, int(total), int(consec), int(peak), int(last)))
+            # in the order of each kind's latest recorded step: last_skip is about the latest one
+            for kind, total, consec, peak, last in sorted(parsed, key=lambda p: self._recorded[p[0]]):
+                reason = (f"{'T1' if kind == 't1' else 'T2'} step {last // 8}: "
+                          f"{self.REASONS.get(last % 8, '?')}")
+                self.skipped[kind] += total
+                self.consecutive_skips[kind] = consec
+                self.last_skip = reason if consec > 0 else None  # the latest recorded step of this kind
+                limit = self.max_consecutive_skips
+                if limit is not None and peak >= limit:
+                    self._tripped = (kind, peak, reason, steps)
         if raise_error and self._tripped is not None:
             tripped, self._tripped = self._tripped, None
             self._raise(*tripped)
@@ -179,6 +221,8 @@ class SkipGuard:
         processes (``distributed``): there the loss is the rank's own and the gradients all ranks'."""
         if not self.enabled:
             return found_inf, False
+        if self.lazy and found_inf is None and loss is not None and not distributed:  # the common case
+            return (loss - loss != 0).to(torch.float32).reshape(()), False  # Inf/NaN: inf - inf, NaN - NaN are NaN
         found = torch.zeros((), dtype=torch.float32, device=device) if found_inf is None else found_inf
         if loss is not None:
             found = torch.maximum(found, (~torch.isfinite(loss)).to(torch.float32).reshape(()))
@@ -186,11 +230,13 @@ class SkipGuard:
         return found, scan
 
     @staticmethod
-    def t1_code(loss: torch.Tensor | None, found_inf: torch.Tensor | None) -> torch.Tensor | int:
+    def t1_code(loss: torch.Tensor | None, found_inf: torch.Tensor | None, scanned: bool) -> torch.Tensor | int:
         """The ``REASONS`` code a lazily recorded T1 skip gets (on the device when it depends on the loss)."""
         other = 2 if found_inf is not None else 3
         if loss is None:
             return other
+        if not scanned and found_inf is None:  # the loss is all that was checked
+            return 1
         return torch.where(torch.isfinite(loss).reshape(()), float(other), 1.0)
 
     @staticmethod

@@ -264,6 +264,7 @@ class T1T2(torch.optim.Optimizer):
         self.hyper_steps = 0
         self._stash: Stash | None = None
         self._stash_buffers: dict = {}  # reused stash storage (see functional.t1_step)
+        self._coefficients: dict = {}  # per parameter group, the penalty coefficients while λ is unchanged
         self.last_hypergrad: dict[str, torch.Tensor] = {}
         # Noise hyperparameters: the model's GaussianNoise modules
         self.noise_hypergrad_mode, self.fd_eps = noise_hypergrad, float(fd_eps)
@@ -339,17 +340,17 @@ class T1T2(torch.optim.Optimizer):
                 keys.append(f"hypergrad/{name}")
                 vals.append(g.detach().to(torch.float64).mean())
             # the lazy guard's and the clip counts' device counters ride along in the same read
-            pending = [p.to(torch.float64) for p in self._guard.pending()]
+            pending = self._guard.pending()
+            n_pending = sum(p.numel() for p in pending)
             clips = self._hyper_optim._clip_pending
             extra = pending + ([clips.to(torch.float64)] if clips is not None else [])
             dev = vals[0].device if vals else (extra[0].device if extra else None)
             flat = [v.reshape(1).to(dev) for v in vals] + [e.reshape(-1).to(dev) for e in extra]
             values = host_list(torch.cat(flat)) if flat else []  # the one host sync
         rest = values[len(vals):]
-        self._guard.materialize([rest[5 * j:5 * j + 5] for j in range(len(pending))], steps=self.steps,
-                                raise_error=False)
+        self._guard.materialize(rest[:n_pending], steps=self.steps, raise_error=False)
         if clips is not None:
-            self._hyper_optim.fold_clips(rest[5 * len(pending):])
+            self._hyper_optim.fold_clips(rest[n_pending:])
         out = {prefix + k: float(v) for k, v in zip(keys, values[:len(vals)])}
         for kind in ("t1", "t2"):
             out[f"{prefix}skipped/{kind}"] = float(self.skipped.get(kind, 0))
@@ -503,7 +504,7 @@ class T1T2(torch.optim.Optimizer):
         lazy = self._guard.lazy
         self._stash = self._t1_update(stash_now, grad_scale, found, check, lazy)
         if lazy:  # the flag stays on the device: counted there, read when asked (guard.SkipGuard)
-            self._guard.record("t1", found, self.steps + 1, self._guard.t1_code(loss, found_inf))
+            self._guard.record("t1", found, self.steps + 1, self._guard.t1_code(loss, found_inf, check))
         elif found is not None and float(found) > 0:
             self._stash = None
             reason = self._guard.t1_reason(loss, found_inf, grad_scale)
@@ -576,7 +577,7 @@ class T1T2(torch.optim.Optimizer):
                        self.hypers, indices, self._step_optimizer, group["lr"], group["momentum"],
                        group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash,
                        buffers=self._stash_buffers, grad_scale=grad_scale, found_inf=found_inf,
-                       check_finite=check_finite, lazy=lazy)
+                       check_finite=check_finite, lazy=lazy, coefficients=self._coefficients.setdefault(k, {}))
 
     # -- T2 -----------------------------------------------------------------------------------
     def hyper_step(self, closure: Callable[[], torch.Tensor],
@@ -696,7 +697,7 @@ class T1T2(torch.optim.Optimizer):
         pending = self._guard.pending()
         values = host_list(torch.cat([torch.stack(parts).to(dev)] + [p.to(dev) for p in pending]))
         k = len(parts)
-        self._guard.materialize([values[k + 5 * j:k + 5 * j + 5] for j in range(len(pending))], steps=self.steps)
+        self._guard.materialize(values[k:], steps=self.steps)
         norm = math.sqrt(0.5 * values[3]) if fd else None
         if values[2] == 0:
             return "its T1 step was skipped", norm

@@ -117,3 +117,31 @@ def test_the_grads_guard_reads_its_flag_back_every_step():
     """The positive control: skip_nonfinite="grads" reads the op's flag back (one host read per step)."""
     _, step_reads, _ = _run("cpp", "sgd", None, False, hyper_every=10, steps=3, skip_nonfinite="grads")
     assert all(r is not None and sum(r.values()) >= 1 for r in step_reads)
+
+
+@needs_ext
+@pytest.mark.parametrize("log_steps", [3, 1024])
+def test_the_device_log_folds_without_losing_a_count(monkeypatch, log_steps):
+    """The lazy guard logs each step on the device and folds LOG_STEPS of them into a summary there:
+    the counts, the run of consecutive skips (across folds and reads) and the latest reason come out
+    the same either way."""
+    monkeypatch.setattr(guard.SkipGuard, "LOG_STEPS", log_steps)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    opt = t1t2.T1T2(model, [t1t2.L2(1e-3)], momentum=0.9, hyper_every=1000, backend="cpp", max_consecutive_skips=None)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    pattern = "..xx.xxxx.x" + "x" * 9
+    with HostReads() as reads:
+        for c in pattern:
+            opt.step(lambda: F.cross_entropy(model(x), y) * (float("nan") if c == "x" else 1.0))
+    assert reads.count == 0
+    assert opt.skipped["t1"] == pattern.count("x") and opt.consecutive_skips["t1"] == 10
+    assert opt.last_skip == f"T1 step {len(pattern)}: non-finite training loss"
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert opt.consecutive_skips["t1"] == 0 and opt.last_skip is None
+    opt.max_consecutive_skips = 10  # the run of 10 ended already: nothing to raise; a new one of 10 does
+    for _ in range(10):
+        opt.step(lambda: F.cross_entropy(model(x), y) * float("nan"))
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    with pytest.raises(t1t2.NonFiniteError, match="10 consecutive T1"):
+        opt.check_nonfinite()
