@@ -28,7 +28,6 @@ plus ``t1t2_fast.guard.host_list``), on the CPU, where they cost nothing; on a G
 from __future__ import annotations
 
 import argparse
-import collections
 import math
 import platform
 import time
@@ -80,7 +79,7 @@ class Case:
     """One configuration: ``run()`` does one timed unit (a cycle of HYPER_EVERY steps for T1T2 at
     hyper_every=10, else one step) and returns how many steps it took."""
 
-    def __init__(self, name, family, make, run, steps_per_run=1, t1t2_opt=None):
+    def __init__(self, name, family, make, run, steps_per_run=1):
         self.name, self.family, self.make, self._run, self.steps = name, family, make, run, steps_per_run
         self.best = math.inf
         self.opt = None
