@@ -108,6 +108,8 @@ def load(opt, state_dict: dict) -> None:
     if stash is not None and opt._noise:
         opt._stash.noise = NoiseStash.from_state(stash.get("noise"), opt.steps, dev)
     opt.last_hypergrad = {n: g.to(dev).clone() for n, g in state_dict["last_hypergrad"].items()}
+    opt._guard._pending.clear()  # the lazy guard's device counters belong to the run being replaced
+    opt._guard._tripped = None
     for n, value in state_dict.get("counters", {}).items():
         if n in COUNTERS:
             setattr(opt, n, copy.deepcopy(value))

@@ -15,6 +15,7 @@ on anything computed from θ⁺ fills ``.grad`` of the raw hyperparameters throu
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -42,9 +43,10 @@ class Stash:
     lr: float
     theta: dict[int, torch.Tensor]
     jac: dict[int, torch.Tensor | float]
-    grad_scale: float | None = None
+    grad_scale: float | torch.Tensor | None = None
     noise: object | None = None
     lrs: dict[int, float] | None = None
+    found: torch.Tensor | None = None  # the lazy guard's skip flag of that T1 step (> 0: skipped, stash unset)
 
     def lr_of(self, index: int) -> float:
         return self.lr if self.lrs is None else self.lrs[index]
@@ -57,6 +59,8 @@ class Stash:
                "jac": {names[i]: clone(j) for i, j in self.jac.items()}}
         if self.lrs is not None:
             out["lrs"] = {names[i]: lr for i, lr in self.lrs.items()}
+        if self.found is not None:
+            out["found"] = self.found.detach().clone()
         return out
 
     @classmethod
@@ -67,7 +71,8 @@ class Stash:
         lrs = state.get("lrs")
         return cls(state["lr"], {index[n]: t.to(device).clone() for n, t in state["theta"].items()},
                    {index[n]: move(j) for n, j in state["jac"].items()}, grad_scale=state.get("grad_scale"),
-                   lrs=None if lrs is None else {index[n]: float(lr) for n, lr in lrs.items()})
+                   lrs=None if lrs is None else {index[n]: float(lr) for n, lr in lrs.items()},
+                   found=None if state.get("found") is None else state["found"].to(device).clone())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,12 +111,32 @@ def reused_buffer(cache: dict, key, like: torch.Tensor, dtype: torch.dtype) -> t
     return buf
 
 
+# Adam's step count as a host int, per state["step"] tensor (by id, dropped with the tensor): reading
+# the tensor back would be a host read per tensor and step (one put there by load_state_dict is read once)
+_ADAM_T: dict[int, tuple] = {}
+
+
+def _adam_count(state: dict) -> int:
+    step = state.get("step")
+    if step is None:
+        return 0
+    known = _ADAM_T.get(id(step))
+    return known[1] if known is not None and known[0]() is step else int(step)
+
+
+def _set_adam_count(state: dict, t: int) -> None:
+    step = state["step"] = torch.tensor(float(t), dtype=torch.float64)
+    key = id(step)
+    _ADAM_T[key] = (weakref.ref(step, lambda _, key=key: _ADAM_T.pop(key, None)), t)
+
+
 @torch.no_grad()
 def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
             hypers: list[Hyperparameter], indices: list[int], optimizer: str, lr: float, momentum: float,
             nesterov: bool, betas: tuple[float, float], eps: float, hypergrad: str, stash: bool,
             buffers: dict | None = None, grad_scale: torch.Tensor | None = None,
-            found_inf: torch.Tensor | None = None, check_finite: bool = False) -> Stash | None:
+            found_inf: torch.Tensor | None = None, check_finite: bool = False, lazy: bool = False,
+            coefficients: dict | None = None) -> Stash | None:
     """One T1 step of ``params`` in place through the backend's fused op. ``indices`` are the
     tensors' positions in the hyperparameters' target lists; ``states`` their optimizer state dicts
     (created and advanced here). Returns the stash for T2 when ``stash`` is set. ``buffers``, if
@@ -121,7 +146,11 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
 
     ``grad_scale``/``found_inf``/``check_finite``: the op's GradScaler unscale and non-finite guard.
     When ``found_inf`` is given, it is read back after the op (one host sync): if it is set, the
-    step was skipped, nothing was written (adam's step count stays too) and this returns None."""
+    step was skipped, nothing was written (adam's step count stays too) and this returns None.
+    ``lazy``: it is not read back (no host sync): a skipped step writes nothing in θ, the optimizer
+    buffers and the stash buffers, adam's step count advances anyway, and the stash is returned
+    (the caller keeps the flag to know it holds nothing of this step). ``coefficients``, if given,
+    keeps the penalty coefficient lists between calls while no λ changed (by its version counter)."""
     beta1, beta2 = betas
     acc = compute_dtype(params[0].dtype) if params else torch.float32
     state1, state2, bc1, bc2, adam_steps = [], [], [], [], []
@@ -131,7 +160,7 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p, dtype=acc)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc)
-            t = int(state.get("step", 0)) + 1  # committed below, once the step is known to be taken
+            t = _adam_count(state) + 1  # committed below, once the step is known to be taken
             adam_steps.append(t)
             state1.append(state["exp_avg"])
             state2.append(state["exp_avg_sq"])
@@ -143,7 +172,16 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=acc)
             state1.append(state["momentum_buffer"])
     device = params[0].device if params else torch.device("cpu")
-    l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
+    # λ changes only at hyper steps (in place: its version counter moves), so the coefficient lists
+    # (c = φ(λ), a transform per hyperparameter) are kept in ``coefficients`` until one of them moves
+    key = (tuple(indices), acc, device, tuple((id(h.raw), h.raw._version) for h in hypers))
+    cached = None if coefficients is None else coefficients.get("lists")
+    if cached is not None and cached[0] == key:
+        l2, l1, decay = cached[1]
+    else:
+        l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
+        if coefficients is not None:
+            coefficients["lists"] = (key, (l2, l1, decay))
     def stash_buffers(kind):
         cache = {} if buffers is None else buffers
         return [reused_buffer(cache, (kind, i), p, acc) for i, p in zip(indices, params)]
@@ -155,10 +193,10 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
         grad_scale=grad_scale, found_inf=found_inf, check_finite=check_finite)
     backend.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
                      nesterov, beta1, beta2, eps, bc1, bc2, **guard)
-    if found_inf is not None and float(found_inf) > 0:
+    if not lazy and found_inf is not None and float(found_inf) > 0:
         return None  # skipped: θ, the optimizer state and the stash buffers are as they were
     for state, t in zip(states, adam_steps):  # empty unless adam
-        state["step"] = torch.tensor(float(t), dtype=torch.float64)
+        _set_adam_count(state, t)
     if not stash:
         return None
     if hypergrad == "sgd" or adam:

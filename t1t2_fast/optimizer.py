@@ -22,7 +22,7 @@ from .backend import Backend, resolve_backend
 from . import closures
 from .closures import scalar_loss
 from .functional import Stash, penalty_hypergrads, reused_buffer, t1_step
-from .guard import NonFiniteError, SkipGuard, all_finite
+from .guard import NonFiniteError, SkipGuard, all_finite, finite_flag, host_list
 from .hyper_optim import HYPER_OPTIMIZERS, HyperOptimizer
 from .noise import hypergrad as noise_hyper
 from .penalties import L2, Hyperparameter, ParamFilter, Penalty, bind_penalties, set_bounds
@@ -148,6 +148,17 @@ def _with_weight_decay(penalties: list, named, optimizer: str, weight_decay, wei
     return penalties + [decay]
 
 
+def _scaler_scale(scaler) -> torch.Tensor | None:
+    """A GradScaler's current scale as a 0-d tensor on its device (``get_scale()`` would read it back
+    to the host), or None without an enabled scaler."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # before its first scale(): the initial value
+        return torch.tensor(float(scaler.get_scale()), dtype=torch.float32)
+    return scale.detach().reshape(())
+
+
 def _trainable(model: nn.Module) -> tuple[list[tuple[str, torch.Tensor]], torch.device, torch.dtype]:
     """The model's trainable (name, parameter) pairs, which must share one device and one dtype."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -186,11 +197,17 @@ class T1T2(torch.optim.Optimizer):
     result is the one-process value; "local" uses each rank's own (unbiased, only the small vector
     is sent).
 
-    Reliability (docs/reliability.md): with ``skip_nonfinite`` (default), a T1 step whose training
-    loss or gradients hold an Inf/NaN is skipped (the fused op scans the gradients before it writes
-    anything), and so is a T2 step whose validation loss, validation gradient or hypergradient does;
-    ``skipped`` counts them, ``last_skip`` says why, and ``max_consecutive_skips`` skips in a row
-    raise ``NonFiniteError``. ``torch.amp.GradScaler``: ``scaler.step(opt)`` after
+    Reliability (docs/reliability.md): with ``skip_nonfinite=True`` (default, lazy), a T1 step whose
+    training loss is Inf/NaN, or whose gradients GradScaler found Inf/NaN in, is skipped on the
+    device: the fused op reads the flag there and writes nothing (θ, momentum, Adam's moments, the
+    stash), with no host sync; the step still counts (``steps``, Adam's bias-correction count, the
+    noise keys move on). A ``step()`` without a loss (no closure) and without a GradScaler scans the
+    gradients in the op instead. ``skip_nonfinite="grads"`` scans every step's gradients and reads the
+    flag back (one sync per step): a skipped step is then as if it were not there. A T2 step whose
+    validation loss, validation gradient or hypergradient is non-finite is skipped too (λ and the
+    hyper-optimizer state unchanged); ``skipped`` counts them and ``last_skip`` says why (read from
+    the device when asked), and ``max_consecutive_skips`` skips in a row raise ``NonFiniteError``
+    (lazy: at the next hyper step). ``torch.amp.GradScaler``: ``scaler.step(opt)`` after
     ``scaler.scale(loss).backward()``, or ``opt.step(closure, scaler=scaler)``; the fused op unscales
     in its pass and honours the scaler's found_inf. ``bounds`` ({name or glob pattern: (lo, hi)},
     natural scale) override the declared bounds; a hyper step that would leave them is clipped and
@@ -213,7 +230,7 @@ class T1T2(torch.optim.Optimizer):
                  hyper_betas: tuple[float, float] = (0.9, 0.999), hyper_eps: float = 1e-8,
                  hyper_every: int = 1, hypergrad: str = "exact", noise_hypergrad: str = "fd",
                  fd_eps: float = 1e-3, backend: str = "auto", seed: int = 0, process_group=None,
-                 distributed_noise: str = "exact", skip_nonfinite: bool = True,
+                 distributed_noise: str = "exact", skip_nonfinite: bool | str = True,
                  max_consecutive_skips: int | None = 25,
                  bounds: dict[str, tuple[float | None, float | None]] | None = None,
                  param_groups: Iterable[dict] | None = None, weight_decay: float | None = None,
@@ -248,6 +265,7 @@ class T1T2(torch.optim.Optimizer):
         self.hyper_steps = 0
         self._stash: Stash | None = None
         self._stash_buffers: dict = {}  # reused stash storage (see functional.t1_step)
+        self._coefficients: dict = {}  # per parameter group, the penalty coefficients while λ is unchanged
         self.last_hypergrad: dict[str, torch.Tensor] = {}
         # Noise hyperparameters: the model's GaussianNoise modules
         self.noise_hypergrad_mode, self.fd_eps = noise_hypergrad, float(fd_eps)
@@ -322,9 +340,19 @@ class T1T2(torch.optim.Optimizer):
             for name, g in self.last_hypergrad.items():
                 keys.append(f"hypergrad/{name}")
                 vals.append(g.detach().to(torch.float64).mean())
-            dev = vals[0].device if vals else None
-            values = torch.stack([v.to(dev) for v in vals]).tolist() if vals else []  # the one host sync
-        out = {prefix + k: float(v) for k, v in zip(keys, values)}
+            # the lazy guard's and the clip counts' device counters ride along in the same read
+            pending = self._guard.pending()
+            n_pending = sum(p.numel() for p in pending)
+            clips = self._hyper_optim._clip_pending
+            extra = pending + ([clips.to(torch.float64)] if clips is not None else [])
+            dev = vals[0].device if vals else (extra[0].device if extra else None)
+            flat = [v.reshape(1).to(dev) for v in vals] + [e.reshape(-1).to(dev) for e in extra]
+            values = host_list(torch.cat(flat)) if flat else []  # the one host sync
+        rest = values[len(vals):]
+        self._guard.materialize(rest[:n_pending], steps=self.steps, raise_error=False)
+        if clips is not None:
+            self._hyper_optim.fold_clips(rest[n_pending:])
+        out = {prefix + k: float(v) for k, v in zip(keys, values[:len(vals)])}
         for kind in ("t1", "t2"):
             out[f"{prefix}skipped/{kind}"] = float(self.skipped.get(kind, 0))
         for name, count in self.clipped.items():
@@ -358,20 +386,38 @@ class T1T2(torch.optim.Optimizer):
     hyper_eps = _delegate("_hyper_optim", "eps", "The hyper-optimizer's Adam eps.")
     _hyper_state = _delegate("_hyper_optim", "state", "The hyper-optimizer's Adam moments per hyperparameter name.")
     clipped = _delegate("_hyper_optim", "clipped", "Per hyperparameter name, the hyper steps that hit a bound.")
-    skip_nonfinite = _delegate("_guard", "enabled", "Whether steps with Inf/NaN are skipped.")
+    skip_nonfinite = _delegate("_guard", "mode", "The non-finite guard: True (lazy), 'grads' or False.")
     max_consecutive_skips = _delegate("_guard", "max_consecutive_skips",
                                       "Skips in a row after which NonFiniteError is raised (None: never).")
-    skipped = _delegate("_guard", "skipped", "Steps skipped for Inf/NaN in all, per kind ('t1', 't2').")
-    consecutive_skips = _delegate("_guard", "consecutive_skips", "Steps skipped in a row, per kind.")
-    last_skip = _delegate("_guard", "last_skip", "Why the latest step was skipped (None: it was taken).")
-    del _delegate
+
+    def _counter(name: str, doc: str):  # noqa: N805  (a helper run at class creation)
+        def get(self):  # the lazy guard's device counters are read here, when asked for (one host read)
+            self._guard.materialize(steps=self.steps, raise_error=False)
+            return getattr(self._guard, name)
+
+        def put(self, value):  # what was counted on the device before is folded in first, then replaced
+            self._guard.materialize(steps=self.steps, raise_error=False)
+            setattr(self._guard, name, value)
+        return property(get, put, doc=doc)
+
+    skipped = _counter("skipped", "Steps skipped for Inf/NaN in all, per kind ('t1', 't2').")
+    consecutive_skips = _counter("consecutive_skips", "Steps skipped in a row, per kind.")
+    last_skip = _counter("last_skip", "Why the latest step was skipped (None: it was taken).")
+    del _delegate, _counter
+
+    def check_nonfinite(self) -> None:
+        """Read the lazy guard's device counters now (one host read) and raise ``NonFiniteError`` if
+        ``max_consecutive_skips`` steps were skipped in a row; ``hyper_step`` does this by itself, a loop
+        without hyper steps calls it when it wants to know (``t1t2 train`` does, every iteration)."""
+        self._guard.materialize(steps=self.steps)
 
     # -- T1 -----------------------------------------------------------------------------------
     # step and hyper_step run eagerly inside torch.compile'd code (a graph break): their work is already
     # one fused op per pass, and tracing them would guard on every float they read (each new lr from a
     # scheduler, adam's bias corrections) and recompile at every step.
     @torch.compiler.disable
-    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor | None:
+    def step(self, closure: Callable[[], torch.Tensor] | None = None, *, scaler=None,
+             loss: torch.Tensor | None = None) -> torch.Tensor | None:
         """One T1 step. With a closure: zero the grads, evaluate it, backward, update; a closure that
         runs its own backward (torch.optim's convention, PyTorch Lightning's) or returns None after a
         backward done before ``step`` is recognised and not backwarded again (docs/guide.md,
@@ -379,8 +425,18 @@ class T1T2(torch.optim.Optimizer):
         ``hyper_step(val, train=closure)``).
         ``scaler``: a ``torch.amp.GradScaler``; the closure's loss is scaled for the backward and the
         step goes through ``scaler.step(self)`` (call ``scaler.update()`` after, as usual). Returns
-        the (detached, unscaled) training loss, or None without a closure. A step skipped for
-        Inf/NaN (``last_skip`` says why) leaves θ, the optimizer state and ``steps`` unchanged."""
+        the (detached, unscaled) training loss, or None without a closure.
+        ``loss``: without a closure, the loss of the backward run before ``step`` (``loss.backward();
+        opt.step(loss=loss)``, or ``scaler.step(opt, loss=loss)``): the default guard checks it on the
+        device instead of scanning the gradients. A step skipped for Inf/NaN (``last_skip`` says why)
+        leaves θ and the optimizer's buffers unchanged (docs/reliability.md)."""
+        if loss is not None:
+            if closure is not None or scaler is not None:
+                raise ValueError("step(loss=) is for a backward run before step(); with a closure the loss is the "
+                                 "closure's")
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"step(loss=) takes the scalar loss tensor of the backward, got {loss!r}")
+            loss = loss.detach().reshape(())
         # Set by torch.amp.GradScaler.step around this call (_step_supports_amp_scaling)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if scaler is not None:
@@ -407,7 +463,7 @@ class T1T2(torch.optim.Optimizer):
                                    "scaler.step(opt)")
             loss, rng, kind = self._forward_backward(closure, None)
         else:
-            loss, rng, kind = None, None, None
+            rng, kind = None, None
         return self._update(loss, closure if kind in (closures.FORWARD, closures.BACKWARD) else None, rng,
                             grad_scale, found_inf)
 
@@ -449,24 +505,29 @@ class T1T2(torch.optim.Optimizer):
 
     def _update(self, loss, closure, rng, grad_scale, found_inf) -> torch.Tensor | None:
         stash_now = (self.steps + 1) % self.hyper_every == 0
-        found, check = self._guard.t1_flags(loss, found_inf, self.params[0].device)
-        self._stash = self._t1_update(stash_now, grad_scale, found, check)
-        if found is not None and float(found) > 0:
+        found, check = self._guard.t1_flags(loss, found_inf, self.params[0].device, self._dist is not None)
+        lazy = self._guard.lazy
+        self._stash = self._t1_update(stash_now, grad_scale, found, check, lazy)
+        if lazy:  # the flag stays on the device: counted there, read when asked (guard.SkipGuard)
+            self._guard.record("t1", found, self.steps + 1, self._guard.t1_code(loss, found_inf, check))
+        elif found is not None and float(found) > 0:
             self._stash = None
             reason = self._guard.t1_reason(loss, found_inf, grad_scale)
             self._guard.skip("t1", f"T1 step {self.steps + 1}: {reason}", self.steps)
             self._prepare_noise()  # the retry draws this step's noise again
             return loss
-        self._guard.took("t1")
+        else:
+            self._guard.took("t1")
         g0 = None
         if self._noise and stash_now and self.noise_hypergrad_mode == "fd":
             g0 = noise_hyper.recorded_grads(self._noise, self.compute_dtype)
             if grad_scale is not None:  # recorded from the scaled backward (a power of 2: exact)
-                inv = 1.0 / float(grad_scale)
+                inv = 1.0 / grad_scale.to(self.compute_dtype)
                 g0 = [g * inv for g in g0]
         self.steps += 1
         if self._stash is not None:
-            self._stash.grad_scale = None if grad_scale is None else float(grad_scale)
+            self._stash.grad_scale = None if grad_scale is None else grad_scale.detach().clone()
+            self._stash.found = found if lazy else None  # a lazily skipped step left nothing in the stash
             if self._noise:
                 self._stash.noise = noise_hyper.NoiseStash(
                     self.steps, g0, replay=None if closure is None else noise_hyper.Replay(closure, self.steps, rng))
@@ -482,16 +543,23 @@ class T1T2(torch.optim.Optimizer):
         record = self.noise_hypergrad_mode == "fd" and nxt % self.hyper_every == 0
         noise_hyper.prepare(self._noise, nxt, record)
 
-    def _t1_update(self, stash: bool, grad_scale=None, found_inf=None, check_finite=False) -> Stash | None:
+    def _t1_update(self, stash: bool, grad_scale=None, found_inf=None, check_finite=False,
+                   lazy=False) -> Stash | None:
         if len(self.param_groups) == 1:  # one fused call, as before parameter groups existed
-            return self._t1_group(0, stash, grad_scale, found_inf, check_finite)
+            return self._t1_group(0, stash, grad_scale, found_inf, check_finite, lazy)
         # Several groups: one fused call per group with its options. The non-finite scan comes first,
         # over every group, so that a skipped step writes nothing in any group.
-        if check_finite and not all_finite([p.grad for p in self.params if p.grad is not None]):
-            found_inf.fill_(1.0)
-        if found_inf is not None and float(found_inf) > 0:
+        if check_finite:
+            ok = finite_flag([p.grad for p in self.params if p.grad is not None])
+            if ok is not None:  # on the device: found_inf |= not ok
+                found_inf.copy_(torch.maximum(found_inf, (~ok).to(found_inf.dtype)))
+        if lazy:  # every group's op reads the flag on the device and writes nothing when it is set
+            parts = [self._t1_group(k, stash, grad_scale, found_inf, False, True)
+                     for k in range(len(self.param_groups))]
+        elif found_inf is not None and float(found_inf) > 0:
             return None
-        parts = [self._t1_group(k, stash, grad_scale, None, False) for k in range(len(self.param_groups))]
+        else:
+            parts = [self._t1_group(k, stash, grad_scale, None, False) for k in range(len(self.param_groups))]
         if not stash:
             return None
         merged = Stash(self.param_groups[0]["lr"], {}, {}, lrs={})
@@ -503,7 +571,7 @@ class T1T2(torch.optim.Optimizer):
             merged.lrs.update({i: part.lr for i in part.theta})
         return merged
 
-    def _t1_group(self, k: int, stash: bool, grad_scale, found_inf, check_finite) -> Stash | None:
+    def _t1_group(self, k: int, stash: bool, grad_scale, found_inf, check_finite, lazy=False) -> Stash | None:
         """The fused T1 step of parameter group ``k`` (its tensors with a gradient)."""
         group = self.param_groups[k]
         indices = [i for i in self._group_indices[k] if self.params[i].grad is not None]
@@ -514,7 +582,7 @@ class T1T2(torch.optim.Optimizer):
                        self.hypers, indices, self._step_optimizer, group["lr"], group["momentum"],
                        group["nesterov"], group["betas"], group["eps"], self.hypergrad_mode, stash,
                        buffers=self._stash_buffers, grad_scale=grad_scale, found_inf=found_inf,
-                       check_finite=check_finite)
+                       check_finite=check_finite, lazy=lazy, coefficients=self._coefficients.setdefault(k, {}))
 
     # -- T2 -----------------------------------------------------------------------------------
     @torch.compiler.disable
@@ -545,23 +613,32 @@ class T1T2(torch.optim.Optimizer):
                                    "training loss: call step(closure), or pass it here as "
                                    "hyper_step(val_closure, train=train_closure)")
         indices = sorted(stash.theta)
-        guard = self._guard.enabled
-        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+        guard, lazy = self._guard.enabled, self._guard.lazy
+        scale = _scaler_scale(scaler)
         # Under DDP, the validation pass and the noise replay run in no_sync(): each rank's v stays its
         # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
         with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
             loss = scalar_loss(closure(), "validation")
-            bad = f"non-finite validation loss ({float(loss.detach())})" if guard and not bool(torch.isfinite(loss)) else None
-            if bad and self._dist is None:  # across processes every rank must reach the all-reduces below
-                return self._skip_hyper(bad, loss)
+            bad = None
+            if guard and not lazy and not bool(torch.isfinite(loss)):
+                bad = f"non-finite validation loss ({float(loss.detach())})"
+                if self._dist is None:  # across processes every rank must reach the all-reduces below
+                    return self._skip_hyper(bad, loss)
             grads = torch.autograd.grad(loss if scale is None else loss * scale, [self.params[i] for i in indices],
                                         allow_unused=True)
         acc = self.compute_dtype
         v = [torch.zeros_like(stash.theta[i]) if g is None else g.detach().to(acc).contiguous()
              for i, g in zip(indices, grads)]
-        if scale is not None:
-            torch._foreach_mul_(v, 1.0 / scale)  # in the compute dtype: no fp16 underflow left
-        if guard and bad is None and not all_finite(v):
+        if scale is not None:  # in the compute dtype: no fp16 underflow left
+            torch._foreach_mul_(v, (1.0 / scale.to(torch.float64)).to(acc))
+        norm = None
+        if lazy:  # the hyper step's one host read: the checks, fd's ‖u‖ and the guard's device counters
+            bad, norm = self._lazy_checks(stash, loss, v, indices)
+            t1_skipped = bad is not None and bad.startswith("its T1 step")
+            # a skipped T1 step is skipped on every rank alike (it scanned the all-reduced gradients)
+            if bad and (self._dist is None or t1_skipped):
+                return self._skip_hyper(bad, loss, count=not t1_skipped)
+        elif guard and bad is None and not all_finite(v):
             bad = "non-finite validation gradient"
             if self._dist is None:
                 return self._skip_hyper(bad, loss)
@@ -571,6 +648,7 @@ class T1T2(torch.optim.Optimizer):
                 # h_σ is bilinear in v and the training shard: it needs the ranks' mean v (module docstring
                 # of t1t2_fast.distributed); the penalty h above is linear in v and used the local one.
                 self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
+                norm = None  # ‖u‖ of the mean v: read in noise_hypergrads (a second host read)
             u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
             params = [self.params[i] for i in indices]
             with distributed.no_sync(self._ddp):
@@ -578,27 +656,69 @@ class T1T2(torch.optim.Optimizer):
                     mode=self.noise_hypergrad_mode, fd_eps=self.fd_eps, backend=self.backend, model=self._model,
                     bindings=self._noise, params=params, theta=[stash.theta[i] for i in indices], u=u,
                     g0=stash.noise.g0, replay=replay, save=self._saved_theta(indices), dtype=acc,
-                    loss_scale=stash.grad_scale))
+                    loss_scale=stash.grad_scale, norm=norm))
         if bad is not None:  # a rank's own Inf/NaN: NaN hypergradients make every rank skip together
             hypergrads = {n: torch.full_like(g, math.nan) for n, g in hypergrads.items()}
         if self._dist is not None and hypergrads:
             # mean over ranks of the per-rank hypergradients (and the check that λ agrees everywhere)
             hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
-        if guard and not all_finite(list(hypergrads.values())):  # one pass; names only when it fails
+        ok = None
+        if lazy:  # a non-finite hypergradient: the update is masked on the device and counted there
+            ok = finite_flag(list(hypergrads.values()))
+            if bad is not None and ok is not None:
+                ok = torch.zeros_like(ok)
+            self._guard.took("t2")
+            if ok is not None:
+                self._guard.record("t2", (~ok).to(torch.float32), self.steps, 5)
+                old = self.last_hypergrad
+                hypergrads = {n: torch.where(ok, g, old[n]) if n in old and old[n].shape == g.shape else g
+                              for n, g in hypergrads.items()}
+        elif guard and not all_finite(list(hypergrads.values())):  # one pass; names only when it fails
             nonfinite = [n for n, g in hypergrads.items() if not bool(torch.isfinite(g).all())]
             if nonfinite:
                 return self._skip_hyper(bad or f"non-finite hypergradient of {', '.join(nonfinite[:3])}"
                                         + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
                                         + ("" if self._dist is None else " (on some rank)"), loss)
-        self._guard.took("t2")
+        else:
+            self._guard.took("t2")
         self.last_hypergrad = hypergrads
-        self._hyper_optim.step(self.all_hypers, hypergrads, self.hyper_steps + 1)
+        self._hyper_optim.step(self.all_hypers, hypergrads, self.hyper_steps + 1, ok=ok)
         self.hyper_steps += 1
         return loss.detach()
 
-    def _skip_hyper(self, reason: str, loss: torch.Tensor) -> torch.Tensor:
-        """A T2 step skipped for Inf/NaN: λ, the hyper-optimizer state and last_hypergrad unchanged."""
-        self._guard.skip("t2", f"T2 step after T1 step {self.steps}: {reason}", self.steps)
+    def _lazy_checks(self, stash: Stash, loss: torch.Tensor, v: list[torch.Tensor],
+                     indices: list[int]) -> tuple[str | None, float | None]:
+        """The lazy guard's checks of a hyper step, read back in one host read together with the fd
+        noise hypergradient's ‖u‖ (when it can be computed here) and the guard's device counters
+        (which may raise NonFiniteError): (why to skip or None, ‖u‖ or None)."""
+        dev = stash.theta[indices[0]].device if indices else loss.device
+        one = torch.ones((), dtype=torch.float64, device=dev)
+        v_ok = finite_flag(v)
+        parts = [torch.isfinite(loss.detach()).to(torch.float64).reshape(()),
+                 one if v_ok is None else v_ok.to(torch.float64),
+                 one if stash.found is None else (stash.found <= 0).to(torch.float64).reshape(())]
+        fd = bool(self._noise) and not (self._dist is not None and self.distributed_noise == "exact")
+        if fd:
+            u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
+            parts.append(noise_hyper.norm_sq(self.backend, u, dev))
+        pending = self._guard.pending()
+        values = host_list(torch.cat([torch.stack(parts).to(dev)] + [p.to(dev) for p in pending]))
+        k = len(parts)
+        self._guard.materialize(values[k:], steps=self.steps)
+        norm = math.sqrt(0.5 * values[3]) if fd else None
+        if values[2] == 0:
+            return "its T1 step was skipped", norm
+        if values[0] == 0:
+            return f"non-finite validation loss ({float(loss.detach())})", norm
+        if values[1] == 0:
+            return "non-finite validation gradient", norm
+        return None, norm
+
+    def _skip_hyper(self, reason: str, loss: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """A T2 step skipped for Inf/NaN: λ, the hyper-optimizer state and last_hypergrad unchanged.
+        ``count`` False: skipped because its T1 step was (lazy guard), which is counted already."""
+        if count:
+            self._guard.skip("t2", f"T2 step after T1 step {self.steps}: {reason}", self.steps)
         return loss.detach()
 
     def _saved_theta(self, indices: list[int]) -> list[torch.Tensor]:

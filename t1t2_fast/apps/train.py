@@ -398,6 +398,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
         for step in range(done + 1, total_steps + 1):
             try:
                 loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches))))
+                opt.check_nonfinite()  # the lazy guard's counters: NonFiniteError without hyper steps too
                 log_skip(step)
                 if tuning and opt.hyper_due:
                     opt.hyper_step(shard_loss(val_x, val_y, next(val_batches)))

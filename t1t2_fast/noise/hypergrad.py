@@ -63,6 +63,18 @@ def bind_noise(model: nn.Module, seed: int, backend: str, rank: int = 0) -> list
     return out
 
 
+def norm_sq(backend, u: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """2‖u‖² as a float64 0-d tensor on the device (no host read): the backend's fused dot (no upcast
+    copy of u), whose "l2" kind weighs u by m = 2u, so each term is 2‖u_t‖²."""
+    terms = [backend.penalty_segment_dot(x, x, 1, "l2")[0].to(torch.float64) for x in u if x.numel()]
+    if not terms:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    total = terms[0]
+    for t in terms[1:]:  # left to right, as a host sum of the same floats
+        total = total + t
+    return total
+
+
 def prepare(bindings: list[NoiseBinding], step: int, record: bool) -> None:
     """Key the modules' noise for T1 step ``step`` (1-based) from the first forward on, and say
     whether their forwards should keep σ as a leaf whose gradient can be read back."""
@@ -184,19 +196,23 @@ def replaying(model: nn.Module, bindings: list[NoiseBinding], replay: Replay, de
 def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bindings: list[NoiseBinding],
                      params: list[torch.Tensor], theta: list[torch.Tensor], u: list[torch.Tensor],
                      g0: list[torch.Tensor] | None, replay: Replay, save: list[torch.Tensor],
-                     dtype: torch.dtype, loss_scale: float | None = None) -> dict[str, torch.Tensor]:
+                     dtype: torch.dtype, loss_scale: float | torch.Tensor | None = None,
+                     norm: float | None = None) -> dict[str, torch.Tensor]:
     """Hypergradients of the raw noise hyperparameters (before the hyper-optimizer), h = dσ/dλ · ∂σ(uᵀ∇θL).
 
     ``params`` are the tensors the T1 step updated (now θ⁺), ``theta`` their stashed pre-step
     values and ``u`` = J ⊙ v, all aligned; ``save`` receives θ⁺ (same shapes and dtype as
     params) so that it can be restored bit-exactly; ``g0`` is ∇σL(θ) from the T1 backward (fd),
     unscaled. ``loss_scale``: the GradScaler scale of the T1 step; the replayed training loss is
-    multiplied by it for the backward (fp16 autocast) and the σ-gradients divided by it again."""
+    multiplied by it for the backward (fp16 autocast) and the σ-gradients divided by it again.
+    ``norm``: ‖u‖ if the caller has read it already (``norm_sq``), else it is read here (one host read)."""
     device = params[0].device if params else torch.device("cpu")
     zeros = {b.hyper.name: torch.zeros_like(b.hyper.raw) for b in bindings}
     # ‖u‖ with the backend's fused dot (no upcast copy of u): its "l2" kind weighs u by m = 2u, so
     # each term is 2‖u_t‖², halved (exactly) before the square root
-    norm = math.sqrt(0.5 * sum(float(backend.penalty_segment_dot(x, x, 1, "l2")[0]) for x in u if x.numel())) if u else 0.0
+    if norm is None:
+        from ..guard import host_list
+        norm = math.sqrt(0.5 * host_list(norm_sq(backend, u, device).reshape(1))[0]) if u else 0.0
     if norm == 0.0 or not math.isfinite(norm):
         return zeros  # v ⊥ every direction the step can move, or a non-finite v: no information
 

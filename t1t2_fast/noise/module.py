@@ -227,23 +227,38 @@ class GaussianNoise(nn.Module):
         self._compile_leaf: torch.Tensor | None = None  # the σ leaf of a compiled forward while recording
         self._compile_leaf_used = False
 
+    def _read_counters(self) -> tuple[int, int]:
+        """(step, calls) from the host copy kept with the counters tensor's version; the tensor itself
+        is read only after the torch.compile path advanced it (a CPU tensor: no device sync, but the
+        eager path needs no ``.item()`` at all)."""
+        host = getattr(self, "_host_counters", None)
+        if host is None or host[0] != self._counters._version:
+            step, calls = self._counters.tolist()
+            host = self._host_counters = (self._counters._version, step, calls)
+        return host[1], host[2]
+
+    def _write_counters(self, step: int, calls: int) -> None:
+        self._counters[0] = step
+        self._counters[1] = calls
+        self._host_counters = (self._counters._version, step, calls)
+
     @property
     def step(self) -> int | None:
         """The T1 step the keys are drawn for (set by the optimizer; None: 0)."""
-        step = int(self._counters[0])
+        step = self._read_counters()[0]
         return None if step < 0 else step
 
     @step.setter
     def step(self, value: int | None) -> None:
-        self._counters[0] = -1 if value is None else int(value)
+        self._write_counters(-1 if value is None else int(value), self._read_counters()[1])
 
     @property
     def _calls(self) -> int:
-        return int(self._counters[1])
+        return self._read_counters()[1]
 
     @_calls.setter
     def _calls(self, value: int) -> None:
-        self._counters[1] = int(value)
+        self._write_counters(self._read_counters()[0], int(value))
 
     # ---- the hyperparameter ----
     def value(self) -> torch.Tensor:
@@ -316,7 +331,8 @@ class GaussianNoise(nn.Module):
             return self._compiled_forward(x)
         channels, inner = self._layout(x)
         sigma = self.value().detach()
-        active = self._recording or bool((sigma != 0).any())
+        # keyed by an optimizer (seed set): σ = 0 is not tested for (a host read), x + 0·ε is x
+        active = self._recording or self.seed is not None or bool((sigma != 0).any())
         key = self._next_key(draw=active)
         if not active:
             return x

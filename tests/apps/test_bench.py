@@ -58,3 +58,25 @@ def test_long_run_bench_quick_run_writes_csv_table_and_plot(tmp_path):
     md = (tmp_path / "long_run.md").read_text()
     assert md.startswith("Long run: mlp8") and "Peak RSS at iteration 5:" in md
     assert (tmp_path / "long_run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_api_bench_quick_run_prints_ratios_and_host_reads():
+    """bench/api.py at a tiny size: both tables, every row with a ratio, and the host-read counts it
+    reports (0 per step with the defaults, 1 per hyper step; the "grads" guard reads back)."""
+    import os
+    cmd = [sys.executable, str(ROOT / "bench" / "api.py"), "--sizes", "2e4", "--rounds", "1", "--threads", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("## "):
+            family = line.split(",")[0][3:]
+        elif line.startswith("| ") and not line.startswith("| step"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[family, cells[0]] = cells
+    for family in ("sgd", "adamw"):
+        assert float(rows[family, "torch foreach"][2]) > 0
+        assert rows[family, "T1T2 step(loss=)"][3] == "0"
+        assert rows[family, "T1T2 step + hyper/10"][3:] == ["0", "1"]
+        assert int(rows[family, 'T1T2 guard "grads"'][3]) >= 1

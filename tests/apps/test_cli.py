@@ -193,7 +193,7 @@ def test_skipped_steps_are_logged_and_max_skips_stops_the_run(tmp_path, capsys):
     import re
     assert run(tmp_path, "--lr", "1e6", "--steps", "40", "--max-skips", "3") == 1
     captured = capsys.readouterr()
-    logged = re.findall(r"iteration (\d+): skipped T1 step \d+: non-finite training loss \(nan\)", captured.out)
+    logged = re.findall(r"iteration (\d+): skipped T1 step \d+: non-finite training loss", captured.out)
     assert len(logged) == 3
     assert "3 consecutive T1 (training) steps were skipped" in captured.err
     m = json.loads((tmp_path / "metrics.json").read_text())

@@ -100,7 +100,9 @@ def test_a_nonfinite_shard_on_one_rank_skips_the_step_on_every_rank(ranks):
         r0, r1 = ranks[0]["nonfinite"][case], ranks[1]["nonfinite"][case]
         assert r0["skips"] == r1["skips"], case
         assert r0["skips"][1] == {"t1": 1, "t2": 0} and r0["skips"][-1] == {"t1": 1, "t2": 1}, case
-        assert r0["steps"] == cases.STEPS - 1 and r0["hyper_steps"] == cases.STEPS - 2
+        # the lazy guard (default) counts the skipped T1 step in steps, and its hyper step is skipped
+        # uncounted; the T2 skip of a NaN validation shard is a masked update that counts (docs/reliability.md)
+        assert r0["steps"] == cases.STEPS and r0["hyper_steps"] == cases.STEPS - 1
         for key in ("theta", "raw"):
             for name in r0[key]:
                 assert torch.equal(r0[key][name], r1[key][name]), (case, key, name)

@@ -250,10 +250,13 @@ def test_one_group_is_bit_identical_to_no_groups(opt_name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nonfinite_gradient_in_one_group_skips_every_group(backend):
+@pytest.mark.parametrize("mode", [True, "grads"])
+def test_nonfinite_gradient_in_one_group_skips_every_group(backend, mode):
+    """"grads": a NaN gradient in one group's tensor (the scan); the lazy default: a step() after the
+    user's backward with no loss to check (the scan, on the device, over every group first)."""
     problem = Problem(seed=0)
     model = copy.deepcopy(problem.model)
-    opt = t1t2.T1T2(model, [t1t2.L2(0.05)], backend=backend, **GROUP_CONFIGS["momentum"])
+    opt = t1t2.T1T2(model, [t1t2.L2(0.05)], backend=backend, skip_nonfinite=mode, **GROUP_CONFIGS["momentum"])
     opt.step(problem.train_closure(model))
     before = [p.detach().clone() for p in model.parameters()]
     state = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
@@ -262,10 +265,15 @@ def test_nonfinite_gradient_in_one_group_skips_every_group(backend):
         loss = problem.train_closure(model)()
         loss.backward()
         model[2].bias.grad[0] = float("nan")  # only the default group's tensor
-        return loss
+        return None if mode is True else loss
 
     opt.step(bad)
-    assert opt.skipped["t1"] == 1 and not opt.hyper_due
+    raw = {n: r.clone() for n, r in opt.raw_hyperparameters().items()}
+    if mode is True:  # lazy: the stash was taken and holds nothing; its hyper step is skipped
+        assert opt.hyper_due
+        opt.hyper_step(problem.val_closure(model))
+        assert all(torch.equal(raw[n], r) for n, r in opt.raw_hyperparameters().items())
+    assert opt.skipped == {"t1": 1, "t2": 0} and not opt.hyper_due
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert torch.equal(state["momentum_buffer"], opt.state[model[0].weight]["momentum_buffer"])
 

@@ -210,10 +210,12 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("opt_name", ["sgd", "adam"])
 def test_a_nan_batch_is_skipped_as_if_it_were_not_there(backend, opt_name):
-    """A NaN input makes the loss and gradients NaN; that T1 step is skipped, and the run then
-    matches, bit for bit, one that never saw the batch (noise keys and hyper schedule included)."""
+    """skip_nonfinite="grads": a NaN input makes the loss and gradients NaN; that T1 step is skipped,
+    and the run then matches, bit for bit, one that never saw the batch (noise keys and hyper
+    schedule included)."""
     batches, val = _batches(9), _data(32, seed=5)
-    kw = {} if opt_name == "sgd" else {"optimizer": "adam", "lr": 0.01, "momentum": 0.0}
+    kw = {"skip_nonfinite": "grads"} if opt_name == "sgd" else {
+        "optimizer": "adam", "lr": 0.01, "momentum": 0.0, "skip_nonfinite": "grads"}
     m1 = _model()
     o1 = _opt(m1, backend, **kw)
     _train(m1, o1, batches, val, poison={3})
@@ -224,6 +226,63 @@ def test_a_nan_batch_is_skipped_as_if_it_were_not_there(backend, opt_name):
     assert o1.steps == o2.steps == 8 and o1.last_skip is None
     _assert_same(_state(m1, o1), _state(m2, o2))
     assert all(torch.isfinite(p).all() for p in m1.parameters())
+
+
+def _buffers(opt):
+    """Every tensor of the T1 optimizer state and of the hyper-optimizer state, cloned."""
+    t1 = {(i, k): v.clone() for i, p in enumerate(opt.params) for k, v in opt.state.get(p, {}).items()
+          if isinstance(v, torch.Tensor) and k != "step"}
+    t2 = {(n, k): v.clone() for n, st in opt._hyper_state.items() for k, v in st.items()}
+    return t1, t2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+@pytest.mark.parametrize("noise_hypergrad", ["fd", "exact"])
+@pytest.mark.parametrize("scaler", [False, True])
+def test_lazy_guard_a_nan_batch_leaves_theta_state_and_lambda_untouched(backend, opt_name, noise_hypergrad, scaler):
+    """The default (lazy) guard: the poisoned batch is a stash step (hyper_every=2); its T1 step writes
+    nothing (θ, momentum / Adam's moments), the hyper step after it is skipped (λ and the Adam state
+    of the hyper-optimizer untouched), no host read tells step() so, the step still counts, and the
+    counters say it when read. With a GradScaler (float32, power-of-2 scale) the same."""
+    batches, val = _batches(8), _data(32, seed=5)
+    kw = {"noise_hypergrad": noise_hypergrad}
+    if opt_name == "adam":
+        kw.update(optimizer="adam", lr=0.01, momentum=0.0)
+    model = _model()
+    opt = _opt(model, backend, **kw)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=10 ** 6) if scaler else None
+    _train(model, opt, batches[:3], val, scaler=sc)
+    before, bufs = _state(model, opt), _buffers(opt)
+    _train(model, opt, batches[3:4], val, poison={0}, scaler=sc)
+    _assert_same(before, _state(model, opt))
+    after = _buffers(opt)
+    for part in (0, 1):
+        assert bufs[part].keys() == after[part].keys()
+        for k in bufs[part]:
+            assert torch.equal(bufs[part][k], after[part][k]), k
+    assert opt.steps == 4 and opt.hyper_steps == 1 and not opt.hyper_due
+    assert opt.skipped == {"t1": 1, "t2": 0} and opt.consecutive_skips["t1"] == 1
+    assert opt.last_skip == "T1 step 4: non-finite training loss"  # the loss first, as "grads" does
+    _train(model, opt, batches[4:], val, scaler=sc)
+    assert opt.steps == 8 and opt.hyper_steps == 3 and opt.last_skip is None
+    assert opt.skipped == {"t1": 1, "t2": 0} and opt.consecutive_skips["t1"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@needs_ext
+def test_lazy_guard_scans_the_gradients_of_a_step_without_a_loss():
+    """step() after the user's own backward has no loss to check: the op scans the gradients (on the
+    device, no host read), and a non-finite one skips the step."""
+    model = _model(noise=False)
+    opt = _opt(model)
+    x, y = _data()
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(x), y).backward()
+    model[2].weight.grad[1, 0] = math.inf
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.skipped["t1"] == 1 and opt.steps == 1 and "non-finite training gradient" in opt.last_skip
 
 
 @needs_ext
@@ -237,9 +296,35 @@ def test_without_the_guard_a_nan_batch_destroys_the_run():
 
 
 @needs_ext
-def test_nonfinite_gradient_with_a_finite_loss_is_skipped():
+def test_step_with_the_loss_of_an_earlier_backward_checks_that_loss():
+    """``loss.backward(); opt.step(loss=loss)``: the lazy guard checks the loss on the device (no scan),
+    so a NaN loss skips the step; the gradients themselves are not scanned then (skip_nonfinite="grads"
+    does); through ``scaler.step(opt, loss=loss)`` too."""
     model = _model(noise=False)
     opt = _opt(model)
+    x, y = _data()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = F.cross_entropy(model(x), y) * math.nan
+    loss.backward()
+    assert torch.isnan(opt.step(loss=loss))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.skipped["t1"] == 1 and opt.last_skip == "T1 step 1: non-finite training loss"
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    loss = F.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt, loss=loss)
+    assert opt.skipped["t1"] == 1 and opt.last_skip is None
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="step\\(loss=\\) is for a backward run before step"):
+        opt.step(lambda: F.cross_entropy(model(x), y), loss=loss)
+
+
+@needs_ext
+def test_nonfinite_gradient_with_a_finite_loss_is_skipped():
+    """skip_nonfinite="grads" scans the gradients of every step (the lazy default checks the loss)."""
+    model = _model(noise=False)
+    opt = _opt(model, skip_nonfinite="grads")
     x, y = _data()
     before = [p.detach().clone() for p in model.parameters()]
     hook = model[2].weight.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), math.inf))
@@ -286,9 +371,32 @@ def test_a_nonfinite_validation_pass_skips_the_hyper_step(backend, where):
 
 
 @needs_ext
-def test_consecutive_skips_stop_the_run_with_a_clear_error():
+def test_lazy_consecutive_skips_stop_the_run_at_the_hyper_step():
+    """The lazy guard counts on the device; the hyper step's one host read raises NonFiniteError once
+    a run of skips reached the limit (a read of the counters in between does not raise, nor lose it)."""
     model = _model()
     opt = _opt(model, max_consecutive_skips=3)
+    x, y = _data()
+    bad = x.clone()
+    bad[0, 0] = math.nan
+    val = lambda: F.cross_entropy(model(x), y)
+    opt.step(lambda: F.cross_entropy(model(bad), y))
+    opt.step(lambda: F.cross_entropy(model(bad), y))
+    opt.hyper_step(val)  # its T1 step was skipped: nothing to do; 2 in a row so far
+    opt.step(lambda: F.cross_entropy(model(bad), y))
+    opt.step(lambda: F.cross_entropy(model(bad), y))
+    assert opt.skipped == {"t1": 4, "t2": 0} and opt.consecutive_skips["t1"] == 4
+    with pytest.raises(NonFiniteError, match=r"4 consecutive T1 \(training\) steps were skipped.*T1 step 4: "
+                                             r"non-finite training loss.*lower the learning rate"):
+        opt.hyper_step(val)
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert opt.consecutive_skips["t1"] == 0 and opt.last_skip is None
+
+
+@needs_ext
+def test_consecutive_skips_stop_the_run_with_a_clear_error():
+    model = _model()
+    opt = _opt(model, max_consecutive_skips=3, skip_nonfinite="grads")
     x, y = _data()
     x = x.clone()
     x[0, 0] = math.nan
@@ -298,12 +406,14 @@ def test_consecutive_skips_stop_the_run_with_a_clear_error():
                                              r"loss.*lower the learning rate"):
         opt.step(lambda: F.cross_entropy(model(x), y))
     other = _model()
-    unlimited = _opt(other, max_consecutive_skips=None)
+    unlimited = _opt(other, max_consecutive_skips=None, skip_nonfinite="grads")
     for _ in range(30):
         unlimited.step(lambda: F.cross_entropy(other(x), y))
     assert unlimited.skipped["t1"] == 30
     with pytest.raises(ValueError, match="max_consecutive_skips"):
         _opt(_model(), max_consecutive_skips=0)
+    with pytest.raises(ValueError, match="skip_nonfinite must be"):
+        _opt(_model(), skip_nonfinite="loss")
 
 
 # ---- GradScaler and autocast ---------------------------------------------------------------------------
@@ -339,12 +449,15 @@ def test_a_power_of_two_grad_scaler_changes_no_bit(backend, noise_hypergrad):
 
 
 @needs_ext
-def test_grad_scaler_overflow_skips_steps_and_backs_off():
+@pytest.mark.parametrize("mode", [True, "grads"])
+def test_grad_scaler_overflow_skips_steps_and_backs_off(mode):
     """fp16 autocast with an absurd initial scale: the first steps overflow, the scaler's found_inf
-    skips them (θ untouched, counted) and halves its scale until the steps go through."""
+    skips them (θ untouched, counted) and halves its scale until the steps go through. The lazy
+    guard counts them in ``steps``, "grads" does not."""
     batches, val = _batches(30), _data(32, seed=5)
     model = _model()
-    opt = _opt(model, hyper_every=1)
+    opt = _opt(model, hyper_every=1, skip_nonfinite=mode)
+    lazy = mode is True
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40)
     first = [p.detach().clone() for p in model.parameters()]
     x, y = batches[0]
@@ -355,11 +468,11 @@ def test_grad_scaler_overflow_skips_steps_and_backs_off():
 
     opt.step(closure, scaler=scaler)
     scaler.update()
-    assert opt.skipped["t1"] == 1 and opt.steps == 0 and "GradScaler found Inf/NaN" in opt.last_skip
+    assert opt.skipped["t1"] == 1 and opt.steps == int(lazy) and "GradScaler found Inf/NaN" in opt.last_skip
     assert all(torch.equal(a, b) for a, b in zip(first, model.parameters()))
     assert scaler.get_scale() == 2.0 ** 39
     _train(model, opt, batches, val, scaler=scaler, autocast=torch.float16)
-    assert 1 < opt.skipped["t1"] < 31 and opt.steps == 31 - opt.skipped["t1"]  # 1 + 30 attempts
+    assert 1 < opt.skipped["t1"] < 31 and opt.steps == (31 if lazy else 31 - opt.skipped["t1"])  # 1 + 30 attempts
     assert scaler.get_scale() < 2.0 ** 30
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(math.isfinite(float(torch.as_tensor(v).sum())) for v in opt.hyperparameters().values())
