@@ -218,6 +218,10 @@ class T1T2(torch.optim.Optimizer):
     last group with the constructor's options (docs/guide.md, "Parameter groups").
     ``optimizer="adamw"``: adam plus a tuned decoupled L2 ``L2(weight_decay / 2, decoupled=True)`` on
     the tensors ``weight_decay_params`` selects (default dim >= 2), torch.optim.AdamW's update.
+    ``free_grads``: set every parameter's ``.grad`` to None after each T1 step that was taken, as
+    ``zero_grad()`` would before the next one, so that the hyper step's validation gradient does not
+    sit in memory beside them (one parameter-sized buffer less at the peak); opt-in, because code that
+    reads ``.grad`` after ``step()`` (gradient logging, clipping statistics) would find None.
     """
 
     # torch.amp.GradScaler.step hands this optimizer grad_scale/found_inf instead of unscaling itself
@@ -234,7 +238,7 @@ class T1T2(torch.optim.Optimizer):
                  max_consecutive_skips: int | None = 25,
                  bounds: dict[str, tuple[float | None, float | None]] | None = None,
                  param_groups: Iterable[dict] | None = None, weight_decay: float | None = None,
-                 weight_decay_params: ParamFilter = None):
+                 weight_decay_params: ParamFilter = None, free_grads: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -280,6 +284,7 @@ class T1T2(torch.optim.Optimizer):
         self._guard = guard
         self._hyper_optim = HyperOptimizer(hyper_optimizer, hyper_lr, hyper_betas, hyper_eps,
                                            [h.name for h in self.all_hypers])
+        self.free_grads = bool(free_grads)  # .grad = None after each T1 step (see the class docstring)
         self._pending = None  # a step(closure, scaler=) waiting for scaler.step(self)
         self._call = None  # the training closure step() is running (closures.TrainingCall)
         for pattern, (lo, hi) in (bounds or {}).items():
@@ -525,6 +530,9 @@ class T1T2(torch.optim.Optimizer):
                 inv = 1.0 / grad_scale.to(self.compute_dtype)
                 g0 = [g * inv for g in g0]
         self.steps += 1
+        if self.free_grads:  # the step has used them: the hyper step's v need not sit beside them
+            for p in self.params:
+                p.grad = None
         if self._stash is not None:
             self._stash.grad_scale = None if grad_scale is None else grad_scale.detach().clone()
             self._stash.found = found if lazy else None  # a lazily skipped step left nothing in the stash

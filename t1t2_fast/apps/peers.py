@@ -185,7 +185,8 @@ class Ours(Runner):
         self.name = f"ours-{backend}"
         self.opt = t1t2.T1T2(self.model, [t1t2.L2(p.l2_init, per=p.per)], optimizer=p.optimizer, lr=p.step_lr,
                              momentum=p.momentum if p.optimizer == "sgd" else 0.0, betas=p.betas, eps=p.eps,
-                             hyper_optimizer="sgd", hyper_lr=p.hyper_lr, hypergrad="exact", backend=backend)
+                             hyper_optimizer="sgd", hyper_lr=p.hyper_lr, hypergrad="exact", backend=backend,
+                             free_grads=True)  # like the peers, no .grad buffer beside the hyper step's v
         if self.opt.backend.name != backend:
             raise RuntimeError(f"backend {backend!r} is not available here (got {self.opt.backend.name!r})")
         assert set(self.opt.raw_hyperparameters()) == set(self.groups)
