@@ -10,13 +10,16 @@ with a one-process run on the full batches.
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import t1t2_fast as t1t2
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
+from lightning_cases import module_class  # noqa: E402
 
 WORLD, STEPS, HYPER_EVERY, BATCH = 2, 8, 2, 8  # BATCH per rank: the one-process run uses WORLD * BATCH
 
@@ -43,31 +46,7 @@ def main(out: str, mode: str) -> None:
 
     from t1t2_fast.integrations.lightning import T1T2Callback
 
-    manual = mode == "manual"
-
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = mlp()
-            self.automatic_optimization = not manual
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = F.cross_entropy(self.net(x), y)
-            if not manual:
-                return loss
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            # built from the unwrapped module, as every framework does: T1T2 takes the default group
-            return make_opt(self.net)
+    Module = module_class(mlp, make_opt, mode == "manual")
 
     train, val = data()
     module = Module()

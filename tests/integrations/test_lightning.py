@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import t1t2_fast as t1t2
 
 from conftest import ROOT, needs_gloo
+from lightning_cases import module_class
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None,
                                 reason="PyTorch Lightning is not installed (pip install lightning)")
@@ -76,28 +77,7 @@ def lightning_run(opt_name, manual, val_out=lambda loss: loss, loss_fn=None, net
 
     from t1t2_fast.integrations.lightning import T1T2Callback
 
-    class Module(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = net()
-            self.automatic_optimization = not manual
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = F.cross_entropy(self.net(x), y)
-            if not manual:
-                return loss
-            opt = self.optimizers()
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            return val_out(F.cross_entropy(self.net(x), y))
-
-        def configure_optimizers(self):
-            return make_opt(self.net, opt_name)
+    Module = module_class(net, lambda model: make_opt(model, opt_name), manual, val_out)
 
     train, val = data()
     module = Module()
