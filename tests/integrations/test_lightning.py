@@ -49,25 +49,25 @@ def make_opt(model, opt_name):
                      hyper_lr=0.05, backend="reference", **kw)
 
 
+def cycled(loader):
+    """The loader's batches in order, restarted when exhausted (as Lightning's epochs and the
+    callback's validation batches are)."""
+    while True:
+        yield from loader
+
+
 def plain_loop(opt_name, net=mlp):
     """The same run as a plain PyTorch loop."""
     train, val = data()
     model = net()
     opt = make_opt(model, opt_name)
-    val_it, step = iter(val), 0
-    while step < STEPS:
-        for x, y in train:
-            opt.step(lambda: F.cross_entropy(model(x), y))
-            step += 1
-            if opt.hyper_due:
-                try:
-                    xv, yv = next(val_it)
-                except StopIteration:
-                    val_it = iter(val)
-                    xv, yv = next(val_it)
-                opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
-            if step == STEPS:
-                break
+    batches, val_batches = cycled(train), cycled(val)
+    for _ in range(STEPS):
+        x, y = next(batches)
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        if opt.hyper_due:
+            xv, yv = next(val_batches)
+            opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
     return model, opt
 
 
@@ -135,25 +135,15 @@ def test_gradient_accumulation():
     train, val = data()
     model = mlp()
     ref = make_opt(model, "momentum")
-    batches, val_it = iter(train), iter(val)
+    batches, val_batches = cycled(train), cycled(val)
     for _ in range(STEPS):
-        pair = []
-        for _ in range(2):
-            try:
-                pair.append(next(batches))
-            except StopIteration:
-                batches = iter(train)
-                pair.append(next(batches))
+        pair = [next(batches), next(batches)]
         ref.zero_grad()
         for x, y in pair:
             (F.cross_entropy(model(x), y) / 2).backward()
         ref.step()
         if ref.hyper_due:
-            try:
-                xv, yv = next(val_it)
-            except StopIteration:
-                val_it = iter(val)
-                xv, yv = next(val_it)
+            xv, yv = next(val_batches)
             ref.hyper_step(lambda: F.cross_entropy(model(xv), yv))
     got, want = opt.raw_hyperparameters(), ref.raw_hyperparameters()
     assert all(torch.equal(got[k], want[k]) for k in want)
