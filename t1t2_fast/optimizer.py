@@ -639,9 +639,11 @@ class T1T2(torch.optim.Optimizer):
              for i, g in zip(indices, grads)]
         if scale is not None:  # in the compute dtype: no fp16 underflow left
             torch._foreach_mul_(v, (1.0 / scale.to(torch.float64)).to(acc))
-        norm = None
+        norm = u = None
+        if self._noise and not (self._dist is not None and self.distributed_noise == "exact"):
+            u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]  # else from the ranks' mean v, below
         if lazy:  # the hyper step's one host read: the checks, fd's ‖u‖ and the guard's device counters
-            bad, norm = self._lazy_checks(stash, loss, v, indices)
+            bad, norm = self._lazy_checks(stash, loss, v, u)
             t1_skipped = bad is not None and bad.startswith("its T1 step")
             # a skipped T1 step is skipped on every rank alike (it scanned the all-reduced gradients)
             if bad and (self._dist is None or t1_skipped):
@@ -657,7 +659,7 @@ class T1T2(torch.optim.Optimizer):
                 # of t1t2_fast.distributed); the penalty h above is linear in v and used the local one.
                 self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
                 norm = None  # ‖u‖ of the mean v: read in noise_hypergrads (a second host read)
-            u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
+                u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
             params = [self.params[i] for i in indices]
             with distributed.no_sync(self._ddp):
                 hypergrads.update(noise_hyper.noise_hypergrads(
@@ -672,9 +674,7 @@ class T1T2(torch.optim.Optimizer):
             hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
         ok = None
         if lazy:  # a non-finite hypergradient: the update is masked on the device and counted there
-            ok = finite_flag(list(hypergrads.values()))
-            if bad is not None and ok is not None:
-                ok = torch.zeros_like(ok)
+            ok = finite_flag(list(hypergrads.values()))  # False after a rank's own Inf/NaN (NaN above)
             self._guard.took("t2")
             if ok is not None:
                 self._guard.record("t2", (~ok).to(torch.float32), self.steps, 5)
@@ -695,19 +695,18 @@ class T1T2(torch.optim.Optimizer):
         return loss.detach()
 
     def _lazy_checks(self, stash: Stash, loss: torch.Tensor, v: list[torch.Tensor],
-                     indices: list[int]) -> tuple[str | None, float | None]:
+                     u: list[torch.Tensor] | None) -> tuple[str | None, float | None]:
         """The lazy guard's checks of a hyper step, read back in one host read together with the fd
         noise hypergradient's ‖u‖ (when it can be computed here) and the guard's device counters
         (which may raise NonFiniteError): (why to skip or None, ‖u‖ or None)."""
-        dev = stash.theta[indices[0]].device if indices else loss.device
+        dev = v[0].device if v else loss.device
         one = torch.ones((), dtype=torch.float64, device=dev)
         v_ok = finite_flag(v)
         parts = [torch.isfinite(loss.detach()).to(torch.float64).reshape(()),
                  one if v_ok is None else v_ok.to(torch.float64),
                  one if stash.found is None else (stash.found <= 0).to(torch.float64).reshape(())]
-        fd = bool(self._noise) and not (self._dist is not None and self.distributed_noise == "exact")
+        fd = u is not None
         if fd:
-            u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
             parts.append(noise_hyper.norm_sq(self.backend, u, dev))
         pending = self._guard.pending()
         values = host_list(torch.cat([torch.stack(parts).to(dev)] + [p.to(dev) for p in pending]))
