@@ -492,7 +492,7 @@ def check_penalty_hypergrad(impl: Impl, case):
         if fault == "tensor_index":
             seg_tensor, seg_kind, seg_groups, pattern = seg_tensor + [n], seg_kind + [0], seg_groups + [0], "names tensor"
         elif fault == "kind":
-            seg_tensor, seg_kind, seg_groups, pattern = seg_tensor + [0], seg_kind + [3], seg_groups + [0], "has kind 3"
+            seg_tensor, seg_kind, seg_groups, pattern = seg_tensor + [0], seg_kind + [4], seg_groups + [0], "has kind 4"
             if not n:
                 pattern = "names tensor"
         elif fault == "groups":
@@ -519,9 +519,9 @@ def check_penalty_hypergrad(impl: Impl, case):
         if fault in ("layout", "jac_layout"):  # transposed or expanded with size-1 dims can stay contiguous
             assume(not (v[i].is_contiguous() and (not jac or jac[i].is_contiguous())))
         with raises_clearly(pattern):
-            op(v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr)
+            op(v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr, [])
         return
-    out, _ = run_everywhere(impl, op, lambda: (v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr))
+    out, _ = run_everywhere(impl, op, lambda: (v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr, []))
     assert out.dtype == (dtype if n else torch.float32) and out.shape == (sum(seg_groups),)
     at = 0
     for t, kind, groups in case["segments"]:
@@ -999,10 +999,10 @@ def test_list_ops_without_tensors(impl):
     CompositeExplicitAutograd kernel for it."""
     impl.ops.perturb_([], [], [], [], 0.5)
     impl.ops.restore_([], [])
-    out = impl.ops.penalty_hypergrad([], [], [], [], [], [], [], 0.5)
+    out = impl.ops.penalty_hypergrad([], [], [], [], [], [], [], 0.5, [])
     assert out.shape == (0,) and out.dtype == torch.float32
     with pytest.raises(RuntimeError, match="names tensor 0 of 0"):
-        impl.ops.penalty_hypergrad([], [], [], [], [0], [0], [0], 0.5)
+        impl.ops.penalty_hypergrad([], [], [], [], [0], [0], [0], 0.5, [])
     with pytest.raises(RuntimeError, match="base and"):
         impl.ops.perturb_([], [], [torch.zeros(1)], [], 0.5)
 

@@ -55,7 +55,7 @@ def make_args(impl, shapes, dtype, jac_tensors=True, seed=0, lr=0.05, all_kinds_
                 seg_tensor.append(t)
                 seg_kind.append(kind)
                 seg_groups.append(groups)
-    return [v, theta, jac if jac_tensors else [], jac_scalar, seg_tensor, seg_kind, seg_groups, lr]
+    return [v, theta, jac if jac_tensors else [], jac_scalar, seg_tensor, seg_kind, seg_groups, lr, []]
 
 
 def on_cpu(args):
