@@ -189,7 +189,7 @@ target = GPUTarget("cuda", 90, 32)
 for dtype, out, ct, flat in (("fp32", "fp32", tl.float32, False), ("fp64", "fp64", tl.float64, True),
                              ("i16", "fp32", tl.float32, True), ("fp16", "fp32", tl.float32, True)):
     sig = {"meta": "*i64", "v_base": "*" + dtype, "theta_base": "*" + dtype, "jac_base": "*" + dtype,
-           "out_ptr": "*" + out, "part_ptr": "*fp64", "segs": "i32", "tens": "i32", "size_key": "i32"}
+           "upd_base": "*" + dtype, "out_ptr": "*" + out, "part_ptr": "*fp64", "segs": "i32", "tens": "i32", "size_key": "i32"}
     consts = {"DTYPE": getattr(tl, {"fp32": "float32", "fp64": "float64", "i16": "int16", "fp16": "float16"}[dtype]),
               "CT": ct, "BF16": dtype == "i16", "FLAT": flat, "BLOCK": hg.BLOCK, "LOG_CMAX": hg.LOG_CMAX,
               "CHUNK": hg.CHUNK}
@@ -275,7 +275,7 @@ def test_kernels_compile_for_a_gpu():
             vector_loads = compile(t1_step._t1_step_table_kernel, P=P, ALIGNED=aligned, FP64=P == tl.float64,
                                    ADAM=adam, MOMENTUM=not adam and opt != "sgd", NESTEROV=opt == "nesterov",
                                    STASH_THETA=stash, STASH_JAC=adam and stash, HAS_SCALE=guard, HAS_FOUND=guard,
-                                   **common)
+                                   HAS_LR_SCALE=guard, **common)
             assert (vector_loads > 0) == aligned, (P, opt, aligned, guard, vector_loads)
         for P in (tl.float16, tl.float32, tl.float64):  # the non-finite scan of check_finite
             assert compile(t1_step._scan_table_kernel, P=P, ALIGNED=True, FP64=P == tl.float64, HAS_SCALE=True,

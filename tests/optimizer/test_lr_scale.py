@@ -12,6 +12,7 @@ from conftest import backends
 from oracle import OPTIMIZER_CONFIGS, Problem, analytic_hypergrad, fd_hypergrad, relative_error, warmed_up
 
 BACKENDS = backends("reference", "cpp")
+ALL_BACKENDS = backends("reference", "cpp", "triton")  # triton: interpreted on CPU, small problems only
 TOL = 1e-6  # test_hypergrad_fd.py's
 
 CONFIGS = {**OPTIMIZER_CONFIGS, "adamw": dict(optimizer="adamw", lr=0.05, betas=(0.8, 0.9), weight_decay=0.1)}
@@ -64,7 +65,7 @@ def test_lr_scale_hypergrad_matches_finite_differences(opt_name, granularity, ba
         assert relative_error({name: h[name]}, {name: fd[name]}) <= TOL, name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opt_name", list(CONFIGS))
 def test_penalties_and_lr_scales_at_s_not_one(opt_name, backend):
     """Coupled L2 per layer, L1 per unit and a decoupled network-wide L2 with lr scales per layer at
@@ -83,7 +84,7 @@ def test_penalties_and_lr_scales_at_s_not_one(opt_name, backend):
         assert relative_error({name: h[name]}, {name: fd[name]}) <= TOL, name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_penalties_and_lr_scales_with_parameter_groups(backend):
     """Two groups of different lr with a scale each, and penalties across both groups."""
     problem = Problem(seed=13, sizes=(3, 5, 2))
@@ -109,7 +110,7 @@ class NoiseProblem(Problem):
             return super().val_loss(model)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("opt_name", ["momentum", "adam"])
 def test_noise_and_lr_scales_at_s_not_one(opt_name, backend):
     """The noise hypergradient's u = J⊙v with J = −sη (sgd) or adam's J (which holds s), at s ≠ 1."""
