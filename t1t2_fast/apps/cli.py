@@ -137,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-hypergrad", choices=("fd", "fd-central", "exact"), default="fd",
                    help="how T2 differentiates through the noise: forward or central finite differences "
                         "of ∇σL along J⊙v, or exact double backward")
+    g.add_argument("--tune-lr", choices=("network", "layer"), default=None, metavar="PER",
+                   help="tune a learning-rate scale s (log scale, init 1, bounds [1e-3, 1e3]) on top of --lr: "
+                        "'network' (one) or 'layer' (one per parameter tensor); T2's one-step horizon tends to "
+                        "shrink it early (docs/guide.md, 'Learning-rate scales')")
     g.add_argument("--fd-eps", type=positive_float, default=1e-3,
                    help="finite-difference step length in parameter space (fd, fd-central)")
 
