@@ -211,3 +211,33 @@ def test_scale_one_is_the_plain_step():
             opt.step(problem.train_closure(model))
         out.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("granularity", ["network", "layer", "group"])
+def test_each_scale_multiplies_the_lr_of_the_tensors_it_names(granularity, backend):
+    """Plain SGD with s set per hyperparameter: θ⁺_i = θ_i − lr_group·s_i·g_i for every tensor, with s_i
+    the scale whose name covers tensor i (the FD tests cannot see a scale acting on the wrong tensors,
+    as the finite differences perturb the same λ)."""
+    problem = Problem(seed=19)
+    model = copy.deepcopy(problem.model)
+    opt = t1t2.T1T2(model, [], backend=backend, **_kwargs("sgd", granularity))
+    values = {}
+    with torch.no_grad():
+        for k, (name, raw) in enumerate(sorted(opt.raw_hyperparameters().items())):
+            values[name] = 0.5 + 0.25 * k
+            raw.fill_(math.log(values[name]))
+    names = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in names.items()}
+    opt.step(problem.train_closure(model))
+    probe = copy.deepcopy(problem.model)
+    torch.nn.functional.cross_entropy(probe(problem.x), problem.y).backward()
+    grads = {n: p.grad for n, p in probe.named_parameters()}
+    for k, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            n = next(n for n, q in names.items() if q is p)
+            scale = {"network": "lr_scale", "layer": f"lr_scale.{n}", "group": f"lr_scale.group{k}"}[granularity]
+            s = math.exp(float(opt.raw_hyperparameters()[scale]))
+            torch.testing.assert_close(p.detach(), before[n] - group["lr"] * s * grads[n], rtol=1e-12, atol=1e-14,
+                                       msg=f"{n} under {scale}")
+    assert len(set(values.values())) == len(values)
