@@ -1027,9 +1027,10 @@ def test_mixed_devices_raise_instead_of_running_the_fake_impl():
     ops = torch.ops.t1t2
     c, m = torch.randn(6), torch.randn(6, device="meta")
     calls = [
-        lambda: ops.penalty_hypergrad([m], [c], [], [1.0], [0], [0], [1], 0.1),
-        lambda: ops.penalty_hypergrad([c, c], [c, m], [], [1.0, 1.0], [0], [0], [1], 0.1),
-        lambda: ops.penalty_hypergrad([c], [c], [m], [1.0], [0], [0], [1], 0.1),
+        lambda: ops.penalty_hypergrad([m], [c], [], [1.0], [0], [0], [1], 0.1, []),
+        lambda: ops.penalty_hypergrad([c, c], [c, m], [], [1.0, 1.0], [0], [0], [1], 0.1, []),
+        lambda: ops.penalty_hypergrad([c], [c], [m], [1.0], [0], [0], [1], 0.1, []),
+        lambda: ops.penalty_hypergrad([c], [c], [], [1.0], [0], [3], [1], 0.1, [m]),
         lambda: ops.perturb_([c.clone()], [], [m], [c], 0.1),
         lambda: ops.perturb_([c.clone()], [m], [c], [c], 0.1),
         lambda: ops.restore_([c.clone()], [m]),
@@ -1066,7 +1067,7 @@ def test_triton_hypergrad_with_an_infinite_jac_scalar():
     v = torch.tensor([1.0, 2.0, 3.0], device=TRITON.device)
     theta = torch.ones(3, device=TRITON.device)
     for kind in (0, 1):
-        out = torch.ops.t1t2_triton.penalty_hypergrad([v], [theta], [], [math.inf], [0], [kind], [1], 0.1)
+        out = torch.ops.t1t2_triton.penalty_hypergrad([v], [theta], [], [math.inf], [0], [kind], [1], 0.1, [])
         want = reference.penalty_hypergrad([v.cpu()], [theta.cpu()], [], [math.inf], [0], [kind], [1], 0.1)
         assert torch.equal(out.cpu(), want) and out.item() == math.inf
 
@@ -1078,7 +1079,7 @@ def test_hypergrad_group_counts_that_overflow_int64(impl):
     be represented as a SymInt"; the Triton op raised a TypeError from torch.empty."""
     e = torch.empty(0, device=impl.device)
     with pytest.raises(RuntimeError, match="overflow the result's int64 length"):
-        impl.ops.penalty_hypergrad([e], [e], [], [1.0], [0, 0], [0, 1], [2**62, 2**62], 0.1)
+        impl.ops.penalty_hypergrad([e], [e], [], [1.0], [0, 0], [0, 1], [2**62, 2**62], 0.1, [])
 
 
 @needs_triton
