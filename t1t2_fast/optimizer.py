@@ -26,6 +26,7 @@ from .guard import NonFiniteError, SkipGuard, all_finite, finite_flag, host_list
 from .hyper_optim import HYPER_OPTIMIZERS, HyperOptimizer
 from .noise import hypergrad as noise_hyper
 from .penalties import L2, Hyperparameter, ParamFilter, Penalty, bind_penalties, set_bounds
+from .tunables import Tunable, evaluating
 
 HYPERGRAD_MODES = ("exact", "sgd")
 # What T1T2(optimizer=) accepts: the fused op's optimizers, and "adamw" (adam plus a tuned decoupled L2)
@@ -238,7 +239,8 @@ class T1T2(torch.optim.Optimizer):
                  max_consecutive_skips: int | None = 25,
                  bounds: dict[str, tuple[float | None, float | None]] | None = None,
                  param_groups: Iterable[dict] | None = None, weight_decay: float | None = None,
-                 weight_decay_params: ParamFilter = None, free_grads: bool = False):
+                 weight_decay_params: ParamFilter = None, free_grads: bool = False,
+                 tunables: Iterable[Tunable] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -279,7 +281,17 @@ class T1T2(torch.optim.Optimizer):
         self._dist = distributed.Reducer(group) if group is not None else None
         self.distributed_noise = distributed_noise
         rank = self._dist.rank if self._dist is not None else 0
-        self._noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
+        # The replayed hyperparameters (their hypergradient reruns the training closure): the model's
+        # GaussianNoise modules, then its Tunables and the loss's (``tunables``), one code path for all
+        # (noise.hypergrad's Replayed protocol). The loss's Tunables follow the parameters' device, λ in
+        # the compute dtype (float64 for a float64 model).
+        tunables = list(tunables)
+        for t in tunables:
+            if isinstance(t, Tunable):
+                t.to(device=device, dtype=self.compute_dtype)
+        noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
+        taken = [h.name for h in self.hypers] + [b.hyper.name for b in noise]
+        self._noise = noise + noise_hyper.bind_tunables(inner, tunables, taken)
         self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
         self._guard = guard
         self._hyper_optim = HyperOptimizer(hyper_optimizer, hyper_lr, hyper_betas, hyper_eps,
@@ -315,7 +327,7 @@ class T1T2(torch.optim.Optimizer):
 
     @property
     def all_hypers(self) -> list[Hyperparameter]:
-        """Penalty hyperparameters, then noise ones."""
+        """Penalty hyperparameters, then noise ones, then tunables."""
         return self.hypers + [b.hyper for b in self._noise]
 
     def hyperparameters(self) -> dict[str, float | torch.Tensor]:
@@ -617,15 +629,17 @@ class T1T2(torch.optim.Optimizer):
             if train is not None:  # the T1 step's generator state still applies (its dropout masks)
                 replay = noise_hyper.Replay(train, stash.noise.step, stash.noise.rng_state())
             if replay is None:
-                raise RuntimeError("the model has noise hyperparameters, whose hypergradient reruns the T1 step's "
-                                   "training loss: call step(closure), or pass it here as "
-                                   "hyper_step(val_closure, train=train_closure)")
+                kinds = sorted({b.hyper.kind for b in self._noise})
+                raise RuntimeError(f"this T1T2 has {' and '.join(kinds)} hyperparameters, whose hypergradient reruns "
+                                   f"the T1 step's training loss: call step(closure), or pass it here as "
+                                   f"hyper_step(val_closure, train=train_closure)")
         indices = sorted(stash.theta)
         guard, lazy = self._guard.enabled, self._guard.lazy
         scale = _scaler_scale(scaler)
         # Under DDP, the validation pass and the noise replay run in no_sync(): each rank's v stays its
         # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
-        with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
+        # evaluating(): noise off, every Tunable at its evaluation value (the validation loss is λ-free)
+        with torch.enable_grad(), evaluating(), distributed.no_sync(self._ddp):
             loss = scalar_loss(closure(), "validation")
             bad = None
             if guard and not lazy and not bool(torch.isfinite(loss)):
