@@ -265,3 +265,172 @@ def test_only_tunables_needs_the_training_closure():
     opt.step()
     with pytest.raises(RuntimeError, match=r"tunable hyperparameters.*hyper_step\(val_closure, train=train_closure\)"):
         opt.hyper_step(case.val(model, tunables))
+
+
+# ---------------------------------------------------------------------------------------------
+# The hyperparameter's bookkeeping: names, bounds, views, checkpoints, the guard
+# ---------------------------------------------------------------------------------------------
+def test_sigmoid_transform():
+    from t1t2_fast.penalties import get_transform
+
+    tr = get_transform("sigmoid")
+    raw = torch.linspace(-6, 6, 13, dtype=torch.float64, requires_grad=True)
+    c = tr.value(raw)
+    assert bool(((c > 0) & (c < 1)).all())
+    (grad,) = torch.autograd.grad(c.sum(), raw)
+    torch.testing.assert_close(tr.derivative(raw.detach()), grad, rtol=1e-12, atol=0)
+    for v in (1e-6, 0.1, 0.5, 0.9, 1 - 1e-6):
+        assert float(tr.value(torch.tensor(tr.inverse(v), dtype=torch.float64))) == pytest.approx(v, rel=1e-9)
+    assert tr.inverse(0.0) == -float("inf") and tr.inverse(1.0) == float("inf")
+    for bad in (0.0, 1.0, -0.5, 2.0):
+        with pytest.raises(ValueError, match="sigmoid"):
+            t1t2.Tunable(bad, transform="sigmoid")
+    # bounds inside (0, 1) project λ
+    t = t1t2.Tunable(0.5, transform="sigmoid", bounds=(0.2, 0.6))
+    t.raw.fill_(10.0)
+    t.project()
+    assert float(t.value()) == pytest.approx(0.6)
+
+
+def test_names_and_their_errors():
+    case = ConcreteDropoutNet()
+    model = copy.deepcopy(case.model)
+    w = t1t2.Tunable(0.5, name="aux_weight")
+    opt = t1t2.T1T2(model, [], tunables=[w])
+    assert list(opt.hyperparameters()) == ["tunable.2.p", "tunable.aux_weight"]
+    assert opt.hyperparameters()["tunable.2.p"] == pytest.approx(0.3)
+    assert "tunable.aux_weight" in repr(opt)
+    with pytest.raises(ValueError, match="has no name"):
+        t1t2.T1T2(copy.deepcopy(case.model), [], tunables=[t1t2.Tunable(0.5)])
+    with pytest.raises(ValueError, match="two hyperparameters are named 'tunable.w'"):
+        t1t2.T1T2(copy.deepcopy(case.model), [], tunables=[t1t2.Tunable(0.5, name="w"), t1t2.Tunable(1.0, name="w")])
+    with pytest.raises(ValueError, match="finds by itself"):
+        t1t2.T1T2(model, [], tunables=[model[2].p])
+    with pytest.raises(TypeError, match="must be a t1t2_fast.Tunable"):
+        t1t2.T1T2(copy.deepcopy(case.model), [], tunables=[0.5])
+    with pytest.raises(ValueError, match="outside bounds"):
+        t1t2.Tunable(2.0, transform="linear", bounds=(0, 1))
+
+
+def test_loss_tunables_follow_the_parameters_dtype():
+    """λ of a Tunable in the loss is held in the compute dtype (float64 here) so that float64 runs tune
+    in float64; the raw tensor the optimizer updates is the module's own."""
+    case = AuxiliaryLoss()
+    model, tunables = copy.deepcopy((case.model, case.tunables))
+    assert tunables[0].raw.dtype == torch.float32
+    opt = t1t2.T1T2(model, [], tunables=tunables)
+    assert tunables[0].raw.dtype == torch.float64
+    assert opt.raw_hyperparameters()["tunable.aux_weight"] is tunables[0].raw
+    opt.raw_hyperparameters()["tunable.aux_weight"].fill_(0.0)
+    assert float(tunables[0].value()) == 1.0  # log transform: exp(0)
+    half = copy.deepcopy(case.model).half()
+    drop = t1t2.ConcreteDropout(0.2)
+    half.add_module("drop", drop)
+    half.half()
+    assert drop.p.raw.dtype == torch.float32  # .half() does not round λ
+
+
+def test_bounds_views_and_log_dict():
+    case = LabelSmoothing()
+    model, tunables = copy.deepcopy((case.model, case.tunables))
+    opt = t1t2.T1T2(model, [], tunables=tunables, hyper_optimizer="sgd", hyper_lr=1e6)
+    assert opt.bounds()["tunable.label_smoothing"] == (0.0, 1.0)
+    for _ in range(2):  # a huge step is projected into [0, 1]
+        opt.step(case.train(model, tunables))
+        opt.hyper_step(case.val(model, tunables))
+    c = opt.hyperparameters()["tunable.label_smoothing"]
+    assert 0.0 <= c <= 1.0 and c != pytest.approx(0.2)
+    assert opt.clipped.get("tunable.label_smoothing", 0) >= 1
+    assert opt.set_bounds("tunable.*", 0.05, 0.1) == ["tunable.label_smoothing"]
+    assert tunables[0].bounds == (0.05, 0.1)  # the module's own copy follows
+    assert 0.05 <= float(tunables[0]().detach()) <= 0.1
+    logged = opt.log_dict()
+    assert logged["t1t2/tunable.label_smoothing"] == pytest.approx(float(tunables[0].value()))
+    assert "t1t2/hypergrad/tunable.label_smoothing" in logged
+
+
+@pytest.mark.parametrize("split_inside", [False, True], ids=["between_iterations", "before_hyper_step"])
+def test_state_dict_resume_is_bit_identical(split_inside):
+    """λ of the model's and the loss's Tunables round-trips through state_dict; a checkpoint taken
+    between step and hyper_step keeps the generator state its replay needs (concrete dropout's
+    uniform noise), so the resumed hyper step (with train=) gives the same λ bit for bit."""
+    case = ConcreteDropoutNet()
+    case.tunables = [t1t2.Tunable(0.5, name="w")]
+    train = lambda model, tunables: (lambda: F.cross_entropy(model(case.x), case.y)  # noqa: E731
+                                     + tunables[0]() * model(case.x).pow(2).mean())
+    make = lambda model, tunables: t1t2.T1T2(model, [t1t2.L2(1e-2)], tunables=tunables,  # noqa: E731
+                                             noise_hypergrad="fd", **OPTIMIZER_CONFIGS["adam"])
+
+    def run(split):
+        model, tunables = copy.deepcopy((case.model, case.tunables))
+        opt = make(model, tunables)
+        for k in range(5):
+            if k == split and not split_inside:
+                sd_model, sd_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+                model, tunables = copy.deepcopy((case.model, case.tunables))
+                opt = make(model, tunables)
+                model.load_state_dict(sd_model)
+                opt.load_state_dict(sd_opt)
+            torch.manual_seed(100 + k)
+            opt.step(train(model, tunables))
+            torch.manual_seed(200 + k)  # the validation's own draws; the replay rewinds to the step's
+            if k == split and split_inside:
+                sd_model, sd_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+                model, tunables = copy.deepcopy((case.model, case.tunables))
+                opt = make(model, tunables)
+                model.load_state_dict(sd_model)
+                opt.load_state_dict(sd_opt)
+                opt.hyper_step(case.val(model, tunables), train=train(model, tunables))
+            else:
+                opt.hyper_step(case.val(model, tunables))
+        return [p.clone() for p in model.parameters()], {k: v.clone() for k, v in opt.raw_hyperparameters().items()}
+
+    (p1, r1), (p2, r2) = run(split=None), run(split=2)
+    assert set(r1) == {"l2.0.weight", "l2.3.weight", "tunable.2.p", "tunable.w"}
+    assert not torch.equal(r1["tunable.2.p"], case.model[2].p.raw.double())  # λ moved
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert all(torch.equal(r1[k], r2[k]) for k in r1)
+
+
+def test_nonfinite_steps_leave_the_tunable_alone():
+    """A NaN training loss skips the T1 step and its hyper step; a NaN validation loss skips the T2
+    step: λ of the Tunable is unchanged by both and stays finite."""
+    case = AuxiliaryLoss()
+    model, tunables = copy.deepcopy((case.model, case.tunables))
+    opt = t1t2.T1T2(model, [], tunables=tunables, **OPTIMIZER_CONFIGS["sgd"])
+    opt.step(case.train(model, tunables))
+    opt.hyper_step(case.val(model, tunables))
+    before = tunables[0].raw.clone()
+    bad_x = case.x.clone()
+    bad_x[0, 0] = float("nan")
+    opt.step(lambda: F.cross_entropy(model(bad_x)[0], case.y) + tunables[0]() * model(bad_x)[1].pow(2).mean())
+    opt.hyper_step(case.val(model, tunables))
+    assert torch.equal(tunables[0].raw, before)
+    opt.step(case.train(model, tunables))
+    opt.hyper_step(lambda: F.cross_entropy(model(bad_x)[0], case.y))
+    assert torch.equal(tunables[0].raw, before)
+    assert opt.skipped == {"t1": 1, "t2": 1}
+    opt.step(case.train(model, tunables))
+    opt.hyper_step(case.val(model, tunables))
+    assert not torch.equal(tunables[0].raw, before) and bool(torch.isfinite(tunables[0].raw))
+
+
+def test_concrete_dropout_is_dropout_at_low_temperature():
+    """At a small temperature the relaxed mask is nearly binary: about a fraction p of the entries are
+    dropped, the rest scaled by 1/(1 − p), so the mean is kept; the noise comes from torch's generator."""
+    drop = t1t2.ConcreteDropout(0.3, temperature=1e-3).double()
+    x = torch.ones(200, 500, dtype=torch.float64)
+    torch.manual_seed(0)
+    y = drop(x)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)  # replayable from the generator state
+    dropped = (y < 0.01).double().mean().item()
+    assert dropped == pytest.approx(0.3, abs=0.01)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+    kept = y[y > 0.01]
+    assert float((kept - 1 / 0.7).abs().median()) < 1e-3
+    with t1t2.evaluating():
+        assert drop(x) is x
+    chan = t1t2.ConcreteDropout(0.5, temperature=1e-3, per_channel=True).double()
+    yc = chan(torch.ones(4, 8, 3, 3, dtype=torch.float64))
+    assert torch.equal(yc, yc[:, :, :1, :1].expand_as(yc))  # one mask value per (sample, channel)
