@@ -223,6 +223,10 @@ class T1T2(torch.optim.Optimizer):
     ``zero_grad()`` would before the next one, so that the hyper step's validation gradient does not
     sit in memory beside them (one parameter-sized buffer less at the peak); opt-in, because code that
     reads ``.grad`` after ``step()`` (gradient logging, clipping statistics) would find None.
+    ``tunables``: the ``Tunable`` values the training loss uses outside the model (each with a
+    ``name=``), tuned as ``tunable.<name>``; the model's own Tunables are found like its
+    GaussianNoise modules (``tunable.<module name>``). ``noise_hypergrad`` and ``fd_eps`` govern
+    the mixed-term hypergradient of both kinds (docs/tunables.md).
     """
 
     # torch.amp.GradScaler.step hands this optimizer grad_scale/found_inf instead of unscaling itself
@@ -438,7 +442,7 @@ class T1T2(torch.optim.Optimizer):
         """One T1 step. With a closure: zero the grads, evaluate it, backward, update; a closure that
         runs its own backward (torch.optim's convention, PyTorch Lightning's) or returns None after a
         backward done before ``step`` is recognised and not backwarded again (docs/guide.md,
-        "Closures"). Without: use the existing ``.grad`` (noise hyperparameters then need
+        "Closures"). Without: use the existing ``.grad`` (noise and tunable hyperparameters then need
         ``hyper_step(val, train=closure)``).
         ``scaler``: a ``torch.amp.GradScaler``; the closure's loss is scaled for the backward and the
         step goes through ``scaler.step(self)`` (call ``scaler.update()`` after, as usual). Returns
@@ -609,13 +613,14 @@ class T1T2(torch.optim.Optimizer):
     @keeps_running_stats  # batch norm's running statistics: as the T1 step left them (batchnorm.py)
     def hyper_step(self, closure: Callable[[], torch.Tensor],
                    train: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor:
-        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run without noise),
-        hypergradients through the last T1 step, then the hyper-optimizer update. Noise
-        hyperparameters rerun the T1 step's training closure (the one given to ``step``, or
-        ``train`` here). ``scaler``: a GradScaler whose scale multiplies the validation loss for the
-        backward (fp16 autocast), v is unscaled in float32/64 before use. With ``skip_nonfinite``, an
-        Inf/NaN validation loss, v or hypergradient skips the update (λ and the hyper-optimizer state
-        stay as they were; ``last_skip`` says why). Returns the (detached) validation loss."""
+        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run inside ``evaluating()``: no
+        noise, every Tunable at its evaluation value), hypergradients through the last T1 step, then
+        the hyper-optimizer update. Noise and tunable hyperparameters rerun the T1 step's training
+        closure (the one given to ``step``, or ``train`` here). ``scaler``: a GradScaler whose scale
+        multiplies the validation loss for the backward (fp16 autocast), v is unscaled in float32/64
+        before use. With ``skip_nonfinite``, an Inf/NaN validation loss, v or hypergradient skips the
+        update (λ and the hyper-optimizer state stay as they were; ``last_skip`` says why). Returns
+        the (detached) validation loss."""
         if self._stash is None:
             if self.steps == 0:
                 raise RuntimeError("hyper_step() called before any step(): run a T1 step first")

@@ -138,12 +138,14 @@ class Tunable(nn.Module):
 
     # ---- forward ----
     def forward(self) -> torch.Tensor:
+        # never ``raw`` itself (the "linear" transform's value), which the hyper-optimizer writes in place
         if not self.training or is_evaluating():
             c = self.value().detach()
-            return c if self.eval_value is None else torch.full_like(c, self.eval_value)
+            return c.clone() if self.eval_value is None else torch.full_like(c, self.eval_value)
         self._calls += 1
         if not self._recording:
-            return self.value()
+            c = self.value()
+            return c.clone() if c is self.raw else c
         leaf = self.value().detach().clone().requires_grad_(True)
         leaf.register_hook(self._accumulate)
         self._leaves.append(leaf)
