@@ -112,7 +112,33 @@ class AuxiliaryLoss:
         return lambda: F.cross_entropy(model(self.xv)[0], self.yv)
 
 
-CASES = {"label_smoothing": LabelSmoothing, "concrete_dropout": ConcreteDropoutNet, "aux_weight": AuxiliaryLoss}
+class Mixed:
+    """Every replayed kind at once: input noise and concrete dropout in the model, label smoothing in
+    the loss, and a penalty: one code path computes the noise and tunable hypergradients together."""
+
+    names = {"l2.1.weight", "l2.4.weight", "noise.0", "tunable.3.p", "tunable.label_smoothing"}
+    tuned = "tunable.label_smoothing"
+
+    def __init__(self, seed=0, dtype=torch.float64, n=12):
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(t1t2.GaussianNoise(0.3), nn.Linear(3, 6), nn.Tanh(),
+                                   t1t2.ConcreteDropout(0.3), nn.Linear(6, 3)).to(dtype)
+        self.tunables = [t1t2.Tunable(0.2, transform="linear", bounds=(0.0, 1.0), eval_value=0.0,
+                                      name="label_smoothing")]
+        self.penalties = [t1t2.L2(1e-2)]
+        self.x, self.y = _data(g, n, 3, 3, dtype)
+        self.xv, self.yv = _data(g, n, 3, 3, dtype)
+
+    def train(self, model, tunables):
+        return lambda: t1t2.smoothed_cross_entropy(model(self.x), self.y, tunables[0])
+
+    def val(self, model, tunables):
+        return lambda: F.cross_entropy(model(self.xv), self.yv)
+
+
+CASES = {"label_smoothing": LabelSmoothing, "concrete_dropout": ConcreteDropoutNet, "aux_weight": AuxiliaryLoss,
+         "mixed": Mixed}
 
 
 def _seeded(opt):
@@ -173,6 +199,9 @@ def test_exact_matches_the_oracle(case_name, opt_name, backend):
     tuned = case.tuned  # the tunable on its own, not only the total
     assert relative_error({tuned: ours[tuned]}, {tuned: fd[tuned]}) < 1e-6, (ours[tuned], fd[tuned])
     assert float(fd[tuned].abs()) > 1e-6  # the oracle sees λ: the comparison is not 0 against 0
+    for name in case.names - {tuned}:  # and each other noise or tunable hyperparameter on its own
+        if not name.startswith("l2."):
+            assert relative_error({name: ours[name]}, {name: fd[name]}) < 1e-6, (name, ours[name], fd[name])
 
 
 @pytest.mark.parametrize("case_name", list(CASES))
