@@ -463,3 +463,38 @@ def test_concrete_dropout_is_dropout_at_low_temperature():
     chan = t1t2.ConcreteDropout(0.5, temperature=1e-3, per_channel=True).double()
     yc = chan(torch.ones(4, 8, 3, 3, dtype=torch.float64))
     assert torch.equal(yc, yc[:, :, :1, :1].expand_as(yc))  # one mask value per (sample, channel)
+
+
+class ClassWeights(LabelSmoothing):
+    """A vector Tunable: per-class weights of the training cross-entropy (one λ per class)."""
+
+    names = {"l2.0.weight", "l2.2.weight", "tunable.class_weights"}
+    tuned = "tunable.class_weights"
+
+    def __init__(self):
+        super().__init__()
+        self.tunables = [t1t2.Tunable([0.5, 1.0, 2.0], transform="softplus", name="class_weights")]
+
+    def train(self, model, tunables):
+        def closure():  # F.cross_entropy(weight=) is not differentiable in the weights: written out
+            w = tunables[0]()[self.y]
+            return (w * F.cross_entropy(model(self.x), self.y, reduction="none")).sum() / w.sum()
+        return closure
+
+    def val(self, model, tunables):
+        return lambda: F.cross_entropy(model(self.xv), self.yv)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fd", "fd-central"])
+def test_a_vector_tunable_matches_the_oracle_per_entry(mode):
+    """("fd" reads ∇cL(θ) from the hooks of the T1 backward, the other modes from autograd.grad.)"""
+    case = ClassWeights()
+    state = warmed_up(case, noise_hypergrad=mode, fd_eps=1e-6, **OPTIMIZER_CONFIGS["adam"])
+    ours = hypergrad_of_next_step(case, state)
+    fd = oracle(case, state)
+    tol = 1e-5 if mode == "fd" else 1e-6
+    assert set(ours) == case.names and ours[case.tuned].shape == (3,)
+    assert relative_error(ours, fd) < tol, (ours, fd)
+    for j in range(3):  # every entry, not only the vector's norm
+        assert float((ours[case.tuned][j] - fd[case.tuned][j]).abs()) < tol * float(fd[case.tuned].norm()), j
+    assert state[2].log_dict()["t1t2/tunable.class_weights/mean"] > 0
