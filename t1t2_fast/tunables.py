@@ -114,7 +114,6 @@ class Tunable(nn.Module):
         self.register_buffer("raw", torch.tensor(raw, dtype=torch.get_default_dtype()).reshape(init_t.shape))
         self.eval_value = None if eval_value is None else float(eval_value)
         self.step: int | None = None  # the T1 step of the forwards (the protocol's key; a Tunable draws nothing)
-        self._calls = 0
         self._recording = False
         self._leaves: list[torch.Tensor] = []
         self.recorded_grad: torch.Tensor | None = None
@@ -142,7 +141,6 @@ class Tunable(nn.Module):
         if not self.training or is_evaluating():
             c = self.value().detach()
             return c.clone() if self.eval_value is None else torch.full_like(c, self.eval_value)
-        self._calls += 1
         if not self._recording:
             c = self.value()
             return c.clone() if c is self.raw else c
@@ -159,7 +157,6 @@ class Tunable(nn.Module):
     def reset_calls(self) -> None:
         """Start a new step's forwards: drop the recorded leaves and, while recording, zero
         ``recorded_grad``."""
-        self._calls = 0
         self._leaves = []
         self.recorded_grad = torch.zeros_like(self.raw) if self._recording else None
 
@@ -176,10 +173,10 @@ class Tunable(nn.Module):
         return list(self._leaves)
 
     def keying_state(self) -> tuple:
-        return (self.step, self._calls, self._recording, self.recorded_grad, list(self._leaves))
+        return (self.step, self._recording, self.recorded_grad, list(self._leaves))
 
     def set_keying_state(self, state: tuple) -> None:
-        self.step, self._calls, self._recording, self.recorded_grad, leaves = state
+        self.step, self._recording, self.recorded_grad, leaves = state
         self._leaves = list(leaves)
 
     # ---- housekeeping ----
