@@ -498,3 +498,20 @@ def test_a_vector_tunable_matches_the_oracle_per_entry(mode):
     for j in range(3):  # every entry, not only the vector's norm
         assert float((ours[case.tuned][j] - fd[case.tuned][j]).abs()) < tol * float(fd[case.tuned].norm()), j
     assert state[2].log_dict()["t1t2/tunable.class_weights/mean"] > 0
+
+
+def test_evaluating_nests_and_decorates():
+    @t1t2.evaluating
+    def inner():
+        return t1t2.is_evaluating(), t1t2.noise_enabled()
+
+    assert not t1t2.is_evaluating() and t1t2.noise_enabled()
+    with t1t2.evaluating():
+        with t1t2.evaluating():
+            assert inner() == (True, False)
+        assert t1t2.is_evaluating() and not t1t2.noise_enabled()
+    assert inner() == (True, False)
+    assert not t1t2.is_evaluating() and t1t2.noise_enabled()
+    with pytest.raises(ZeroDivisionError), t1t2.evaluating():
+        1 / 0
+    assert not t1t2.is_evaluating() and t1t2.noise_enabled()  # left on an exception too
