@@ -241,3 +241,41 @@ def test_each_scale_multiplies_the_lr_of_the_tensors_it_names(granularity, backe
             torch.testing.assert_close(p.detach(), before[n] - group["lr"] * s * grads[n], rtol=1e-12, atol=1e-14,
                                        msg=f"{n} under {scale}")
     assert len(set(values.values())) == len(values)
+
+
+class _Smoothed(torch.nn.Module):
+    """The problem's MLP with a label-smoothing Tunable as a submodule (not called by forward: the
+    training loss calls it), so that copies of the model carry their own."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.smoothing = t1t2.Tunable(0.1, transform="linear", bounds=(0.0, 1.0), eval_value=0.0)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class SmoothingProblem(Problem):
+    def __init__(self, seed):
+        super().__init__(seed=seed, sizes=(3, 5, 2))
+        self.model = _Smoothed(self.model).double()
+
+    def train_closure(self, model):
+        return lambda: t1t2.smoothed_cross_entropy(model(self.x), self.y, model.smoothing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("opt_name", ["momentum", "adam"])
+def test_tunable_and_lr_scales_at_s_not_one(opt_name, backend):
+    """A Tunable of the training loss (label smoothing) with per-tensor lr scales at s ≠ 1 and an L2:
+    every hypergradient against finite differences (the Tunable's mixed term uses J = −sη)."""
+    problem = SmoothingProblem(seed=20)
+    kw = dict(noise_hypergrad="exact", backend=backend, **_kwargs(opt_name, "layer"))
+    model, opt = _warmed_up(problem, [t1t2.L2(0.02)], **kw)
+    h = analytic_hypergrad(problem, model, opt)
+    assert {"tunable.smoothing", "lr_scale.net.0.weight", "l2.net.0.weight"} <= set(h)
+    fd = fd_hypergrad(problem, model, opt, [t1t2.L2(0.02)])
+    assert relative_error(h, fd) <= TOL, {k: (h[k], fd[k]) for k in h}
+    for name in h:
+        assert relative_error({name: h[name]}, {name: fd[name]}) <= TOL, name
