@@ -81,6 +81,8 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
     d.bias_correction1 = adam ? bias_correction1[i] : 1.0;
     d.bias_correction2 = adam ? bias_correction2[i] : 1.0;
     d.adam_a = adam ? (1.0 - beta1) / bias_correction1[i] : 0.0;
+    d.inv_bias_correction1 = adam ? 1.0 / bias_correction1[i] : 1.0;
+    d.inv_bias_correction2 = adam ? 1.0 / bias_correction2[i] : 1.0;
   }
 
   const cuda::T1StepTableLayout layout = cuda::t1_step_table_layout(descriptors.data(), static_cast<int64_t>(n));
