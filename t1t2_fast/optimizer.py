@@ -26,6 +26,7 @@ from .guard import NonFiniteError, SkipGuard, all_finite, finite_flag, host_list
 from .hyper_optim import HYPER_OPTIMIZERS, HyperOptimizer
 from .noise import hypergrad as noise_hyper
 from .penalties import L2, Hyperparameter, ParamFilter, Penalty, bind_penalties, set_bounds
+from .tunables import Tunable, evaluating
 
 HYPERGRAD_MODES = ("exact", "sgd")
 # What T1T2(optimizer=) accepts: the fused op's optimizers, and "adamw" (adam plus a tuned decoupled L2)
@@ -222,6 +223,10 @@ class T1T2(torch.optim.Optimizer):
     ``zero_grad()`` would before the next one, so that the hyper step's validation gradient does not
     sit in memory beside them (one parameter-sized buffer less at the peak); opt-in, because code that
     reads ``.grad`` after ``step()`` (gradient logging, clipping statistics) would find None.
+    ``tunables``: the ``Tunable`` values the training loss uses outside the model (each with a
+    ``name=``), tuned as ``tunable.<name>``; the model's own Tunables are found like its
+    GaussianNoise modules (``tunable.<module name>``). ``noise_hypergrad`` and ``fd_eps`` govern
+    the mixed-term hypergradient of both kinds (docs/tunables.md).
     """
 
     # torch.amp.GradScaler.step hands this optimizer grad_scale/found_inf instead of unscaling itself
@@ -238,7 +243,8 @@ class T1T2(torch.optim.Optimizer):
                  max_consecutive_skips: int | None = 25,
                  bounds: dict[str, tuple[float | None, float | None]] | None = None,
                  param_groups: Iterable[dict] | None = None, weight_decay: float | None = None,
-                 weight_decay_params: ParamFilter = None, free_grads: bool = False):
+                 weight_decay_params: ParamFilter = None, free_grads: bool = False,
+                 tunables: Iterable[Tunable] = ()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -280,7 +286,17 @@ class T1T2(torch.optim.Optimizer):
         self._dist = distributed.Reducer(group) if group is not None else None
         self.distributed_noise = distributed_noise
         rank = self._dist.rank if self._dist is not None else 0
-        self._noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
+        # The replayed hyperparameters (their hypergradient reruns the training closure): the model's
+        # GaussianNoise modules, then its Tunables and the loss's (``tunables``), one code path for all
+        # (noise.hypergrad's Replayed protocol). The loss's Tunables follow the parameters' device, λ in
+        # the compute dtype (float64 for a float64 model).
+        tunables = list(tunables)
+        for t in tunables:
+            if isinstance(t, Tunable):
+                t.to(device=device, dtype=self.compute_dtype)
+        noise = noise_hyper.bind_noise(inner, self.seed, self.backend.name, rank=rank)
+        taken = [h.name for h in self.hypers] + [b.hyper.name for b in noise]
+        self._noise = noise + noise_hyper.bind_tunables(inner, tunables, taken)
         self._save_buffers: dict = {}  # θ⁺ while a noise hypergradient moves θ
         self._guard = guard
         self._hyper_optim = HyperOptimizer(hyper_optimizer, hyper_lr, hyper_betas, hyper_eps,
@@ -316,7 +332,7 @@ class T1T2(torch.optim.Optimizer):
 
     @property
     def all_hypers(self) -> list[Hyperparameter]:
-        """Penalty hyperparameters, then noise ones."""
+        """Penalty hyperparameters, then noise ones, then tunables."""
         return self.hypers + [b.hyper for b in self._noise]
 
     def hyperparameters(self) -> dict[str, float | torch.Tensor]:
@@ -427,7 +443,7 @@ class T1T2(torch.optim.Optimizer):
         """One T1 step. With a closure: zero the grads, evaluate it, backward, update; a closure that
         runs its own backward (torch.optim's convention, PyTorch Lightning's) or returns None after a
         backward done before ``step`` is recognised and not backwarded again (docs/guide.md,
-        "Closures"). Without: use the existing ``.grad`` (noise hyperparameters then need
+        "Closures"). Without: use the existing ``.grad`` (noise and tunable hyperparameters then need
         ``hyper_step(val, train=closure)``).
         ``scaler``: a ``torch.amp.GradScaler``; the closure's loss is scaled for the backward and the
         step goes through ``scaler.step(self)`` (call ``scaler.update()`` after, as usual). Returns
@@ -598,13 +614,14 @@ class T1T2(torch.optim.Optimizer):
     @keeps_running_stats  # batch norm's running statistics: as the T1 step left them (batchnorm.py)
     def hyper_step(self, closure: Callable[[], torch.Tensor],
                    train: Callable[[], torch.Tensor] | None = None, *, scaler=None) -> torch.Tensor:
-        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run without noise),
-        hypergradients through the last T1 step, then the hyper-optimizer update. Noise
-        hyperparameters rerun the T1 step's training closure (the one given to ``step``, or
-        ``train`` here). ``scaler``: a GradScaler whose scale multiplies the validation loss for the
-        backward (fp16 autocast), v is unscaled in float32/64 before use. With ``skip_nonfinite``, an
-        Inf/NaN validation loss, v or hypergradient skips the update (λ and the hyper-optimizer state
-        stay as they were; ``last_skip`` says why). Returns the (detached) validation loss."""
+        """One T2 step: v = ∇θ C2(θ⁺) from the validation closure (run inside ``evaluating()``: no
+        noise, every Tunable at its evaluation value), hypergradients through the last T1 step, then
+        the hyper-optimizer update. Noise and tunable hyperparameters rerun the T1 step's training
+        closure (the one given to ``step``, or ``train`` here). ``scaler``: a GradScaler whose scale
+        multiplies the validation loss for the backward (fp16 autocast), v is unscaled in float32/64
+        before use. With ``skip_nonfinite``, an Inf/NaN validation loss, v or hypergradient skips the
+        update (λ and the hyper-optimizer state stay as they were; ``last_skip`` says why). Returns
+        the (detached) validation loss."""
         if self._stash is None:
             if self.steps == 0:
                 raise RuntimeError("hyper_step() called before any step(): run a T1 step first")
@@ -618,15 +635,17 @@ class T1T2(torch.optim.Optimizer):
             if train is not None:  # the T1 step's generator state still applies (its dropout masks)
                 replay = noise_hyper.Replay(train, stash.noise.step, stash.noise.rng_state())
             if replay is None:
-                raise RuntimeError("the model has noise hyperparameters, whose hypergradient reruns the T1 step's "
-                                   "training loss: call step(closure), or pass it here as "
-                                   "hyper_step(val_closure, train=train_closure)")
+                kinds = sorted({b.hyper.kind for b in self._noise})
+                raise RuntimeError(f"this T1T2 has {' and '.join(kinds)} hyperparameters, whose hypergradient reruns "
+                                   f"the T1 step's training loss: call step(closure), or pass it here as "
+                                   f"hyper_step(val_closure, train=train_closure)")
         indices = sorted(stash.theta)
         guard, lazy = self._guard.enabled, self._guard.lazy
         scale = _scaler_scale(scaler)
         # Under DDP, the validation pass and the noise replay run in no_sync(): each rank's v stays its
         # own (no parameter-sized all-reduce) and DDP's reducer is not left waiting for a backward.
-        with torch.enable_grad(), noise_hyper.no_noise(), distributed.no_sync(self._ddp):
+        # evaluating(): noise off, every Tunable at its evaluation value (the validation loss is λ-free)
+        with torch.enable_grad(), evaluating(), distributed.no_sync(self._ddp):
             loss = scalar_loss(closure(), "validation")
             bad = None
             if guard and not lazy and not bool(torch.isfinite(loss)):

@@ -106,7 +106,32 @@ class SoftplusTransform(Transform):
         return c + math.log1p(-math.exp(-c)) if c > 20 else math.log(math.expm1(c))
 
 
-TRANSFORMS = {t.name: t for t in (LogTransform(), LinearTransform(), SoftplusTransform())}
+class SigmoidTransform(Transform):
+    """c = 1 / (1 + exp(−λ)) in (0, 1): a rate or a probability (a dropout rate, a mixing weight).
+    The bounds 0 and 1 are never reached (λ = ∓inf), so a hyper step cannot leave the open interval."""
+
+    name = "sigmoid"
+
+    def value(self, raw):
+        return torch.sigmoid(raw)
+
+    def derivative(self, raw):
+        c = torch.sigmoid(raw)
+        return c * (1 - c)
+
+    def inverse(self, c):
+        if c <= 0:
+            return -math.inf
+        if c >= 1:
+            return math.inf
+        return math.log(c) - math.log1p(-c)
+
+    def check_init(self, init, what):
+        if not (0 < init < 1):
+            raise ValueError(f"{what}: transform 'sigmoid' needs an initial value in (0, 1), got {init!r}")
+
+
+TRANSFORMS = {t.name: t for t in (LogTransform(), LinearTransform(), SoftplusTransform(), SigmoidTransform())}
 
 
 def get_transform(name: str) -> Transform:

@@ -134,9 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one noise level per site, or one per feature")
     g.add_argument("--noise-mode", choices=("additive", "multiplicative"), default="additive",
                    help="y = x + σε or y = x(1 + σε)")
+    g.add_argument("--label-smoothing", type=unit_interval, default=None, metavar="C",
+                   help="label smoothing of the training loss, (1-c)*CE + c*mean_k(-log p_k); fixed unless "
+                        "--label-smoothing-tune (default: none, or 0.1 as the initial value of a tuned one). "
+                        "Validation and test losses are plain cross-entropy")
+    g.add_argument("--label-smoothing-tune", action="store_true",
+                   help="tune the label-smoothing coefficient with T2, as a Tunable (linear in [0, 1], "
+                        "hyperparameter tunable.label_smoothing), together with the other hyperparameters")
     g.add_argument("--noise-hypergrad", choices=("fd", "fd-central", "exact"), default="fd",
-                   help="how T2 differentiates through the noise: forward or central finite differences "
-                        "of ∇σL along J⊙v, or exact double backward")
+                   help="how T2 differentiates through the noise and the label smoothing (their mixed term): "
+                        "forward or central finite differences of ∇σL along J⊙v, or exact double backward")
     g.add_argument("--fd-eps", type=positive_float, default=1e-3,
                    help="finite-difference step length in parameter space (fd, fd-central)")
 

@@ -88,9 +88,10 @@ def optimizer_footprint(opt) -> dict[str, tuple[int, int]]:
         "hyper-optimizer state": _size(opt._hyper_state),
         "last hypergradients": _size(opt.last_hypergrad),
         "raw hyperparameters": _size([h.raw for h in opt.all_hypers]),
+        # the replayed hyperparameters: noise levels and Tunables (noise.hypergrad.Replayed)
         "noise bindings": (len(opt._noise), 0),
-        "noise σ leaves": _size([b.module._sigma_leaves for b in opt._noise]),
-        "noise ∂L/∂σ": _size([b.module.sigma_grad for b in opt._noise]),
+        "noise σ leaves": _size([b.module.recorded_leaves for b in opt._noise]),
+        "noise ∂L/∂σ": _size([b.module.recorded_grad for b in opt._noise]),
     }
     noise_stash = (opt._stash or {}).get("noise")
     if noise_stash is not None:

@@ -267,12 +267,20 @@ def _train(args, ddp: _Dist | None = None) -> int:
         raise UsageError("--decoupled needs L2 (--l2 > 0)")
     if args.l1 is not None:
         penalties.append(t1t2.L1(args.l1, per=args.per, transform=args.l2_transform))
+    # label smoothing of the training loss: a Tunable in the loss with --label-smoothing-tune (its
+    # evaluation value 0: T2's validation loss is plain cross-entropy), else a fixed number or none
+    smoothing = args.label_smoothing or 0.0
+    tunables = []
+    if args.label_smoothing_tune:
+        smoothing = t1t2.Tunable(0.1 if args.label_smoothing is None else args.label_smoothing, transform="linear",
+                                 bounds=(0.0, 1.0), eval_value=0.0, name="label_smoothing")
+        tunables.append(smoothing)
     try:
         opt = t1t2.T1T2(model, penalties, optimizer=args.optimizer, lr=args.lr, momentum=args.momentum,
                         nesterov=args.nesterov, hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr,
                         hyper_every=args.hyper_every, hypergrad=args.hypergrad,
                         noise_hypergrad=args.noise_hypergrad, fd_eps=args.fd_eps, backend=args.backend,
-                        seed=args.seed, max_consecutive_skips=args.max_skips)
+                        seed=args.seed, max_consecutive_skips=args.max_skips, tunables=tunables)
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise UsageError(str(exc)) from None
     backend_name = getattr(getattr(opt, "backend", None), "name", args.backend)
@@ -294,7 +302,8 @@ def _train(args, ddp: _Dist | None = None) -> int:
               f"{'-' if args.depth else ''}{data.num_classes}; {total_steps} steps "
               f"({total_steps / steps_per_epoch:.3g} epochs of {steps_per_epoch}), backend {backend_name}")
         if not tuning:
-            print("no penalty or noise selected (--l2 0, no --l1, no --noise): plain training, nothing to tune")
+            print("no penalty, noise or tuned label smoothing selected (--l2 0, no --l1, no --noise, no "
+                  "--label-smoothing-tune): plain training, nothing to tune")
 
     train_batches = BatchStream(n_train, batch, args.seed, device)
     val_batches = BatchStream(n_val, val_batch, args.seed + 1, device)
@@ -330,15 +339,23 @@ def _train(args, ddp: _Dist | None = None) -> int:
 
     bar = progress(total_steps, f"train {args.dataset}", args.quiet, unit="step")
 
-    def shard_loss(x, y, idx):
+    def criterion(logits, y, reduction, smoothed):
+        """Cross-entropy; the training loss (``smoothed``) with the label smoothing: torch's own for a
+        fixed coefficient, t1t2.smoothed_cross_entropy (differentiable in c) for the tuned one."""
+        if smoothed and tunables:
+            return t1t2.smoothed_cross_entropy(logits, y, smoothing, reduction=reduction)
+        return F.cross_entropy(logits, y, reduction=reduction, label_smoothing=smoothing if smoothed else 0.0)
+
+    def shard_loss(x, y, idx, smoothed=False):
         """The training or validation loss of the global batch ``idx`` as this process sees it: the
-        mean cross-entropy, or under torchrun this rank's share of the sum scaled by world / batch,
-        so that DDP's mean over the ranks (and T2's) is the whole batch's mean, shards equal or not."""
+        mean cross-entropy (label-smoothed with ``smoothed``: the training loss), or under torchrun
+        this rank's share of the sum scaled by world / batch, so that DDP's mean over the ranks (and
+        T2's) is the whole batch's mean, shards equal or not."""
         if ddp is None:
-            return lambda: F.cross_entropy(model(x[idx]), y[idx])
+            return lambda: criterion(model(x[idx]), y[idx], "mean", smoothed)
         part = idx.tensor_split(world)[ddp.rank]
         xs, ys, scale = x[part], y[part], world / len(idx)
-        return lambda: F.cross_entropy(model(xs), ys, reduction="sum") * scale
+        return lambda: criterion(model(xs), ys, "sum", smoothed) * scale
 
     def global_loss(loss):
         """The whole batch's training loss on every rank (so all stop together on divergence)."""
@@ -397,7 +414,7 @@ def _train(args, ddp: _Dist | None = None) -> int:
     try:
         for step in range(done + 1, total_steps + 1):
             try:
-                loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches))))
+                loss = global_loss(opt.step(shard_loss(train_x, train_y, next(train_batches), smoothed=True)))
                 opt.check_nonfinite()  # the lazy guard's counters: NonFiniteError without hyper steps too
                 log_skip(step)
                 if tuning and opt.hyper_due:

@@ -12,10 +12,10 @@ logs::
     trainer = Trainer(model=model, args=args, train_dataset=train, optimizers=(opt, None),
                       callbacks=[T1T2Callback(opt, val_loader)])
 
-Limitation: a model with ``GaussianNoise`` needs the T1 step's training closure for its noise
-hypergradient (``hyper_step(val, train=closure)``), and the Trainer does not hand its training batch
-to callbacks; so this callback supports penalties (L2/L1) only and says so if the model has noise.
-Use your own loop (``opt.step(closure)``) for noise hyperparameters.
+Limitation: a model with ``GaussianNoise`` or ``Tunable`` hyperparameters needs the T1 step's training
+closure for their hypergradient (``hyper_step(val, train=closure)``), and the Trainer does not hand its
+training batch to callbacks; so this callback supports penalties (L2/L1) only and says so if the model
+has noise or tunables. Use your own loop (``opt.step(closure)``) for those.
 
 transformers is imported when ``T1T2Callback`` is first used, not when this module is imported.
 """
@@ -60,9 +60,10 @@ def _callback_class():
             if not (hasattr(optimizer, "hyper_step") and hasattr(optimizer, "hyper_due")):
                 raise TypeError(f"T1T2Callback needs the T1T2 optimizer, got {type(optimizer).__name__}")
             if getattr(optimizer, "_noise", None):
-                raise ValueError("T1T2Callback: the model has GaussianNoise hyperparameters, whose hypergradient "
-                                 "reruns the T1 step's training closure, which the Trainer does not give to "
-                                 "callbacks; use penalties only here, or your own loop with opt.step(closure)")
+                raise ValueError("T1T2Callback: the model has GaussianNoise or Tunable hyperparameters, whose "
+                                 "hypergradient reruns the T1 step's training closure, which the Trainer does not "
+                                 "give to callbacks; use penalties only here, or your own loop with "
+                                 "opt.step(closure)")
             self.optimizer, self.eval_dataloader, self.loss_fn = optimizer, eval_dataloader, loss_fn
             self.eval_mode, self.log_prefix = eval_mode, log_prefix
             self._batches = None

@@ -94,8 +94,9 @@ def _callback_class():
         validation batches used), or ``loss_fn(pl_module, batch)``. With ``log``, the
         hyperparameters go to ``pl_module.log_dict`` after each hyper step (tensor-valued ones as
         their mean, names prefixed with ``prefix``). ``train_loss_fn(pl_module, batch)``: the
-        training loss of the batch just trained on, for the noise hyperparameters' replay when the
-        step's own closure cannot be rerun (manual optimization; noise_hypergrad="exact")."""
+        training loss of the batch just trained on, for the replay of the noise and tunable
+        hyperparameters (GaussianNoise, Tunable) when the step's own closure cannot be rerun (manual
+        optimization; noise_hypergrad="exact")."""
 
         def __init__(self, val_dataloader, loss_fn=None, *, train_loss_fn=None, log=True, prefix=""):
             super().__init__()

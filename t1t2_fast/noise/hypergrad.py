@@ -1,16 +1,21 @@
-"""Noise hyperparameters inside ``T1T2``: binding the model's ``GaussianNoise`` modules, their keys,
-and the hypergradient of a noise level (docs/design.md)
+"""Replayed hyperparameters inside ``T1T2``: noise levels (the model's ``GaussianNoise`` modules)
+and user-defined ``Tunable`` values of the training loss; their binding, keys, and hypergradient
+(docs/design.md)
 
-    h_σ = dσ/dλ · ∂/∂σ [uᵀ ∇θL(θ; σ, ε)],   u = J ⊙ v,
+    h = dc/dλ · ∂/∂c [uᵀ ∇θL(θ; c, ε)],   u = J ⊙ v,
 
 a mixed second derivative through the network at the pre-step θ and the T1 step's own noise
-sample ε. Three ways to get it (``noise_hypergrad=``):
+sample ε (c = σ for a noise level). Three ways to get it (``noise_hypergrad=``, for both kinds):
 
-- ``"fd"``: (∇σL(θ + r u) − ∇σL(θ)) / r with r = fd_eps / ‖u‖₂; ∇σL(θ) comes from the T1
+- ``"fd"``: (∇cL(θ + r u) − ∇cL(θ)) / r with r = fd_eps / ‖u‖₂; ∇cL(θ) comes from the T1
   backward, so this costs one extra forward/backward.
-- ``"fd-central"``: (∇σL(θ + r u) − ∇σL(θ − r u)) / (2r): two extra passes, error O(r²).
+- ``"fd-central"``: (∇cL(θ + r u) − ∇cL(θ − r u)) / (2r): two extra passes, error O(r²).
 - ``"exact"``: one forward at θ, the parameter gradient with ``create_graph=True``, and a second
-  backward of uᵀ∇θL to σ. Exact to rounding; holds the double-backward graph.
+  backward of uᵀ∇θL to c. Exact to rounding; holds the double-backward graph.
+
+One code path serves both kinds: each module implements the small protocol ``Replayed`` (a leaf
+tensor of c per forward while recording, its gradients summed by hooks, and the key counters a
+replay resets).
 
 θ is moved with the fused ``perturb_`` op (θ ← θ_stash + s·u, first saving θ⁺) and put back with
 ``restore_``, a bit-exact copy of θ⁺. Each extra pass replays the T1 step's ε (the modules' keys
@@ -24,7 +29,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -33,20 +38,43 @@ from .. import closures
 from ..closures import scalar_loss
 from ..distributed import module_seed
 from ..penalties import Hyperparameter
+from ..tunables import Tunable
 from .module import GaussianNoise, no_noise
 
 NOISE_HYPERGRAD_MODES = ("fd", "fd-central", "exact")
 
 
+class Replayed(Protocol):
+    """What a module whose value c = φ(λ) enters the training loss offers the replayed hypergradient
+    (``GaussianNoise``: c = σ; ``Tunable``: c itself)."""
+
+    raw: "torch.Tensor"                 # λ, updated in place by the hyper-optimizer
+    bounds: tuple                       # (lo, hi) of c, kept in sync with the hyperparameter's
+    step: int | None                    # the T1 step its random draws are keyed by
+
+    def reset_calls(self) -> None: ...  # a new forward sequence: draws from the first key, recorded grad zeroed
+    def record_grad(self, enabled: bool): ...  # while recording, each forward uses c as a fresh leaf
+    @property
+    def recorded_leaves(self) -> list: ...     # those leaves since reset_calls (for a double backward)
+    @property
+    def recorded_grad(self): ...               # ∂L/∂c summed over them by their hooks (None: not recording)
+    def keying_state(self) -> tuple: ...       # counters and recording, for set_keying_state
+    def set_keying_state(self, state: tuple) -> None: ...
+
+
 @dataclass
-class NoiseBinding:
-    """One GaussianNoise module of the model and the hyperparameter that holds its level."""
+class Binding:
+    """One replayed module (a GaussianNoise of the model, a Tunable of the model or of the loss) and
+    the hyperparameter that holds its λ (the module's own ``raw`` buffer)."""
 
     hyper: Hyperparameter
-    module: GaussianNoise
+    module: Replayed
 
 
-def bind_noise(model: nn.Module, seed: int, backend: str, rank: int = 0) -> list[NoiseBinding]:
+NoiseBinding = Binding  # the name from before Tunables existed
+
+
+def bind_noise(model: nn.Module, seed: int, backend: str, rank: int = 0) -> list[Binding]:
     """The model's GaussianNoise modules as hyperparameters ``noise.<module name>``. The raw tensor
     is the module's own buffer, so the hyper-optimizer's in-place updates reach the module. A
     module left at backend="auto" runs its noise op on the optimizer's backend. ``rank``: the
@@ -57,9 +85,38 @@ def bind_noise(model: nn.Module, seed: int, backend: str, rank: int = 0) -> list
             module.seed = module_seed(seed, len(out), rank)  # keyed by its position among the noise modules
             hyper = Hyperparameter(f"noise.{name}" if name else "noise", "noise", False, module.transform,
                                    module.raw, tuple(module.bounds), [])
-            out.append(NoiseBinding(hyper, module))
+            out.append(Binding(hyper, module))
             if module.backend == "auto":
                 module.backend = backend
+    return out
+
+
+def bind_tunables(model: nn.Module, tunables: Sequence[Tunable], taken: Sequence[str] = ()) -> list[Binding]:
+    """The model's ``Tunable`` submodules as hyperparameters ``tunable.<module name>``, then the
+    loss's (``tunables``, passed to T1T2) as ``tunable.<name>``. ``taken``: the names already in use
+    (penalties, noise); a clash, a loss Tunable without a name, or one that is also in the model is a
+    ``ValueError``."""
+    out, seen = [], set(taken)
+    in_model = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Tunable):
+            in_model[id(module)] = name
+            out.append(Binding(module.hyperparameter(f"tunable.{name}" if name else "tunable"), module))
+    for k, t in enumerate(tunables):
+        if not isinstance(t, Tunable):
+            raise TypeError(f"tunables[{k}] must be a t1t2_fast.Tunable, got {type(t).__name__}")
+        if id(t) in in_model:
+            raise ValueError(f"tunables[{k}] ({t.name or 'unnamed'}) is the model's submodule {in_model[id(t)]!r}, "
+                             f"which T1T2 finds by itself (as tunable.{in_model[id(t)]}); pass only the Tunables "
+                             f"that live outside the model (in the loss)")
+        if t.name is None:
+            raise ValueError(f"tunables[{k}] has no name: a Tunable used in the loss is named by "
+                             f"Tunable(..., name='...'), its hyperparameter being tunable.<name>")
+        out.append(Binding(t.hyperparameter(f"tunable.{t.name}"), t))
+    for b in out:
+        if b.hyper.name in seen:
+            raise ValueError(f"two hyperparameters are named {b.hyper.name!r}; give the Tunables distinct names")
+        seen.add(b.hyper.name)
     return out
 
 
@@ -75,36 +132,34 @@ def norm_sq(backend, u: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return total
 
 
-def prepare(bindings: list[NoiseBinding], step: int, record: bool) -> None:
+def prepare(bindings: list[Binding], step: int, record: bool) -> None:
     """Key the modules' noise for T1 step ``step`` (1-based) from the first forward on, and say
-    whether their forwards should keep σ as a leaf whose gradient can be read back."""
+    whether their forwards should keep c as a leaf whose gradient can be read back."""
     for b in bindings:
         b.module.step = step
         b.module.reset_calls()
         b.module.record_grad(record)
 
 
-def recorded_grads(bindings: list[NoiseBinding], dtype: torch.dtype) -> list[torch.Tensor]:
-    """∂L/∂σ per module, summed over the forwards since ``prepare`` (zeros if none reached σ)."""
+def recorded_grads(bindings: list[Binding], dtype: torch.dtype) -> list[torch.Tensor]:
+    """∂L/∂c per module, summed over the forwards since ``prepare`` (zeros if none reached c)."""
     out = []
     for b in bindings:
-        g = b.module.sigma_grad
+        g = b.module.recorded_grad
         out.append(torch.zeros_like(b.hyper.raw, dtype=dtype) if g is None else g.detach().to(dtype))
     return out
 
 
-def keying(bindings: list[NoiseBinding]) -> list[tuple]:
+def keying(bindings: list[Binding]) -> list[tuple]:
     """The modules' keying and recording state (``set_keying`` puts it back): what a forward and
     backward run since ``prepare`` left in them."""
-    return [(b.module.step, b.module._calls, b.module._recording, b.module.sigma_grad, list(b.module._sigma_leaves))
-            for b in bindings]
+    return [b.module.keying_state() for b in bindings]
 
 
-def set_keying(bindings: list[NoiseBinding], saved: list[tuple]) -> None:
+def set_keying(bindings: list[Binding], saved: list[tuple]) -> None:
     """Put back the state ``keying`` took."""
-    for b, (step, calls, recording, sigma_grad, leaves) in zip(bindings, saved):
-        b.module.step, b.module._calls, b.module._recording = step, calls, recording
-        b.module.sigma_grad, b.module._sigma_leaves = sigma_grad, leaves
+    for b, state in zip(bindings, saved):
+        b.module.set_keying_state(state)
 
 
 @dataclass
@@ -119,7 +174,7 @@ class Replay:
 @dataclass
 class NoiseStash:
     """The noise hyperparameters' part of a T1 step's stash: the step number its keys came from,
-    ∇σL(θ) recorded in its backward (for "fd"), and how to rerun its training closure (``replay``,
+    ∇cL(θ) recorded in its backward (for "fd"), and how to rerun its training closure (``replay``,
     or after a resume only torch's generator state ``rng`` from the checkpoint)."""
 
     step: int
@@ -152,8 +207,8 @@ def copy_rng(state: tuple | None) -> tuple | None:
     return tuple(None if t is None else t.detach().to("cpu", copy=True) for t in state)
 
 
-def sync_bounds(bindings: list[NoiseBinding]) -> None:
-    """Give each noise module the bounds of its hyperparameter (a module projects with its own copy)."""
+def sync_bounds(bindings: list[Binding]) -> None:
+    """Give each module the bounds of its hyperparameter (a module projects with its own copy)."""
     for b in bindings:
         b.module.bounds = tuple(b.hyper.bounds)
 
@@ -171,13 +226,13 @@ def set_rng_state(device: torch.device, state: tuple) -> None:
 
 
 @contextmanager
-def replaying(model: nn.Module, bindings: list[NoiseBinding], replay: Replay, device: torch.device, record: bool):
+def replaying(model: nn.Module, bindings: list[Binding], replay: Replay, device: torch.device, record: bool):
     """Rerun conditions for the stashed step's training closure: same noise keys and generator
     state, model buffers restored afterwards, training RNG stream and noise keys left as before."""
     raws = {id(b.hyper.raw) for b in bindings}
     buffers = [(b, b.clone()) for b in model.buffers() if id(b) not in raws]
     after = rng_state(device)
-    saved = [(b.module.step, b.module._calls, b.module._recording) for b in bindings]
+    saved = keying(bindings)
     try:
         if replay.rng is not None:
             set_rng_state(device, replay.rng)
@@ -188,23 +243,22 @@ def replaying(model: nn.Module, bindings: list[NoiseBinding], replay: Replay, de
             for b, copy in buffers:
                 b.copy_(copy)
         set_rng_state(device, after)
-        for b, (step, calls, recording) in zip(bindings, saved):
-            b.module.record_grad(recording)
-            b.module.step, b.module._calls = step, calls
+        set_keying(bindings, saved)
 
 
-def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bindings: list[NoiseBinding],
+def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bindings: list[Binding],
                      params: list[torch.Tensor], theta: list[torch.Tensor], u: list[torch.Tensor],
                      g0: list[torch.Tensor] | None, replay: Replay, save: list[torch.Tensor],
                      dtype: torch.dtype, loss_scale: float | torch.Tensor | None = None,
                      norm: float | None = None) -> dict[str, torch.Tensor]:
-    """Hypergradients of the raw noise hyperparameters (before the hyper-optimizer), h = dσ/dλ · ∂σ(uᵀ∇θL).
+    """Hypergradients of the raw replayed hyperparameters (noise levels and tunables; before the
+    hyper-optimizer), h = dc/dλ · ∂c(uᵀ∇θL).
 
     ``params`` are the tensors the T1 step updated (now θ⁺), ``theta`` their stashed pre-step
     values and ``u`` = J ⊙ v, all aligned; ``save`` receives θ⁺ (same shapes and dtype as
-    params) so that it can be restored bit-exactly; ``g0`` is ∇σL(θ) from the T1 backward (fd),
+    params) so that it can be restored bit-exactly; ``g0`` is ∇cL(θ) from the T1 backward (fd),
     unscaled. ``loss_scale``: the GradScaler scale of the T1 step; the replayed training loss is
-    multiplied by it for the backward (fp16 autocast) and the σ-gradients divided by it again.
+    multiplied by it for the backward (fp16 autocast) and the c-gradients divided by it again.
     ``norm``: ‖u‖ if the caller has read it already (``norm_sq``), else it is read here (one host read)."""
     device = params[0].device if params else torch.device("cpu")
     zeros = {b.hyper.name: torch.zeros_like(b.hyper.raw) for b in bindings}
@@ -223,7 +277,7 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
         backend.perturb_(params, [], theta, u, scale)
         with replaying(model, bindings, replay, device, record=True), torch.enable_grad():
             # the parameters' grads are set aside: a closure that runs its own backward (torch.optim's
-            # convention) leaves ∇σL in the modules' sigma_grad, and T1's grads stay as they were
+            # convention) leaves ∇cL in the modules' recorded_grad, and T1's grads stay as they were
             with closures.grads_set_aside(model_params):
                 out = replay.closure()
                 if any(p.grad is not None for p in model_params):
@@ -262,7 +316,7 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
                               stacklevel=4)
             if mode == "fd":
                 if g0 is None:
-                    raise RuntimeError("noise_hypergrad='fd' needs ∇σL(θ) from the T1 backward, and the T1 step "
+                    raise RuntimeError("noise_hypergrad='fd' needs ∇cL(θ) from the T1 backward, and the T1 step "
                                        "did not record it")
                 h = [(a - b) / r for a, b in zip(plus, g0)]
             else:
@@ -274,17 +328,17 @@ def noise_hypergrads(*, mode: str, fd_eps: float, backend, model: nn.Module, bin
         b.hyper.raw.dtype) for b, hb in zip(bindings, h)}
 
 
-def _recorded(b: NoiseBinding, dtype: torch.dtype) -> torch.Tensor:
-    """∂L/∂σ of a module from a backward the training closure ran itself (zeros if none reached σ)."""
-    g = b.module.sigma_grad
+def _recorded(b: Binding, dtype: torch.dtype) -> torch.Tensor:
+    """∂L/∂c of a module from a backward the training closure ran itself (zeros if none reached c)."""
+    g = b.module.recorded_grad
     return torch.zeros(b.hyper.raw.shape, dtype=dtype, device=b.hyper.raw.device) if g is None else \
         g.detach().to(dtype).reshape(b.hyper.raw.shape)
 
 
 def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
-    """∂output/∂σ per module, summed over the σ leaves of its forwards since the replay began
+    """∂output/∂c per module, summed over the c leaves of its forwards since the replay began
     (zeros where output does not depend on them)."""
-    leaves = [b.module.sigma_leaves for b in bindings]
+    leaves = [b.module.recorded_leaves for b in bindings]
     flat = [x for group in leaves for x in group]
     depends = flat and isinstance(output, torch.Tensor) and output.requires_grad
     grads = iter(torch.autograd.grad(output, flat, allow_unused=True) if depends else [None] * len(flat))
@@ -298,5 +352,6 @@ def _grad_per_module(output, bindings, dtype) -> list[torch.Tensor]:
     return out
 
 
-__all__ = ["NOISE_HYPERGRAD_MODES", "NoiseBinding", "NoiseStash", "Replay", "bind_noise", "copy_rng", "keying",
+__all__ = ["NOISE_HYPERGRAD_MODES", "Binding", "NoiseBinding", "NoiseStash", "Replay", "Replayed", "bind_noise",
+           "bind_tunables", "copy_rng", "keying",
            "prepare", "recorded_grads", "rng_state", "set_keying", "set_rng_state", "sync_bounds", "noise_hypergrads"]

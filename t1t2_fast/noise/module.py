@@ -304,6 +304,28 @@ class GaussianNoise(nn.Module):
             return list(self._sigma_leaves) + [self._compile_leaf]
         return list(self._sigma_leaves)
 
+    # ---- the replayed-hyperparameter protocol (t1t2_fast.noise.hypergrad.Replayed) ----
+    @property
+    def recorded_leaves(self) -> list[torch.Tensor]:
+        """The protocol's name for ``sigma_leaves``."""
+        return self.sigma_leaves
+
+    @property
+    def recorded_grad(self) -> torch.Tensor | None:
+        """The protocol's name for ``sigma_grad``: ∂L/∂σ summed over the recorded forwards."""
+        return self.sigma_grad
+
+    def keying_state(self) -> tuple:
+        """Everything a forward and backward since ``reset_calls()`` changed: the key counters and the
+        recording (``set_keying_state`` puts it back)."""
+        return (self.step, self._calls, self._recording, self.sigma_grad, list(self._sigma_leaves),
+                self._compile_leaf, self._compile_leaf_used)
+
+    def set_keying_state(self, state: tuple) -> None:
+        (self.step, self._calls, self._recording, self.sigma_grad, leaves, self._compile_leaf,
+         self._compile_leaf_used) = state
+        self._sigma_leaves = list(leaves)
+
     def _accumulate(self, grad: torch.Tensor) -> None:
         if self.sigma_grad is not None:
             self.sigma_grad = self.sigma_grad + grad.reshape(self.raw.shape).to(self.raw.dtype)

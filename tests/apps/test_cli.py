@@ -198,3 +198,31 @@ def test_skipped_steps_are_logged_and_max_skips_stops_the_run(tmp_path, capsys):
     assert "3 consecutive T1 (training) steps were skipped" in captured.err
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["skipped_steps"]["t1"] == 3 and m["diverged_at_step"] == int(logged[-1]) < 40
+
+
+@pytest.mark.parametrize("mode", ["fd", "exact"])
+def test_label_smoothing_is_tuned_with_the_other_hyperparameters(tmp_path, mode):
+    """--label-smoothing-tune: the coefficient is a Tunable of the training loss (tunable.label_smoothing),
+    tuned with the L2 coefficients; it moves from its initial value and stays in [0, 1]."""
+    rc = run(tmp_path, "--steps", "12", "--depth", "1", "--label-smoothing-tune", "--label-smoothing", "0.2",
+             "--noise", "input", "--noise-hypergrad", mode, "--hyper-lr", "0.05")
+    assert rc == 0
+    header, rows = read_log(tmp_path)
+    assert header == ["step", "train_loss", "val_loss", "l2.fc1.weight", "l2.out.weight", "noise.input",
+                      "tunable.label_smoothing"]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    c = m["hyperparameters"]["tunable.label_smoothing"]
+    assert m["initial_hyperparameters"]["tunable.label_smoothing"] == pytest.approx(0.2)
+    assert c != pytest.approx(0.2, abs=1e-3) and 0.0 <= c <= 1.0  # T2 moved it, inside its bounds
+    assert float(rows[-1][-1]) == pytest.approx(c, rel=1e-6)
+    assert m["config"]["label_smoothing_tune"] is True
+
+
+def test_fixed_label_smoothing_changes_training_and_is_not_tuned(tmp_path):
+    losses = []
+    for c in ("0", "0.3"):
+        assert run(tmp_path / c, "--steps", "3", "--label-smoothing", c) == 0
+        header, _ = read_log(tmp_path / c)
+        assert "tunable.label_smoothing" not in header
+        losses.append(json.loads((tmp_path / c / "metrics.json").read_text())["test_loss"])
+    assert losses[0] != losses[1]  # the smoothing reached the training loss

@@ -21,11 +21,11 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 TINY = ["--width", "16", "--batch-size", "32", "--quiet", "--steps", "40"]
 # two settings: sgd-momentum, a T2 step every step, fd noise, L2+L1 per layer; adam, a T2 step every
-# 3 steps, exact noise, L2 per unit
+# 3 steps, exact noise and a tuned label smoothing (a Tunable of the loss), L2 per unit
 CONFIGS = {
     "sgd-fd": ["--noise", "input,hidden", "--l1", "1e-4", "--checkpoint-every", "20"],
     "adam-exact": ["--optimizer", "adam", "--hyper-every", "3", "--noise", "input", "--noise-hypergrad", "exact",
-                   "--per", "unit", "--checkpoint-every", "15"],
+                   "--label-smoothing-tune", "--per", "unit", "--checkpoint-every", "15"],
 }
 STOP = {"sgd-fd": 27, "adam-exact": 34}     # interrupted when this many steps are done
 SAVED = {"sgd-fd": 20, "adam-exact": 30}    # the last checkpoint before that

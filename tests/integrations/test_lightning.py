@@ -43,6 +43,22 @@ def noisy_mlp():
     return nn.Sequential(t1t2.GaussianNoise(0.2), nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
 
+class TunableScale(nn.Module):
+    """y = s·x with s a Tunable of the model (hyperparameter ``tunable.<name>.s``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = t1t2.Tunable(1.0)
+
+    def forward(self, x):
+        return x * self.s()
+
+
+def tunable_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), TunableScale(), nn.Linear(16, 3))
+
+
 def make_opt(model, opt_name):
     kw = dict(optimizer="sgd", lr=0.2, momentum=0.9) if opt_name == "momentum" else dict(optimizer="adam", lr=0.02)
     return t1t2.T1T2(model, [t1t2.L2(0.01, per="layer"), t1t2.L1(0.001)], hyper_every=HYPER_EVERY,
@@ -124,6 +140,23 @@ def test_noise_hyperparameters():
         assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), model.parameters()))
     with pytest.raises(RuntimeError, match=r"noise hyperparameters.*hyper_step\(val_closure, train=train_closure\)"):
         lightning_run("adam", True, net=noisy_mlp)
+
+
+def test_tunable_hyperparameters():
+    """A Tunable inside the model is replayed like a noise level: automatic optimization reruns
+    Lightning's closure, manual needs train_loss_fn; both match the plain loop bit for bit."""
+    model, ref = plain_loop("adam", tunable_mlp)
+    want = ref.raw_hyperparameters()
+    assert "tunable.2.s" in want
+    train_loss = lambda m, batch: F.cross_entropy(m.net(batch[0]), batch[1])  # noqa: E731
+    for manual, kw in ((False, {}), (True, {"train_loss_fn": train_loss})):
+        module, trainer, _ = lightning_run("adam", manual, net=tunable_mlp, **kw)
+        got = trainer.optimizers[0].raw_hyperparameters()
+        assert float(got["tunable.2.s"]) != 0.0  # s = exp(λ) moved from 1
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), model.parameters()))
+    with pytest.raises(RuntimeError, match=r"tunable hyperparameters.*hyper_step\(val_closure, train=train_closure\)"):
+        lightning_run("adam", True, net=tunable_mlp)
 
 
 def test_gradient_accumulation():

@@ -4,7 +4,7 @@ Each script follows an HTML comment ``<!-- snippet: NAME -->`` and is the ```pyt
 after it: ``pytorch`` (a plain loop), ``lightning`` (PyTorch Lightning) and ``hf`` (the Hugging Face
 Trainer). Each runs in a fresh interpreter (``python -c``, in an empty temporary folder, nothing
 downloaded) and must exit 0 and end by printing ``opt.hyperparameters()``; every value printed must
-differ from its initial value, read from the ``L2(...)`` / ``L1(...)`` calls of the script. A
+differ from its initial value, read from the ``L2(...)`` / ``L1(...)`` / ``Tunable(...)`` calls of the script. A
 deleted marker, a renamed one or a broken script fails here; the Lightning and Hugging Face scripts
 are skipped where their framework is not installed.
 """
@@ -53,9 +53,10 @@ def test_readme_starts_with_the_two_commands():
 
 
 def initial_values(code: str) -> dict[str, list[float]]:
-    """{"l2": [inits of the L2(...) calls], "l1": [...]} as written in the script."""
+    """{"l2": [inits of the L2(...) calls], "l1": [...], "tunable": [inits of the Tunable(...) calls]}
+    as written in the script."""
     return {kind.lower(): [float(v) for v in re.findall(rf"\b{kind}\(\s*([0-9.eE+-]+)", code)]
-            for kind in ("L2", "L1")}
+            for kind in ("L2", "L1", "Tunable")}
 
 
 @pytest.mark.parametrize("name", EXPECTED)

@@ -3,6 +3,9 @@ INIT_FILE OUT``, gloo on CPU, float64) and their one-process references, in one 
 sides build exactly the same model, data and optimizer.
 
 Reference of a penalty case: one process, one T1T2, mean losses over the concatenated shards.
+Reference of a tunable case (a label-smoothing ``Tunable`` in the training loss, no noise): like a
+penalty case, one process on the concatenated batch; its hypergradient, like a noise level's, needs the
+ranks' mean v (distributed_noise="exact").
 Reference of a noise case: the ranks draw different ε (each rank's noise modules have their own
 seed, t1t2_fast.distributed.module_seed), so no one-process run on the concatenated batch draws the
 same sample. The reference is then one process that simulates the ranks: its closure runs every
@@ -28,20 +31,23 @@ STEPS = 5
 GLOBAL_BATCH = 8
 SEED = 3
 CASES = {
-    # name: (optimizer kwargs, noise in the model, noise_hypergrad)
+    # name: (optimizer kwargs, noise in the model (or "tunable": a label-smoothing Tunable in the loss),
+    # noise_hypergrad)
     "momentum-penalties": (dict(optimizer="sgd", lr=0.3, momentum=0.9), False, "fd"),
     "adam-penalties": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), False, "fd"),
     "momentum-noise-fd": (dict(optimizer="sgd", lr=0.3, momentum=0.9), True, "fd"),
     "adam-noise-fd": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "fd"),
     "adam-noise-exact": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "exact"),
+    "adam-tunable-fd": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), "tunable", "fd"),
 }
 
 # the framework pattern (run_framework): penalties, and noise whose replay runs through the DDP wrapper
 FRAMEWORK_CASES = ("momentum-penalties", "adam-penalties", "adam-noise-fd")
 
 
-def make_model(noise: bool) -> nn.Module:
+def make_model(noise: bool | str) -> nn.Module:
     torch.manual_seed(SEED)
+    noise = noise is True
     layers = [t1t2.GaussianNoise(0.3, per="unit", num_features=4)] if noise else []
     layers += [nn.Linear(4, 6), nn.Tanh()]
     layers += [t1t2.GaussianNoise(0.2, mode="multiplicative")] if noise else []
@@ -50,11 +56,22 @@ def make_model(noise: bool) -> nn.Module:
 
 
 def make_opt(model, case: str, **kw):
-    opt_kw, _, noise_mode = CASES[case]
+    opt_kw, noise, noise_mode = CASES[case]
     pens = [t1t2.L2(0.05, per="layer"), t1t2.L1(0.01, per="unit", transform="softplus"),
             t1t2.L2(0.01, per="network", decoupled=True, params="bias")]
-    return t1t2.T1T2(model, pens, hyper_every=1, hyper_lr=0.05, noise_hypergrad=noise_mode, seed=SEED,
-                     **opt_kw, **kw)
+    tunables = [t1t2.Tunable(0.1, transform="linear", bounds=(0, 1), eval_value=0.0, name="label_smoothing")] \
+        if noise == "tunable" else []
+    opt = t1t2.T1T2(model, pens, hyper_every=1, hyper_lr=0.05, noise_hypergrad=noise_mode, seed=SEED,
+                    tunables=tunables, **opt_kw, **kw)
+    opt.case_smoothing = tunables[0] if tunables else None
+    return opt
+
+
+def criterion(opt, logits, y):
+    """The training loss of a case: cross-entropy, label-smoothed by the case's Tunable if it has one."""
+    if opt.case_smoothing is None:
+        return F.cross_entropy(logits, y)
+    return t1t2.smoothed_cross_entropy(logits, y, opt.case_smoothing)
 
 
 def batches():
@@ -92,8 +109,8 @@ def reference(case: str, world: int) -> dict:
             m.seed, m._calls = module_seed(SEED, i, rank), 0
 
     def train_loss(x, y):
-        if not noise:
-            return F.cross_entropy(model(x), y)
+        if noise is not True:
+            return criterion(opt, model(x), y)
         losses = []
         for r in range(world):
             as_rank(r)
@@ -117,7 +134,7 @@ def run_rank(case: str, rank: int, world: int, **kw) -> dict:
     for x, y, xv, yv in batches():
         xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
         with HostReads() as counted:
-            opt.step(lambda: F.cross_entropy(model(xs), ys))
+            opt.step(lambda: criterion(opt, model(xs), ys))
         reads["step"] = max(reads["step"], counted.count)
         with HostReads() as counted:
             opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
@@ -141,7 +158,7 @@ def run_framework(case: str, rank: int, world: int) -> dict:
     model = DDP(inner)
     for x, y, xv, yv in batches():
         xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
-        opt.step(lambda: F.cross_entropy(model(xs), ys))
+        opt.step(lambda: criterion(opt, model(xs), ys))
         opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
     out = snapshot(inner, opt)
     out.update(world_size=opt.world_size, comm_bytes=opt.comm_bytes,
