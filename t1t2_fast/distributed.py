@@ -25,7 +25,6 @@ The math is unchanged (docs/design.md). What each piece needs across ranks:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 
 import torch
 from torch import nn
@@ -88,10 +87,24 @@ def no_sync(ddp: nn.Module | None):
     return ddp.no_sync() if ddp is not None else contextlib.nullcontext()
 
 
-def _hash52(x: torch.Tensor) -> float:
-    """52 bits of a hash of the bytes of x (float64, on the CPU), as an exactly representable float."""
-    digest = hashlib.blake2b(x.numpy().tobytes(), digest_size=8).digest()
-    return float(int.from_bytes(digest, "little") >> 12)
+_HASH_WEIGHTS: dict = {}
+
+
+def _hash52(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d float64 tensor on x's device holding 52 bits of a hash of x's bits (x: 1-D float64),
+    exactly representable, computed there (no host read): Σ bits_i·w_i mod 2⁶⁴ with fixed odd
+    pseudo-random weights w_i, so a change of any one value always changes the sum, and the top 52
+    bits of a mixed sum are kept."""
+    n = x.numel()
+    key = (n, x.device)
+    if key not in _HASH_WEIGHTS:
+        g = torch.Generator().manual_seed(0x7431_7432)
+        w = torch.randint(-(2 ** 62), 2 ** 62, (n,), generator=g, dtype=torch.int64) * 2 + 1
+        _HASH_WEIGHTS.clear()  # one size in use at a time
+        _HASH_WEIGHTS[key] = w.to(x.device)
+    total = (x.view(torch.int64) * _HASH_WEIGHTS[key]).sum()  # wraps modulo 2⁶⁴
+    mixed = total ^ (total >> 29)  # let the high bits depend on the low ones
+    return ((mixed >> 12) & ((1 << 52) - 1)).to(torch.float64)
 
 
 class Reducer:
@@ -132,28 +145,36 @@ class Reducer:
         for t, part in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
             t.copy_(part.view_as(t))
 
-    def reduce_hypergrads(self, hypergrads: dict[str, torch.Tensor], hypers) -> dict[str, torch.Tensor]:
+    def reduce_hypergrads(self, hypergrads: dict[str, torch.Tensor], hypers,
+                          lazy: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """Mean over ranks of every hypergradient (in float64), and the check that λ is the same on
-        every rank: one all-reduce of [h..., hash of λ in this rank's slot, zeros in the others]."""
+        every rank: one all-reduce of [h..., hash of λ in this rank's slot, zeros in the others].
+        Returns (the means, None) after checking the hashes on the host, which raises on a drift; with
+        ``lazy``, (the means, a 0-d bool tensor on the device: whether every rank has the same λ),
+        read by the caller with its other checks (``raise_drift`` then names the culprits)."""
         names = [h.name for h in hypers]
         dev = hypers[0].raw.device if hypers else torch.device("cpu")
-        raw = torch.cat([h.raw.detach().reshape(-1).to(torch.float64) for h in hypers]).cpu()
-        slots = torch.zeros(self.world_size, dtype=torch.float64)
+        raw = torch.cat([h.raw.detach().reshape(-1).to(torch.float64) for h in hypers])
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=dev)
         slots[self.rank] = _hash52(raw)
         parts = [hypergrads[n].detach().reshape(-1).to(torch.float64) for n in names]
-        buf = torch.cat(parts + [slots.to(dev)])
+        buf = torch.cat(parts + [slots])
         self.all_reduce_(buf, "hypergradients")
-        hashes = buf[-self.world_size:].cpu()
-        if not bool((hashes == hashes[0]).all()):
-            self._raise_drift(hypers, raw, dev)
+        hashes = buf[-self.world_size:]
+        same = (hashes == hashes[0]).all()
+        if not lazy and not bool(same):
+            self.raise_drift(hypers)
         mean = buf[:-self.world_size] / self.world_size
         out = {}
         for h, part in zip(hypers, torch.split(mean, [p.numel() for p in parts])):
             out[h.name] = part.reshape(h.raw.shape).to(hypergrads[h.name].dtype)
-        return out
+        return out, (same if lazy else None)
 
-    def _raise_drift(self, hypers, raw: torch.Tensor, dev) -> None:
-        """Every rank saw different hashes: gather all λ (rare path) and name the ones that differ."""
+    def raise_drift(self, hypers) -> None:
+        """The ranks' λ hashes differed: gather all λ (rare path, every rank calls it together) and
+        raise, naming the ones that differ."""
+        dev = hypers[0].raw.device if hypers else torch.device("cpu")
+        raw = torch.cat([h.raw.detach().reshape(-1).to(torch.float64) for h in hypers]).cpu()
         table = torch.zeros(self.world_size, raw.numel(), dtype=torch.float64)
         table[self.rank] = raw
         table = self.all_reduce_(table.to(dev), "hyperparameters (drift check)").cpu()

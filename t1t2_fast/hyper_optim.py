@@ -49,34 +49,83 @@ class HyperOptimizer:
         """One update of every hyperparameter (``t``: this hyper step's 1-based number, for Adam's
         bias correction), then the projection; the clip counts stay on the device until read.
         ``ok``: a 0-d bool tensor; where it is False nothing changes (λ, the moments, the counts), with
-        no host read (the lazy non-finite guard)."""
-        moved = []
-        keep = None if ok is None else ~ok
-        for h in hypers:
-            g = hypergrads[h.name]
-            old = None if ok is None else h.raw.clone()
-            if self.name == "sgd":
-                h.raw.add_(g, alpha=-self.lr)
-            else:
-                b1, b2 = self.betas
-                st = self.state.get(h.name)
+        no host read (the lazy non-finite guard).
+
+        All hyperparameters are updated as one flat vector (their λ, h and moments concatenated):
+        a model has few hyperparameter values but often dozens of hyperparameter tensors, and a loop
+        of small tensor ops per tensor cost more than the rest of a small model's hyper step."""
+        if not hypers:
+            return
+        raws = [h.raw for h in hypers]
+        if len({(r.dtype, r.device) for r in raws}) > 1:  # λ of several dtypes or devices: one call each
+            for group in _same_kind(hypers):
+                self.step(group, hypergrads, t, ok)
+            return
+        sizes = [r.numel() for r in raws]
+        x = torch.cat([r.reshape(-1) for r in raws])
+        g = torch.cat([hypergrads[h.name].reshape(-1).to(x.dtype) for h in hypers])
+        if self.name == "sgd":
+            new = x.add(g, alpha=-self.lr)
+        else:
+            b1, b2 = self.betas
+            states = [self.state.get(h.name) for h in hypers]
+            for h, st in zip(hypers, states):
                 if st is None:
-                    st = self.state[h.name] = {"exp_avg": torch.zeros_like(h.raw), "exp_avg_sq": torch.zeros_like(h.raw)}
-                if ok is not None:
-                    m_old, s_old = st["exp_avg"].clone(), st["exp_avg_sq"].clone()
-                st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(self.eps)
-                h.raw.addcdiv_(st["exp_avg"], denom, value=-self.lr / (1 - b1 ** t))
-                if ok is not None:
-                    st["exp_avg"].copy_(torch.where(keep, m_old, st["exp_avg"]))
-                    st["exp_avg_sq"].copy_(torch.where(keep, s_old, st["exp_avg_sq"]))
-            m = h.project()
+                    self.state[h.name] = {"exp_avg": torch.zeros_like(h.raw), "exp_avg_sq": torch.zeros_like(h.raw)}
+            states = [self.state[h.name] for h in hypers]
+            m_old = torch.cat([st["exp_avg"].reshape(-1) for st in states])
+            s_old = torch.cat([st["exp_avg_sq"].reshape(-1) for st in states])
+            m = m_old.mul(b1).add_(g, alpha=1 - b1)
+            sq = s_old.mul(b2).addcmul_(g, g, value=1 - b2)
+            denom = (sq / (1 - b2 ** t)).sqrt_().add_(self.eps)
+            new = x.addcdiv(m, denom, value=-self.lr / (1 - b1 ** t))
             if ok is not None:
-                h.raw.copy_(torch.where(keep, old, h.raw))
-                m = m * ok
-            moved.append(m)
-        if moved:
-            counts = (torch.stack(moved) > 0).to(torch.int64)
-            self._clip_names = [h.name for h in hypers]
-            self._clip_pending = counts if self._clip_pending is None else self._clip_pending + counts
+                m, sq = torch.where(ok, m, m_old), torch.where(ok, sq, s_old)
+            _scatter(m, [st["exp_avg"] for st in states], sizes)
+            _scatter(sq, [st["exp_avg_sq"] for st in states], sizes)
+        lo, hi = self._raw_bounds(hypers, sizes, x)
+        clamped = torch.clamp(new, lo, hi)
+        moved = clamped != new  # NaN counts as moved, as it did per hyperparameter
+        if ok is not None:
+            clamped, moved = torch.where(ok, clamped, x), moved & ok
+        for raw, piece in zip(raws, clamped.split(sizes)):  # one copy_ each: it bumps λ's version counter,
+            raw.copy_(piece.view(raw.shape))                 # which the penalty coefficient cache keys on
+        segment = self._segments(sizes, x.device)
+        counts = (torch.zeros(len(hypers), dtype=torch.int64, device=x.device)
+                  .index_add_(0, segment, moved.to(torch.int64)) > 0).to(torch.int64)
+        self._clip_names = [h.name for h in hypers]
+        self._clip_pending = counts if self._clip_pending is None else self._clip_pending + counts
+
+    def _raw_bounds(self, hypers: list[Hyperparameter], sizes: list[int], like: torch.Tensor):
+        """The bounds in raw units (Hyperparameter.project's), one flat tensor each, kept until a bound changes."""
+        key = tuple((h.name, tuple(h.bounds), h.transform.name) for h in hypers)
+        if getattr(self, "_bounds_key", None) != key or self._bounds[0].device != like.device \
+                or self._bounds[0].dtype != like.dtype:
+            lo, hi = [], []
+            for h, n in zip(hypers, sizes):
+                a, b = h.raw_bounds()
+                lo.append(torch.full((n,), a, dtype=like.dtype))
+                hi.append(torch.full((n,), b, dtype=like.dtype))
+            self._bounds = (torch.cat(lo).to(like.device), torch.cat(hi).to(like.device))
+            self._bounds_key = key
+        return self._bounds
+
+    def _segments(self, sizes: list[int], device: torch.device) -> torch.Tensor:
+        """Which hyperparameter each entry of the flat vector belongs to (kept while the sizes hold)."""
+        if getattr(self, "_segment_sizes", None) != (sizes, device):
+            self._segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
+            self._segment_sizes = (sizes, device)
+        return self._segment
+
+
+def _scatter(flat: torch.Tensor, targets: list[torch.Tensor], sizes: list[int]) -> None:
+    """Copy the pieces of ``flat`` into ``targets`` in place (one foreach op; it does not bump the
+    targets' version counters under a TorchDispatchMode, so not for λ)."""
+    torch._foreach_copy_(targets, [piece.view(t.shape) for piece, t in zip(flat.split(sizes), targets)])
+
+
+def _same_kind(hypers: list[Hyperparameter]) -> list[list[Hyperparameter]]:
+    groups: dict = {}
+    for h in hypers:
+        groups.setdefault((h.raw.dtype, h.raw.device), []).append(h)
+    return list(groups.values())

@@ -302,6 +302,7 @@ class T1T2(torch.optim.Optimizer):
         self.steps = 0
         self.hyper_steps = 0
         self._stash: Stash | None = None
+        self._drift_check: torch.Tensor | None = None  # DDP, lazy guard: the last hyper step's "same λ on every rank"
         self._stash_buffers: dict = {}  # reused stash storage (see functional.t1_step)
         self._coefficients: dict = {}  # per parameter group, the penalty coefficients while λ is unchanged
         self.last_hypergrad: dict[str, torch.Tensor] = {}
@@ -688,9 +689,16 @@ class T1T2(torch.optim.Optimizer):
              for i, g in zip(indices, grads)]
         if scale is not None:  # in the compute dtype: no fp16 underflow left
             torch._foreach_mul_(v, (1.0 / scale.to(torch.float64)).to(acc))
-        norm = u = None
-        if self._noise and not (self._dist is not None and self.distributed_noise == "exact"):
-            u = [v_i * stash.jac_of(i) for i, v_i in zip(indices, v)]  # else from the ranks' mean v, below
+        norm = u = hypergrads = None
+        if self._noise and self._dist is not None and self.distributed_noise == "exact":
+            # h_σ is bilinear in v and the training shard: it needs the ranks' mean v (module docstring
+            # of t1t2_fast.distributed); the penalty h is linear in v and uses the local one, taken first
+            # (the lr scales' segments read θ⁺ from the parameters, which nothing has moved yet)
+            hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash,
+                                            params=[self.params[i] for i in indices])
+            self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
+        if self._noise:
+            u = [v_i * stash.jac_of(i) for i, v_i in zip(indices, v)]
         if lazy:  # the hyper step's one host read: the checks, fd's ‖u‖ and the guard's device counters
             bad, norm = self._lazy_checks(stash, loss, v, u)
             t1_skipped = bad is not None and bad.startswith("its T1 step")
@@ -701,16 +709,10 @@ class T1T2(torch.optim.Optimizer):
             bad = "non-finite validation gradient"
             if self._dist is None:
                 return self._skip_hyper(bad, loss)
-        # (before the noise hypergradient moves θ: the lr scales' segments read θ⁺ from the parameters)
-        hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash,
-                                        params=[self.params[i] for i in indices])
+        if hypergrads is None:  # (before the noise hypergradient moves θ: the lr segments read θ⁺)
+            hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash,
+                                            params=[self.params[i] for i in indices])
         if self._noise:
-            if self._dist is not None and self.distributed_noise == "exact":
-                # h_σ is bilinear in v and the training shard: it needs the ranks' mean v (module docstring
-                # of t1t2_fast.distributed); the penalty h above is linear in v and used the local one.
-                self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
-                norm = None  # ‖u‖ of the mean v: read in noise_hypergrads (a second host read)
-                u = [v_i * stash.jac_of(i) for i, v_i in zip(indices, v)]
             params = [self.params[i] for i in indices]
             with distributed.no_sync(self._ddp):
                 hypergrads.update(noise_hyper.noise_hypergrads(
@@ -720,9 +722,12 @@ class T1T2(torch.optim.Optimizer):
                     loss_scale=stash.grad_scale, norm=norm))
         if bad is not None:  # a rank's own Inf/NaN: NaN hypergradients make every rank skip together
             hypergrads = {n: torch.full_like(g, math.nan) for n, g in hypergrads.items()}
+        same = None
         if self._dist is not None and hypergrads:
-            # mean over ranks of the per-rank hypergradients (and the check that λ agrees everywhere)
-            hypergrads = self._dist.reduce_hypergrads(hypergrads, self.all_hypers)
+            # mean over ranks of the per-rank hypergradients and the check that λ agrees everywhere
+            # (lazy: a device flag, read by the next hyper step's one read, which raises then)
+            hypergrads, same = self._dist.reduce_hypergrads(hypergrads, self.all_hypers, lazy=lazy)
+            self._drift_check = same
         ok = None
         if lazy:  # a non-finite hypergradient: the update is masked on the device and counted there
             ok = finite_flag(list(hypergrads.values()))  # False after a rank's own Inf/NaN (NaN above)
@@ -741,6 +746,8 @@ class T1T2(torch.optim.Optimizer):
         else:
             self._guard.took("t2")
         self.last_hypergrad = hypergrads
+        if same is not None:  # drifted λ is not updated: it is reported, by name, at the next hyper step
+            ok = same if ok is None else ok & same
         self._hyper_optim.step(self.all_hypers, hypergrads, self.hyper_steps + 1, ok=ok)
         self.hyper_steps += 1
         return loss.detach()
@@ -757,13 +764,19 @@ class T1T2(torch.optim.Optimizer):
                  one if v_ok is None else v_ok.to(torch.float64),
                  one if stash.found is None else (stash.found <= 0).to(torch.float64).reshape(())]
         fd = u is not None
+        drift = self._drift_check is not None
+        if drift:  # the previous hyper step's check that every rank had the same λ
+            parts.append(self._drift_check.to(torch.float64).reshape(()))
+            self._drift_check = None
         if fd:
             parts.append(noise_hyper.norm_sq(self.backend, u, dev))
         pending = self._guard.pending()
         values = host_list(torch.cat([torch.stack(parts).to(dev)] + [p.to(dev) for p in pending]))
         k = len(parts)
+        if drift and values[3] == 0:
+            self._dist.raise_drift(self.all_hypers)  # every rank read the same flag: all raise together
         self._guard.materialize(values[k:], steps=self.steps)
-        norm = math.sqrt(0.5 * values[3]) if fd else None
+        norm = math.sqrt(0.5 * values[3 + drift]) if fd else None
         if values[2] == 0:
             return "its T1 step was skipped", norm
         if values[0] == 0:

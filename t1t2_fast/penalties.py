@@ -249,12 +249,17 @@ class Hyperparameter:
     def derivative(self) -> torch.Tensor:
         return self.transform.derivative(self.raw)
 
+    def raw_bounds(self) -> tuple[float, float]:
+        """``bounds`` in raw units (λ = φ⁻¹(c)), ±inf where there is none."""
+        lo, hi = self.bounds
+        raw_lo, raw_hi = self.transform.inverse(lo), self.transform.inverse(hi) if math.isfinite(hi) else math.inf
+        return (raw_lo if math.isfinite(raw_lo) else -math.inf), (raw_hi if math.isfinite(raw_hi) else math.inf)
+
     @torch.no_grad()
     def project(self) -> torch.Tensor:
         """Clamp λ so that c stays inside ``bounds``; returns how many entries it moved, as a 0-d
         int64 tensor on λ's device (no host sync here: a caller reads many at once)."""
-        lo, hi = self.bounds
-        raw_lo, raw_hi = self.transform.inverse(lo), self.transform.inverse(hi) if math.isfinite(hi) else math.inf
+        raw_lo, raw_hi = self.raw_bounds()
         raw_lo, raw_hi = (raw_lo if math.isfinite(raw_lo) else None), (raw_hi if math.isfinite(raw_hi) else None)
         if raw_lo is None and raw_hi is None:
             return torch.zeros((), dtype=torch.int64, device=self.raw.device)

@@ -127,8 +127,8 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
             bc1, bc2 = bias_correction1[i], bias_correction2[i]
             m = state1[i].view_as(theta).mul_(beta1).add_(ghat, alpha=1 - beta1)
             s = state2[i].view_as(theta).mul_(beta2).addcmul_(ghat, ghat, value=1 - beta2)
-            m_hat = m / bc1
-            sqrt_s = (s / bc2).sqrt()
+            m_hat = m * (1.0 / bc1)  # 1/bc1 and 1/bc2 in double, then the compute dtype (math.h)
+            sqrt_s = (s * (1.0 / bc2)).sqrt()
             denom = sqrt_s + eps
             direction = m_hat / denom
             if stash_jac:

@@ -116,6 +116,8 @@ class Tunable(nn.Module):
         self._recording = False
         self._leaves: list[torch.Tensor] = []
         self.recorded_grad: torch.Tensor | None = None
+        self._compile_leaf: torch.Tensor | None = None  # the c leaf of compiled forwards while recording
+        self._compile_leaf_used = False
 
     # ---- the hyperparameter ----
     def value(self) -> torch.Tensor:
@@ -143,10 +145,28 @@ class Tunable(nn.Module):
         if not self._recording:
             c = self.value()
             return c.clone() if c is self.raw else c
-        leaf = self.value().detach().clone().requires_grad_(True)
-        leaf.register_hook(self._accumulate)
+        if torch.compiler.is_compiling():
+            # under torch.compile: one leaf per step, made eagerly before the forwards (a graph input,
+            # no graph break), as GaussianNoise does; its hook sums ∂L/∂c like the eager leaves'
+            self._compile_leaf_used = True
+            return self._recording_leaf()
+        leaf = self._new_leaf()
         self._leaves.append(leaf)
         return leaf
+
+    def _new_leaf(self) -> torch.Tensor:
+        leaf = self.value().detach().clone().requires_grad_(True)
+        leaf.register_hook(self._accumulate)
+        return leaf
+
+    def _recording_leaf(self) -> torch.Tensor:
+        if self._compile_leaf is None:  # after a copy of the module: made here, outside the graph
+            self._make_leaf_eagerly()
+        return self._compile_leaf
+
+    @torch.compiler.disable
+    def _make_leaf_eagerly(self) -> None:
+        self._compile_leaf = self._new_leaf()
 
     # ---- the replayed-hyperparameter protocol (t1t2_fast.noise.hypergrad.Replayed) ----
     def _accumulate(self, grad: torch.Tensor) -> None:
@@ -157,25 +177,30 @@ class Tunable(nn.Module):
         """Start a new step's forwards: drop the recorded leaves and, while recording, zero
         ``recorded_grad``."""
         self._leaves = []
+        self._compile_leaf = self._new_leaf() if self._recording else None
+        self._compile_leaf_used = False
         self.recorded_grad = torch.zeros_like(self.raw) if self._recording else None
 
     def record_grad(self, enabled: bool = True) -> "Tunable":
         """Start (or stop) returning c as a leaf per forward and summing ∂L/∂c into ``recorded_grad``."""
         self._recording = bool(enabled)
-        self._leaves = []
-        self.recorded_grad = torch.zeros_like(self.raw) if self._recording else None
+        self.reset_calls()
         return self
 
     @property
     def recorded_leaves(self) -> list[torch.Tensor]:
-        """The c leaves of the forwards since ``reset_calls()`` while recording."""
+        """The c leaves of the forwards since ``reset_calls()`` while recording (compiled forwards
+        share one)."""
+        if self._compile_leaf is not None and self._compile_leaf_used:
+            return list(self._leaves) + [self._compile_leaf]
         return list(self._leaves)
 
     def keying_state(self) -> tuple:
-        return (self.step, self._recording, self.recorded_grad, list(self._leaves))
+        return (self.step, self._recording, self.recorded_grad, list(self._leaves), self._compile_leaf,
+                self._compile_leaf_used)
 
     def set_keying_state(self, state: tuple) -> None:
-        self.step, self._recording, self.recorded_grad, leaves = state
+        self.step, self._recording, self.recorded_grad, leaves, self._compile_leaf, self._compile_leaf_used = state
         self._leaves = list(leaves)
 
     # ---- housekeeping ----
@@ -192,6 +217,7 @@ class Tunable(nn.Module):
         # built with create_graph)
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state["_leaves"] = []
+        state["_compile_leaf"] = None
         if state.get("recorded_grad") is not None:
             state["recorded_grad"] = state["recorded_grad"].detach().clone()
         return state

@@ -8,7 +8,12 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "checks.h"
 #include "cpu/cpu_features.h"
@@ -35,8 +40,8 @@ struct TensorJob {
   T* stash_theta;  // null unless a hyper iteration
   T* stash_jac;    // null unless adam-exact on a hyper iteration
   int64_t numel;
-  T bc1, bc2;
-  T a;   // (1−β1)/bc1 for adam's Jacobian, computed in double
+  T inv_bc1, inv_bc2, bc2;  // 1/(1−β1ᵗ), 1/(1−β2ᵗ) (from double), 1−β2ᵗ
+  T a;  // (1−β1)/bc1 for adam's Jacobian, computed in double
   T lr;  // this tensor's η: T(lr), or T(lr)·lr_scale[i] rounded in T
 };
 
@@ -49,13 +54,15 @@ struct StepScalars {
 // Per-run constants, passed by value so the compiler knows no store in the loop can change them.
 template <typename T>
 struct RunScalars {
-  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_scale, bc1, bc2, a, c2, c1, cd;
+  T lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, inv_scale, inv_bc1, inv_bc2, bc2, a, c2,
+      c1, cd;
 };
 
 // The element loop over one run. The arrays are __restrict__ parameters (GCC ignores restrict on
 // local pointers, and with six streams the runtime alias checks it would need exceed its limit, so
 // the Adam loop with both stashes stayed scalar).
-template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
+template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, bool kL1Decay, typename P,
+          typename T>
 T1T2_ALWAYS_INLINE void run_elements(P* __restrict__ param, const P* __restrict__ grad, T* __restrict__ s1,
                                      T* __restrict__ s2, T* __restrict__ stash_theta, T* __restrict__ stash_jac,
                                      int64_t n, const RunScalars<T> k) {
@@ -63,12 +70,12 @@ T1T2_ALWAYS_INLINE void run_elements(P* __restrict__ param, const P* __restrict_
     const T theta = static_cast<T>(param[i]);
     T ghat = static_cast<T>(grad[i]) * k.inv_scale;  // 1 without a GradScaler: exact
     ghat += penalty_grad(PenaltyKind::L2, theta, k.c2);
-    ghat += penalty_grad(PenaltyKind::L1, theta, k.c1);
+    if constexpr (kL1Decay) ghat += penalty_grad(PenaltyKind::L1, theta, k.c1);
     T direction;
     if constexpr (kAdam) {
       T m_hat, sqrt_s, denom;
-      direction = adam_direction(ghat, s1[i], s2[i], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.bc1,
-                                 k.bc2, k.eps, m_hat, sqrt_s, denom);
+      direction = adam_direction(ghat, s1[i], s2[i], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2,
+                                 k.inv_bc1, k.inv_bc2, k.eps, m_hat, sqrt_s, denom);
       if constexpr (kStashJac)
         stash_jac[i] = adam_jacobian(ghat, m_hat, sqrt_s, denom, k.lr, k.a, k.one_minus_beta2, k.bc2);
     } else if constexpr (kMomentum) {
@@ -77,17 +84,43 @@ T1T2_ALWAYS_INLINE void run_elements(P* __restrict__ param, const P* __restrict_
       direction = ghat;
     }
     T updated = theta - k.lr * direction;
-    updated = updated - k.lr * penalty_grad(PenaltyKind::L2, theta, k.cd);
+    if constexpr (kL1Decay) updated = updated - k.lr * penalty_grad(PenaltyKind::L2, theta, k.cd);
     if constexpr (kStashTheta) stash_theta[i] = theta;
     param[i] = static_cast<P>(updated);
   }
 }
 
-// One chunk, cut into runs over which every penalty coefficient is constant (a whole tensor for
-// per-layer, a row for per-unit), so the inner loop has no branches or divisions and vectorizes.
-// Everything that is constant per call is a template argument. An absent penalty enters as c = 0.
+// dst[0, n) = src[0, n) with non-temporal stores where the CPU has them (SSE2: every x86-64). The
+// stash is written once and read once, at the hyper step, long after: a plain store would first
+// read each line of dst into the cache (write-allocate), so the stash would cost a read and a write
+// of θ, where this costs the write alone. src is read here and, from the cache, by the update loop
+// right after: the chunk (kChunk elements of each stream) fits in L2.
+template <typename T>
+T1T2_ALWAYS_INLINE void stream_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+#if defined(__SSE2__)
+  int64_t i = 0;
+  constexpr int64_t kLanes = 16 / static_cast<int64_t>(sizeof(T));
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+  for (; i + kLanes <= n; i += kLanes) {
+    if constexpr (std::is_same_v<T, float>)
+      _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    else
+      _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+  }
+  for (; i < n; ++i) dst[i] = src[i];
+  _mm_sfence();  // streamed stores are weakly ordered: visible to other threads before the op returns
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+#endif
+}
+
+// Elements [begin, end) of one tensor, cut into runs over which every penalty coefficient is
+// constant (a whole tensor for per-layer, a row for per-unit), so the inner loop has no branches or
+// divisions and vectorizes. Everything that is constant per call is a template argument. An absent
+// penalty enters as c = 0. ``jac``: where element begin's ∂θ⁺/∂ĝ goes (kStashJac).
 template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
-T1T2_ALWAYS_INLINE void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k) {
+T1T2_ALWAYS_INLINE void run_range(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k,
+                                  T* jac) {
   auto at = [](auto* ptr, int64_t offset) { return ptr ? ptr + offset : ptr; };
   for (int64_t run_begin = begin; run_begin < end;) {
     int64_t run_end = end;
@@ -100,11 +133,41 @@ T1T2_ALWAYS_INLINE void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64
     const T c2 = coefficient(j.l2, j.l2_inner), c1 = coefficient(j.l1, j.l1_inner);
     const T cd = coefficient(j.decay, j.decay_inner);
     const RunScalars<T> scalars{j.lr,  k.momentum, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps,
-                                k.inv_scale, j.bc1, j.bc2, j.a, c2, c1, cd};
-    run_elements<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac>(
-        j.param + run_begin, j.grad + run_begin, at(j.state1, run_begin), at(j.state2, run_begin),
-        at(j.stash_theta, run_begin), at(j.stash_jac, run_begin), run_end - run_begin, scalars);
+                                k.inv_scale, j.inv_bc1, j.inv_bc2, j.bc2, j.a, c2, c1, cd};
+    T* run_jac = kStashJac ? jac + (run_begin - begin) : nullptr;
+    // A run without L1 and decoupled L2 (the common case: coupled L2 or none) takes a loop without
+    // their terms. Their c = 0 terms are exactly ±0 (math.h), so this changes no value, only work:
+    // at one thread the loop is compute-bound enough for the sign and select to cost ~10 %.
+    if (c1 == T(0) && cd == T(0))
+      run_elements<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac, false>(
+          j.param + run_begin, j.grad + run_begin, at(j.state1, run_begin), at(j.state2, run_begin),
+          at(j.stash_theta, run_begin), run_jac, run_end - run_begin, scalars);
+    else
+      run_elements<kAdam, kMomentum, kNesterov, kStashTheta, kStashJac, true>(
+          j.param + run_begin, j.grad + run_begin, at(j.state1, run_begin), at(j.state2, run_begin),
+          at(j.stash_theta, run_begin), run_jac, run_end - run_begin, scalars);
     run_begin = run_end;
+  }
+}
+
+// One chunk. The stash is written with non-temporal stores (stream_copy): θ copied from the
+// parameters before the update reads them again from the cache (where θ is stored as computed),
+// adam's Jacobian computed into a small buffer that stays in L1 and streamed out from there.
+template <bool kAdam, bool kMomentum, bool kNesterov, bool kStashTheta, bool kStashJac, typename P, typename T>
+T1T2_ALWAYS_INLINE void run_chunk(const TensorJob<P, T>& j, int64_t begin, int64_t end, const StepScalars<T>& k) {
+  constexpr bool kCopyTheta = kStashTheta && std::is_same_v<P, T>;
+  if constexpr (kCopyTheta) stream_copy(j.stash_theta + begin, j.param + begin, end - begin);
+  if constexpr (kStashJac) {
+    constexpr int64_t kBlock = 2048;
+    alignas(64) T buffer[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t e = std::min(end, b + kBlock);
+      run_range<kAdam, kMomentum, kNesterov, kStashTheta && !kCopyTheta, true>(j, b, e, k, buffer);
+      stream_copy(j.stash_jac + b, buffer, e - b);
+    }
+  } else {
+    run_range<kAdam, kMomentum, kNesterov, kStashTheta && !kCopyTheta, false>(j, begin, end, k,
+                                                                               static_cast<T*>(nullptr));
   }
 }
 
@@ -247,7 +310,8 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
       j.stash_theta = ptr(stash_theta, i, true);
       j.stash_jac = ptr(stash_jac, i, true);
       j.numel = params[i].numel();
-      j.bc1 = opt == Optimizer::Adam ? static_cast<T>(bias_correction1[i]) : T(1);
+      j.inv_bc1 = opt == Optimizer::Adam ? static_cast<T>(1.0 / bias_correction1[i]) : T(1);
+      j.inv_bc2 = opt == Optimizer::Adam ? static_cast<T>(1.0 / bias_correction2[i]) : T(1);
       j.bc2 = opt == Optimizer::Adam ? static_cast<T>(bias_correction2[i]) : T(1);
       j.a = opt == Optimizer::Adam ? static_cast<T>((1.0 - beta1) / bias_correction1[i]) : T(0);
       j.lr = has_lr_scale ? static_cast<T>(lr) * lr_scale->const_data_ptr<T>()[i] : static_cast<T>(lr);

@@ -114,6 +114,8 @@ struct T1StepTensor {
   double bias_correction1;  // 1−β1ᵗ (adam; 1 for sgd)
   double bias_correction2;  // 1−β2ᵗ
   double adam_a;            // (1−β1)/(1−β1ᵗ), computed in double by the host
+  double inv_bias_correction1;       // 1/(1−β1ᵗ), in double by the host (math.h's adam_direction)
+  double inv_bias_correction2;  // 1/(1−β2ᵗ)
   const void* lr_scale;     // null, or this tensor's entry of lr_scale (compute type): η = T(lr)·*lr_scale
 };
 

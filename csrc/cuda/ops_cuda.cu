@@ -83,6 +83,8 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
     d.bias_correction1 = adam ? bias_correction1[i] : 1.0;
     d.bias_correction2 = adam ? bias_correction2[i] : 1.0;
     d.adam_a = adam ? (1.0 - beta1) / bias_correction1[i] : 0.0;
+    d.inv_bias_correction1 = adam ? 1.0 / bias_correction1[i] : 1.0;
+    d.inv_bias_correction2 = adam ? 1.0 / bias_correction2[i] : 1.0;
     d.lr_scale = has_lr_scale ? static_cast<const char*>(lr_scale->const_data_ptr()) + i * lr_scale->element_size()
                               : nullptr;
   }

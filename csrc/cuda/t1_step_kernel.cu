@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(kThreads)
   T* __restrict__ stash_jac = static_cast<T*>(d.stash_jac);
   const int64_t numel = d.numel, l2_inner = d.l2_inner, l1_inner = d.l1_inner, decay_inner = d.decay_inner;
   const int64_t end = numel < chunk.begin + kT1StepChunk ? numel : chunk.begin + kT1StepChunk;
-  const T bc1 = static_cast<T>(d.bias_correction1), bc2 = static_cast<T>(d.bias_correction2);
+  const T inv_bc1 = static_cast<T>(d.inv_bias_correction1), bc2 = static_cast<T>(d.bias_correction2);
+  const T inv_bc2 = static_cast<T>(d.inv_bias_correction2);
   const T adam_a = static_cast<T>(d.adam_a);
   // η of this tensor: T(lr), or T(lr)·lr_scale[i] rounded once in T (read on the device)
   const T lr = d.lr_scale ? k.lr * *static_cast<const T*>(d.lr_scale) : k.lr;
@@ -88,8 +89,8 @@ __global__ void __launch_bounds__(kThreads)
         if (state1) state1[i] = s1[r];
       } else {
         T m_hat, sqrt_s, denom;
-        direction = adam_direction(ghat, s1[r], s2[r], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, bc1,
-                                   bc2, k.eps, m_hat, sqrt_s, denom);
+        direction = adam_direction(ghat, s1[r], s2[r], k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2,
+                                   inv_bc1, inv_bc2, k.eps, m_hat, sqrt_s, denom);
         state1[i] = s1[r];
         state2[i] = s2[r];
         if (stash_jac) stash_jac[i] = adam_jacobian(ghat, m_hat, sqrt_s, denom, lr, adam_a, k.one_minus_beta2, bc2);

@@ -18,13 +18,14 @@ OP = "t1t2_triton::t1_step_"
 
 # Columns of one tensor's row in the pointer table (layout: _common's docstring), as _run writes them:
 # 12 buffer addresses (the last three, grad_scale, found_inf and lr_scale, are the same tensors in
-# every row), then numel, the three group sizes and the tensor's index in lr_scale, then three floats.
+# every row), then numel, the three group sizes and the tensor's index in lr_scale, then four floats.
 (_PARAM, _GRAD, _STATE1, _STATE2, _L2, _L1, _DECAY, _STASH_THETA, _STASH_JAC, _GRAD_SCALE, _FOUND_INF, _LR_SCALE,
- _NUMEL, _L2_INNER, _L1_INNER, _DECAY_INNER, _LR_INDEX, _BC1, _BC2, _ADAM_A) = (tl.constexpr(c) for c in range(20))
+ _NUMEL, _L2_INNER, _L1_INNER, _DECAY_INNER, _LR_INDEX, _INV_BC1, _BC2, _ADAM_A,
+ _INV_BC2) = (tl.constexpr(c) for c in range(21))
 # The call's scalars, in the order _run lists them.
 _LR, _MOMENTUM, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS = (tl.constexpr(c) for c in range(7))
 _NUM_SCALARS = tl.constexpr(_common.NUM_SCALARS)
-_ROW_WIDTH = tl.constexpr(20)
+_ROW_WIDTH = tl.constexpr(21)
 
 
 @triton.jit
@@ -54,8 +55,8 @@ def _sign(x):
 @triton.jit
 def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, mask, numel,
                    l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-                   bc1, bc2, adam_a, inv_scale, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
-                   NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, BLOCK: tl.constexpr,
+                   inv_bc1, inv_bc2, bc2, adam_a, inv_scale, FP64: tl.constexpr, ADAM: tl.constexpr,
+                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, BLOCK: tl.constexpr,
                    MASKED: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """The T1 update of the elements offs (csrc/include/t1t2/math.h in the same operation order)."""
     theta = upcast(load(param + offs, mask, MASKED), FP64)
@@ -69,8 +70,8 @@ def _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
         exp_avg_sq = load(state2 + offs, mask, MASKED) * beta2 + one_minus_beta2 * ghat * ghat
         store(state1 + offs, exp_avg, mask, MASKED)
         store(state2 + offs, exp_avg_sq, mask, MASKED)
-        m_hat = divide(exp_avg, bc1)
-        sqrt_s = square_root(divide(exp_avg_sq, bc2))
+        m_hat = exp_avg * inv_bc1  # 1/bc1 and 1/bc2 from double: math.h's adam_direction
+        sqrt_s = square_root(exp_avg_sq * inv_bc2)
         denom = sqrt_s + eps
         direction = divide(m_hat, denom)
         if STASH_JAC:
@@ -127,7 +128,8 @@ def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
     beta2 = table_float(table, _BETA2, FP64)
     one_minus_beta2 = table_float(table, _ONE_MINUS_BETA2, FP64)
     eps = table_float(table, _EPS, FP64)
-    bc1 = table_float(row, _BC1, FP64)
+    inv_bc1 = table_float(row, _INV_BC1, FP64)
+    inv_bc2 = table_float(row, _INV_BC2, FP64)
     bc2 = table_float(row, _BC2, FP64)
     adam_a = table_float(row, _ADAM_A, FP64)
     inv_scale = _inverse_scale(grad_scale, FP64, HAS_SCALE)
@@ -139,14 +141,14 @@ def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
         offs = block_start + tl.arange(0, BLOCK)
         _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, offs < end, numel,
                        l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2,
-                       one_minus_beta2, eps, bc1, bc2, adam_a, inv_scale, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
-                       STASH_JAC, BLOCK, False, EMULATE_RTNE)
+                       one_minus_beta2, eps, inv_bc1, inv_bc2, bc2, adam_a, inv_scale, FP64, ADAM, MOMENTUM,
+                       NESTEROV, STASH_THETA, STASH_JAC, BLOCK, False, EMULATE_RTNE)
     if whole_end < end:
         offs = whole_end + tl.arange(0, BLOCK)
         _t1_step_block(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, offs, offs < end, numel,
                        l2_inner, l1_inner, decay_inner, lr, momentum, beta1, one_minus_beta1, beta2,
-                       one_minus_beta2, eps, bc1, bc2, adam_a, inv_scale, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA,
-                       STASH_JAC, BLOCK, True, EMULATE_RTNE)
+                       one_minus_beta2, eps, inv_bc1, inv_bc2, bc2, adam_a, inv_scale, FP64, ADAM, MOMENTUM,
+                       NESTEROV, STASH_THETA, STASH_JAC, BLOCK, True, EMULATE_RTNE)
 
 
 @triton.jit
@@ -379,7 +381,8 @@ def _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, o
     extras = []
     for i in live:
         bc1, bc2 = (bias_correction1[i], bias_correction2[i]) if adam else (1.0, 1.0)
-        extras.append([params[i].numel(), *inners[i], i, *map(_common.float_bits, (bc1, bc2, (1.0 - beta1) / bc1))])
+        extras.append([params[i].numel(), *inners[i], i, *map(_common.float_bits, (
+            1.0 / bc1, bc2, (1.0 - beta1) / bc1, 1.0 / bc2))])
     scalars = [lr, momentum, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps]  # 1 − β in double, as math.h asks
     # The guard reads found_inf on the device (no host sync): the scan, queued first on the same stream,
     # sets it, and every program of the update then finds it set and writes nothing.

@@ -84,6 +84,15 @@ def test_communication_is_the_hypergradient_vector(ranks):
         assert r["comm_bytes"] == cases.STEPS * per_step, case
 
 
+def test_no_host_read_in_step_and_one_in_hyper_step_across_processes(ranks):
+    """tests/optimizer/test_host_sync.py's rule under DDP: 0 host reads per step(), at most 1 per
+    hyper_step(), in every case, including noise with the exact reduction (mean v all-reduced)."""
+    for case in list(cases.CASES) + ["local-noise"]:
+        for r in (0, 1):
+            reads = ranks[r][case]["reads"]
+            assert (reads["step"], reads["hyper_step"]) == (0, 1), (case, r, reads)
+
+
 def test_local_noise_reduction_sends_only_hypergradients(ranks):
     """distributed_noise="local": each rank's own v; λ still identical on the ranks, only the small
     vector is sent, and the result differs from the one-process value (it drops the cross terms)."""
@@ -109,9 +118,13 @@ def test_a_nonfinite_shard_on_one_rank_skips_the_step_on_every_rank(ranks):
                 assert torch.isfinite(r0[key][name]).all(), (case, key, name)
 
 
-def test_drift_of_lambda_on_one_rank_fails_on_every_rank(ranks):
+@pytest.mark.parametrize("mode, raised_at", [("drift", 2), ("drift-grads", 1)])
+def test_drift_of_lambda_on_one_rank_fails_on_every_rank(ranks, mode, raised_at):
+    """Checked on the device and read with the next hyper step's checks (the default guard: no host
+    read of its own), or read at once (skip_nonfinite="grads")."""
     for r in range(WORLD):
-        msg = ranks[r]["drift"]
+        step, msg = ranks[r][mode]
+        assert step == raised_at, (r, step, msg)
         assert "no longer identical on every rank" in msg and "l2.2.weight" in msg and "ranks [1]" in msg
 
 

@@ -6,42 +6,16 @@ Counted on the CPU: every ``aten._local_scalar_dense`` (the op behind ``.item()`
 stall of the host until the device has caught up. The compiled backend (C++/CUDA; the Triton
 kernels read the flag on the device too) is counted: the plain-torch reference twin of the fused
 op reads found_inf with ``float()``, as a reference may."""
-import collections
-import traceback
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import t1t2_fast as t1t2
 from t1t2_fast import guard
 
 from conftest import backends, needs_ext
-
-
-class HostReads(TorchDispatchMode):
-    """Counts host reads of tensor values and where in t1t2_fast they come from."""
-
-    def __enter__(self):
-        self.where = collections.Counter()
-        self._listed = guard.HOST_READS[0]
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        self.listed = guard.HOST_READS[0] - self._listed
-        return super().__exit__(*exc)
-
-    @property
-    def count(self) -> int:
-        return sum(self.where.values()) + self.listed
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            frames = [f for f in traceback.extract_stack() if "t1t2_fast" in f.filename]
-            self.where[f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "outside t1t2_fast"] += 1
-        return func(*args, **(kwargs or {}))
+from host_reads import HostReads
 
 
 def _run(backend, optimizer, noise, scaler, hyper_every, steps, **kw):

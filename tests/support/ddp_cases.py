@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import t1t2_fast as t1t2
+from host_reads import HostReads
 from t1t2_fast.distributed import module_seed
 
 STEPS = 5
@@ -132,12 +133,18 @@ def run_rank(case: str, rank: int, world: int, **kw) -> dict:
     inner = make_model(CASES[case][1])
     model = DDP(inner)
     opt = make_opt(model, case, **kw)
+    reads = {"step": 0, "hyper_step": 0}  # the most host reads one call made
     for x, y, xv, yv in batches():
         xs, ys, xvs, yvs = (shard(t, rank, world) for t in (x, y, xv, yv))
-        opt.step(lambda: criterion(opt, model(xs), ys))
-        opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
+        with HostReads() as counted:
+            opt.step(lambda: criterion(opt, model(xs), ys))
+        reads["step"] = max(reads["step"], counted.count)
+        with HostReads() as counted:
+            opt.hyper_step(lambda: F.cross_entropy(model(xvs), yvs))
+        if counted.count > reads["hyper_step"]:
+            reads.update(hyper_step=counted.count, where=f"{dict(counted.where)}, {counted.listed} host_list")
     out = snapshot(inner, opt)
-    out.update(comm_bytes=opt.comm_bytes, state_keys=sorted(opt.state_dict()["state"]),
+    out.update(reads=reads, comm_bytes=opt.comm_bytes, state_keys=sorted(opt.state_dict()["state"]),
                world_size=opt.world_size, params=sum(p.numel() for p in inner.parameters()),
                hypers=sum(r.numel() for r in opt.raw_hyperparameters().values()))
     return out
@@ -162,22 +169,25 @@ def run_framework(case: str, rank: int, world: int) -> dict:
     return out
 
 
-def drift(rank: int, world: int) -> str:
-    """Rank 1 writes its own λ: the next hyper_step must fail on every rank, naming it."""
+def drift(rank: int, world: int, **kw) -> tuple[int, str]:
+    """Rank 1 writes its own λ: a hyper_step must fail on every rank, naming it. Returns (which hyper
+    step raised, 1-based, or 0 for none; the message). The default (lazy) guard checks on the device
+    and reports at the next hyper step's one host read; skip_nonfinite="grads" reads it at once."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(make_model(False))
-    opt = make_opt(model, "momentum-penalties")
-    x, y, xv, yv = (shard(t, rank, world) for t in batches()[0])
+    opt = make_opt(model, "momentum-penalties", **kw)
     if rank == 1:
         with torch.no_grad():
             opt.raw_hyperparameters()["l2.2.weight"].add_(1e-3)
-    opt.step(lambda: F.cross_entropy(model(x), y))
-    try:
-        opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
-    except RuntimeError as exc:
-        return str(exc)
-    return "no error"
+    for k, batch in enumerate(batches()[:3], 1):
+        x, y, xv, yv = (shard(t, rank, world) for t in batch)
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        try:
+            opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))
+        except RuntimeError as exc:
+            return k, str(exc)
+    return 0, "no error"
 
 
 def nonfinite(case: str, rank: int, world: int) -> dict:
@@ -215,6 +225,7 @@ def main(mode: str, rank: int, world: int, init_file: str, out: str) -> int:
         if mode == "equivalence":
             result = {case: run_rank(case, rank, world) for case in CASES}
             result["drift"] = drift(rank, world)
+            result["drift-grads"] = drift(rank, world, skip_nonfinite="grads")
             # each rank's own v in the noise hypergradient: no parameter-sized all-reduce
             result["local-noise"] = run_rank("momentum-noise-fd", rank, world, distributed_noise="local")
             result["nonfinite"] = {case: nonfinite(case, rank, world) for case in ("momentum-penalties",

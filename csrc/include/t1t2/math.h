@@ -61,16 +61,19 @@ T1T2_HOST_DEVICE inline T sgd_jacobian(T lr, T momentum, bool nesterov) {
   return nesterov ? -lr * (T(1) + momentum) : -lr;
 }
 
-// Adam moments and direction m̂/(√ŝ+ε); bc1 = 1−β1ᵗ, bc2 = 1−β2ᵗ. The caller passes 1−β1 and 1−β2
-// computed in double: in float, 1 − float(0.999) is off by 1e-5 relative. Writes m̂, √ŝ and √ŝ+ε
-// for the Jacobian.
+// Adam moments and direction m̂/(√ŝ+ε) with m̂ = m·(1/bc1), ŝ = s·(1/bc2), bc1 = 1−β1ᵗ, bc2 = 1−β2ᵗ:
+// the caller passes inv_bc1 = 1/bc1 and inv_bc2 = 1/bc2 computed in double and cast to T, so an
+// element costs one division and one square root (torch's fused Adam: two divisions), which is
+// what bounds this loop on one CPU thread. Also 1−β1 and 1−β2 are computed in
+// double: in float, 1 − float(0.999) is off by 1e-5 relative. Writes m̂, √ŝ and √ŝ+ε for the Jacobian.
 template <typename T>
 T1T2_HOST_DEVICE inline T adam_direction(T ghat, T& exp_avg, T& exp_avg_sq, T beta1, T one_minus_beta1, T beta2,
-                                         T one_minus_beta2, T bc1, T bc2, T eps, T& m_hat, T& sqrt_s, T& denom) {
+                                         T one_minus_beta2, T inv_bc1, T inv_bc2, T eps, T& m_hat, T& sqrt_s,
+                                         T& denom) {
   exp_avg = exp_avg * beta1 + one_minus_beta1 * ghat;
   exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * ghat * ghat;
-  m_hat = exp_avg / bc1;
-  sqrt_s = square_root(exp_avg_sq / bc2);
+  m_hat = exp_avg * inv_bc1;
+  sqrt_s = square_root(exp_avg_sq * inv_bc2);
   denom = sqrt_s + eps;
   return m_hat / denom;
 }
