@@ -74,7 +74,8 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
         return;
       }
       double acc = 0.0;
-      for (int64_t i = g * inner; i < (g + 1) * inner; ++i) acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, i);
+      for (int64_t i = g * inner; i < (g + 1) * inner; ++i)
+        acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, i);
       out[s.out_offset + g] = static_cast<T>(scale * acc);
       return;
     }
@@ -83,7 +84,8 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
       if (g >= s.groups) return;  // the same for the 32 lanes of a warp
       const int lane = threadIdx.x & 31;
       double acc = 0.0;
-      for (int64_t i = g * inner + lane; i < (g + 1) * inner; i += 32) acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, i);
+      for (int64_t i = g * inner + lane; i < (g + 1) * inner; i += 32)
+        acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, i);
       acc = warp_sum(acc);
       if (lane == 0) out[s.out_offset + g] = static_cast<T>(scale * acc);
       return;
@@ -99,7 +101,8 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
         for (int r = 0; r < kSegmentDotTile / kThreads; ++r)
           acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, begin + threadIdx.x + r * kThreads);
       } else {
-        for (int64_t i = threadIdx.x; i < n; i += kThreads) acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, begin + i);
+        for (int64_t i = threadIdx.x; i < n; i += kThreads)
+          acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, begin + i);
       }
       acc = block_sum<kWarps>(acc);
       if (threadIdx.x == 0) {
