@@ -17,7 +17,10 @@ gives the parameter count. Gradients are random and set once; every optimizer st
   ``skip_nonfinite=False``, ``skip_nonfinite="grads"`` and hyper_every=1 (a stash every step).
 - ``step + hyper/10``: a cycle of 10 steps and one ``hyper_step(val)`` per step; its validation
   closure (forward and backward of a batch of 8) is timed alone as ``val fwd+bwd``, so that the hyper
-  step's own cost is ``(step + hyper/10 − step) · 10 − val fwd+bwd``.
+  step's own cost is ``(step + hyper/10 − step) · 10 − val fwd+bwd``. The same with
+  ``tune_lr="layer"`` (a learning-rate scale per tensor: one more segment per tensor in the T2
+  reduction, the scales read by the fused step), and both with a hyper step after every step
+  (``hyper/1``), where the difference is the cost of the lr scales per step + hyper step.
 
 Each row is the best (minimum) of ``--rounds`` rounds, the configurations interleaved in each round
 so that load from other processes reaches them alike; ratios are against the fastest torch mode of
@@ -145,6 +148,11 @@ def cases_for(model: nn.Module, family: str, device, val, loss) -> list[Case]:
         Case("T1T2 step(loss=), stash every step", "t1t2", t1t2_opt(hyper_every=1),
              lambda o: (o.step(loss=loss), setattr(o, "_stash", None))),
         Case("T1T2 step + hyper/10", "t1t2", t1t2_opt(), cycle_hyper, HYPER_EVERY),
+        Case('T1T2 step + hyper/10, tune_lr="layer"', "t1t2", t1t2_opt(tune_lr="layer"), cycle_hyper, HYPER_EVERY),
+        # a hyper step after every step: the hyper step's cost, with and without lr scales, stands out
+        Case("T1T2 step + hyper/1", "t1t2", t1t2_opt(hyper_every=1), cycle_hyper, HYPER_EVERY),
+        Case('T1T2 step + hyper/1, tune_lr="layer"', "t1t2", t1t2_opt(hyper_every=1, tune_lr="layer"), cycle_hyper,
+             HYPER_EVERY),
     ]
     return out
 

@@ -177,10 +177,26 @@ void check_t1_step_guard(const c10::optional<at::Tensor>& grad_scale, const c10:
   check_flag(found_inf, "found_inf");
 }
 
+bool check_t1_step_lr_scale(const c10::optional<at::Tensor>& lr_scale, at::TensorList params) {
+  if (!lr_scale.has_value() || !lr_scale->defined()) return false;
+  const at::Tensor& s = *lr_scale;
+  const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(s.dim() == 1 && s.numel() == n, kT1Step, ": lr_scale must be a 1-D tensor with one value per parameter (",
+              n, "), got shape ", s.sizes());
+  if (n == 0) return true;
+  const at::ScalarType compute = compute_dtype(params[0].scalar_type());
+  TORCH_CHECK(s.scalar_type() == compute, kT1Step, ": lr_scale has dtype ", s.scalar_type(), ", expected ", compute,
+              " (the compute dtype of ", params[0].scalar_type(), " parameters)");
+  TORCH_CHECK(s.device() == params[0].device(), kT1Step, ": lr_scale is on ", s.device(), " but the params are on ",
+              params[0].device());
+  TORCH_CHECK(s.is_contiguous(), kT1Step, ": lr_scale must be contiguous");
+  return true;
+}
+
 HypergradInputs check_penalty_hypergrad_inputs(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                                at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
                                                at::IntArrayRef segment_kind, at::IntArrayRef segment_groups,
-                                               at::DeviceType kernel) {
+                                               at::DeviceType kernel, at::TensorList params) {
   constexpr const char* op = "t1t2::penalty_hypergrad";
   const size_t n = theta.size();
   TORCH_CHECK(v.size() == n, op, ": got ", n, " theta but ", v.size(), " v");
@@ -220,8 +236,9 @@ HypergradInputs check_penalty_hypergrad_inputs(at::TensorList v, at::TensorList 
   for (size_t s = 0; s < num_segments; ++s) {
     const int64_t t = segment_tensor[s], kind = segment_kind[s], groups = segment_groups[s];
     TORCH_CHECK(t >= 0 && static_cast<size_t>(t) < n, op, ": segment ", s, " names tensor ", t, " of ", n);
-    TORCH_CHECK(kind == kSegmentL2 || kind == kSegmentL1 || kind == kSegmentDecoupledL2, op, ": segment ", s,
-                " has kind ", kind, "; expected 0 (l2), 1 (l1) or 2 (decoupled l2)");
+    TORCH_CHECK(kind == kSegmentL2 || kind == kSegmentL1 || kind == kSegmentDecoupledL2 || kind == kSegmentLr, op,
+                ": segment ", s, " has kind ", kind, "; expected 0 (l2), 1 (l1), 2 (decoupled l2) or 3 (lr)");
+    in.has_lr = in.has_lr || kind == kSegmentLr;
     const int64_t numel = theta[t].numel();
     TORCH_CHECK(groups >= 0 && ((groups == 0 && numel == 0) || (groups > 0 && numel % groups == 0)), op, ": segment ",
                 s, ": ", groups, " groups do not divide the ", numel, " elements of tensor ", t);
@@ -229,6 +246,19 @@ HypergradInputs check_penalty_hypergrad_inputs(at::TensorList v, at::TensorList 
                 " groups after ", in.total, " in the segments before it overflow the result's int64 length");
     in.segments[s] = {t, kind, groups, groups ? numel / groups : 0, in.total};
     in.total += groups;
+  }
+  TORCH_CHECK(params.empty() || params.size() == n, op, ": params must be empty or have one tensor per theta (", n,
+              "), got ", params.size());
+  TORCH_CHECK(!in.has_lr || params.size() == n, op, ": lr segments (kind 3) need params, one tensor per theta (", n,
+              "), got ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].sizes() == theta[i].sizes(), op, ": params[", i, "] has shape ", params[i].sizes(),
+                " but theta[", i, "] has ", theta[i].sizes());
+    TORCH_CHECK(supported_dtype(params[i].scalar_type()) && compute_dtype(params[i].scalar_type()) == in.dtype, op,
+                ": params[", i, "] has dtype ", params[i].scalar_type(), ", whose compute dtype is not theta's (",
+                in.dtype, ")");
+    TORCH_CHECK(params[i].device() == device, op, ": params[", i, "] is on ", params[i].device(), ", expected ",
+                device);
   }
   return in;
 }

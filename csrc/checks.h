@@ -42,24 +42,29 @@ T1StepInputs check_t1_step_inputs(at::TensorList params, at::TensorList grads, a
 // device; check_finite needs found_inf (it is where a non-finite gradient is reported).
 void check_t1_step_guard(const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                          bool check_finite, at::TensorList params);
+// The optional lr_scale of t1_step_: a contiguous 1-D tensor in the compute dtype on the params'
+// device with one value per tensor. Returns whether one was given.
+bool check_t1_step_lr_scale(const c10::optional<at::Tensor>& lr_scale, at::TensorList params);
 
 // ---- penalty_hypergrad ----
 // segment_kind codes as the int64 the schema passes (t1t2/enums.h)
 constexpr int64_t kSegmentL2 = static_cast<int64_t>(SegmentKind::L2);
 constexpr int64_t kSegmentL1 = static_cast<int64_t>(SegmentKind::L1);
 constexpr int64_t kSegmentDecoupledL2 = static_cast<int64_t>(SegmentKind::DecoupledL2);
+constexpr int64_t kSegmentLr = static_cast<int64_t>(SegmentKind::Lr);
 struct SegmentSpec {
   int64_t tensor, kind, groups, inner, out_offset;
 };
 struct HypergradInputs {
   at::ScalarType dtype = at::kFloat;
+  bool has_lr = false;  // some segment has kind lr (then params has one tensor per theta)
   std::vector<SegmentSpec> segments;
   int64_t total = 0;  // length of the result: the segments' groups, concatenated
 };
 HypergradInputs check_penalty_hypergrad_inputs(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                                at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
                                                at::IntArrayRef segment_kind, at::IntArrayRef segment_groups,
-                                               at::DeviceType kernel);
+                                               at::DeviceType kernel, at::TensorList params);
 
 // ---- perturb_ / restore_ (both return at once for empty lists) ----
 void check_perturb_inputs(at::TensorList params, at::TensorList save, at::TensorList base, at::TensorList direction,

@@ -24,19 +24,26 @@ TORCH_LIBRARY(t1t2, m) {
   // compute dtype, in the same pass; found_inf (one float32 value) > 0 on entry writes nothing; with
   // check_finite, any non-finite g·(1/scale) sets found_inf = 1 and writes nothing (a read-only scan
   // of the grads before the update).
+  // lr_scale (learning-rate scales, docs/design.md): None, or a 1-D tensor in the compute dtype on the
+  // params' device with one value per tensor; tensor i then steps with η_i = T(lr)·lr_scale[i], the
+  // product rounded once in the compute type T (adam's stash_jac uses η_i too). Read on the device.
   m.def(
       "t1_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor[] l2, "
       "Tensor[] l1, Tensor[] decay, Tensor(d!)[] stash_theta, Tensor(e!)[] stash_jac, str optimizer, float lr, "
       "float momentum, bool nesterov, float beta1, float beta2, float eps, float[] bias_correction1, "
-      "float[] bias_correction2, Tensor? grad_scale=None, Tensor(f!)? found_inf=None, bool check_finite=False) -> ()");
+      "float[] bias_correction2, Tensor? grad_scale=None, Tensor(f!)? found_inf=None, bool check_finite=False, "
+      "Tensor? lr_scale=None) -> ()");
   // T2 penalty hypergradients (before dc/dλ) of many (hyperparameter, tensor) segments in one call.
   // v: validation gradients at θ⁺; theta: pre-step θ (the stash); jac: per tensor ∂θ⁺/∂ĝ (empty:
   // use jac_scalar). Segment s reduces tensor segment_tensor[s] over segment_groups[s] contiguous
-  // groups with kind 0 (l2: Σ J v 2θ), 1 (l1: Σ J v sign θ) or 2 (decoupled l2: Σ v (−2 lr θ)).
-  // All in the compute dtype; returns the segments' results concatenated. Deterministic.
+  // groups with kind 0 (l2: Σ J v 2θ), 1 (l1: Σ J v sign θ), 2 (decoupled l2: Σ v (−2 lr θ)) or 3
+  // (lr, a learning-rate scale: Σ v (θ⁺ − θ), θ⁺ = params[t] cast to the compute dtype and θ⁺ − θ
+  // rounded there; params: the current parameters, any supported dtype, one per theta; empty
+  // when no segment has kind 3). All in the compute dtype; returns the segments' results
+  // concatenated. Deterministic.
   m.def(
       "penalty_hypergrad(Tensor[] v, Tensor[] theta, Tensor[] jac, float[] jac_scalar, int[] segment_tensor, "
-      "int[] segment_kind, int[] segment_groups, float lr) -> Tensor");
+      "int[] segment_kind, int[] segment_groups, float lr, Tensor[] params) -> Tensor");
   // Finite-difference probes of the noise hypergradient: θ ← base + scale·direction for every
   // tensor (base, direction in the compute dtype), first saving the current θ into `save` (same
   // dtype as params; an empty list skips it); restore_ copies θ back from `save` bit-exactly.
@@ -76,9 +83,11 @@ void require_no_tensors(const char* op, std::initializer_list<at::TensorList> li
 
 at::Tensor penalty_hypergrad_no_tensors(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                         at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
-                                        at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr) {
-  require_no_tensors("t1t2::penalty_hypergrad", {v, theta, jac});
-  return t1t2::penalty_hypergrad_cpu(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr);
+                                        at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr,
+                                        at::TensorList params) {
+  require_no_tensors("t1t2::penalty_hypergrad", {v, theta, jac, params});
+  return t1t2::penalty_hypergrad_cpu(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr,
+                                     params);
 }
 
 void perturb_no_tensors(at::TensorList params, at::TensorList save, at::TensorList base, at::TensorList direction,
@@ -98,11 +107,11 @@ void t1_step_no_tensors(at::TensorList params, at::TensorList grads, at::TensorL
                         bool nesterov, double beta1, double beta2, double eps,
                         at::ArrayRef<double> bias_correction1, at::ArrayRef<double> bias_correction2,
                         const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                        bool check_finite) {
+                        bool check_finite, const std::optional<at::Tensor>& lr_scale) {
   require_no_tensors("t1t2::t1_step_", {params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac});
   t1t2::t1_step_cpu(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
                     nesterov, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale, found_inf,
-                    check_finite);
+                    check_finite, lr_scale);
 }
 
 }  // namespace

@@ -15,8 +15,9 @@ OPTIMIZERS = ("sgd", "adam")
 PENALTY_KINDS = ("l2", "l1")
 
 #: ``segment_kind`` codes of ``penalty_hypergrad``: index = code.
-SEGMENT_KINDS = ("l2", "l1", "decoupled_l2")
-SEGMENT_L2, SEGMENT_L1, SEGMENT_DECOUPLED_L2 = range(len(SEGMENT_KINDS))
+#: "lr" (code 3) is a learning-rate scale's segment: Σ v·(θ⁺ − θ), θ⁺ from the ``params`` argument.
+SEGMENT_KINDS = ("l2", "l1", "decoupled_l2", "lr")
+SEGMENT_L2, SEGMENT_L1, SEGMENT_DECOUPLED_L2, SEGMENT_LR = range(len(SEGMENT_KINDS))
 
 #: Noise modes: y = x + σε or y = x(1 + σε).
 NOISE_MODES = ("additive", "multiplicative")

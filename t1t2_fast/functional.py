@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import reference
-from ._dtypes import PENALTY_KINDS, compute_dtype, segment_kind
+from ._dtypes import PENALTY_KINDS, SEGMENT_LR, compute_dtype, segment_kind
 from .backend import resolve_backend
 from .penalties import Hyperparameter, Target, get_transform
 
@@ -38,7 +38,10 @@ class Stash:
     GradScaler scale of that step (its noise replay is scaled the same way); ``noise``: the noise
     hyperparameters' part (``t1t2_fast.noise.hypergrad.NoiseStash``), set by ``T1T2``. ``lrs``: with
     several parameter groups, each tensor's learning rate η (its group's), which the decoupled-L2
-    term −2ηθ uses; None when one η (``lr``) applies to every tensor."""
+    term −2ηθ uses; None when one η (``lr``) applies to every tensor. ``scale``: with learning-rate
+    scales (``T1T2(tune_lr=...)``), each tensor's scale s as the T1 step used it (a 0-d tensor on the
+    device); the step then moved θ by s·η·d, so a scalar Jacobian ``jac`` (−η, −η(1+μ)) and the
+    decoupled-L2 term are multiplied by s (``jac_of``), while adam's stashed tensor J already holds it."""
 
     lr: float
     theta: dict[int, torch.Tensor]
@@ -47,9 +50,18 @@ class Stash:
     noise: object | None = None
     lrs: dict[int, float] | None = None
     found: torch.Tensor | None = None  # the lazy guard's skip flag of that T1 step (> 0: skipped, stash unset)
+    scale: dict[int, torch.Tensor] | None = None
 
     def lr_of(self, index: int) -> float:
         return self.lr if self.lrs is None else self.lrs[index]
+
+    def jac_of(self, index: int):
+        """∂θ⁺/∂ĝ of tensor ``index`` as the step took it: adam's tensor, or the scalar times its lr
+        scale s (a 0-d device tensor, no host read) when there are lr scales."""
+        j = self.jac[index]
+        if self.scale is None or isinstance(j, torch.Tensor):
+            return j
+        return self.scale[index] * j
 
     def state(self, names: list[str]) -> dict:
         """A state_dict entry: the tensors copied, keyed by parameter name (the noise part apart)."""
@@ -61,6 +73,8 @@ class Stash:
             out["lrs"] = {names[i]: lr for i, lr in self.lrs.items()}
         if self.found is not None:
             out["found"] = self.found.detach().clone()
+        if self.scale is not None:
+            out["scale"] = {names[i]: s.detach().clone() for i, s in self.scale.items()}
         return out
 
     @classmethod
@@ -68,11 +82,12 @@ class Stash:
         """The inverse of ``state``: ``index`` maps parameter names to indices."""
         move = lambda x: x.to(device) if isinstance(x, torch.Tensor) and x.dim() > 0 else (
             x.clone() if isinstance(x, torch.Tensor) else x)
-        lrs = state.get("lrs")
+        lrs, scale = state.get("lrs"), state.get("scale")
         return cls(state["lr"], {index[n]: t.to(device).clone() for n, t in state["theta"].items()},
                    {index[n]: move(j) for n, j in state["jac"].items()}, grad_scale=state.get("grad_scale"),
                    lrs=None if lrs is None else {index[n]: float(lr) for n, lr in lrs.items()},
-                   found=None if state.get("found") is None else state["found"].to(device).clone())
+                   found=None if state.get("found") is None else state["found"].to(device).clone(),
+                   scale=None if scale is None else {index[n]: s.to(device).clone() for n, s in scale.items()})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +101,8 @@ def coefficient_lists(hypers: list[Hyperparameter], indices: list[int], dtype: t
     slots: dict[str, dict[int, torch.Tensor]] = {"l2": {}, "l1": {}, "decay": {}}
     wanted = set(indices)
     for h in hypers:
+        if h.kind == "lr":  # a learning-rate scale: lr_scales below, not a penalty coefficient
+            continue
         c = h.value().detach().to(dtype).reshape(-1)
         slot = slots["decay" if h.decoupled else h.kind]
         for t in h.targets:
@@ -99,6 +116,25 @@ def coefficient_lists(hypers: list[Hyperparameter], indices: list[int], dtype: t
                 slot[t.index] = have.repeat_interleave(fine // have.numel()) + c.repeat_interleave(fine // c.numel())
     empty = torch.empty(0, dtype=dtype, device=device)
     return tuple([s.get(i, empty) for i in indices] if s else [] for s in slots.values())
+
+
+def lr_scales(hypers: list[Hyperparameter], indices: list[int], dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor | None:
+    """The ``lr_scale`` argument of the fused step for the tensors ``indices``: per tensor, the value
+    s = φ(λ) of the learning-rate scale that targets it (1 where none does), as one 1-D tensor in the
+    compute dtype on the device; None without learning-rate scales (the op then steps with lr as is)."""
+    scale_hypers = [h for h in hypers if h.kind == "lr"]
+    if not scale_hypers:
+        return None
+    position = {i: k for k, i in enumerate(indices)}
+    one = torch.ones((), dtype=dtype, device=device)
+    values: list = [one] * len(indices)
+    for h in scale_hypers:
+        s = h.value().detach().to(dtype).reshape(())
+        for t in h.targets:
+            if t.index in position:
+                values[position[t.index]] = s
+    return torch.stack(values) if values else torch.empty(0, dtype=dtype, device=device)
 
 
 def reused_buffer(cache: dict, key, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -177,11 +213,13 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     key = (tuple(indices), acc, device, tuple((id(h.raw), h.raw._version) for h in hypers))
     cached = None if coefficients is None else coefficients.get("lists")
     if cached is not None and cached[0] == key:
-        l2, l1, decay = cached[1]
+        l2, l1, decay, lr_scale = cached[1]
     else:
         l2, l1, decay = coefficient_lists(hypers, indices, acc, device)
+        # a new tensor whenever λ moved (never written in place): a stash may still hold the old one
+        lr_scale = lr_scales(hypers, indices, acc, device)
         if coefficients is not None:
-            coefficients["lists"] = (key, (l2, l1, decay))
+            coefficients["lists"] = (key, (l2, l1, decay, lr_scale))
     def stash_buffers(kind):
         cache = {} if buffers is None else buffers
         return [reused_buffer(cache, (kind, i), p, acc) for i, p in zip(indices, params)]
@@ -191,6 +229,8 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     stash_jac = stash_buffers("jac") if stash and adam_exact else []
     guard = {} if grad_scale is None and found_inf is None and not check_finite else dict(
         grad_scale=grad_scale, found_inf=found_inf, check_finite=check_finite)
+    if lr_scale is not None:  # without lr scales the op is called exactly as before they existed
+        guard["lr_scale"] = lr_scale
     backend.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum,
                      nesterov, beta1, beta2, eps, bc1, bc2, **guard)
     if not lazy and found_inf is not None and float(found_inf) > 0:
@@ -204,14 +244,19 @@ def t1_step(backend, params: list[torch.Tensor], grads: list[torch.Tensor], stat
     else:
         scalar_jac = -lr * (1.0 + momentum) if nesterov else -lr
     return Stash(lr, dict(zip(indices, stash_theta)),
-                 dict(zip(indices, stash_jac)) if adam_exact else {i: scalar_jac for i in indices})
+                 dict(zip(indices, stash_jac)) if adam_exact else {i: scalar_jac for i in indices},
+                 scale=None if lr_scale is None else dict(zip(indices, lr_scale.unbind())))
 
 
 def penalty_hypergrads(backend, hypers: list[Hyperparameter], indices: list[int], v: list[torch.Tensor],
-                       stash: Stash) -> dict[str, torch.Tensor]:
+                       stash: Stash, params: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Hypergradients of the raw hyperparameters, h = dc/dλ · Σ_{i∈g} J_i v_i m_i (docs/design.md),
     from the validation gradients ``v`` (aligned with ``indices``) and the stash of the T1 step, in
-    one call of the backend's ``penalty_hypergrad`` (one per distinct η when parameter groups differ in lr)."""
+    one call of the backend's ``penalty_hypergrad`` (one per distinct η when parameter groups differ in lr).
+    Learning-rate scales (kind "lr") reduce Σ v·(θ⁺ − θ) against ``params`` (θ⁺, the current
+    parameters aligned with ``indices``): h_s = (dc/dλ / s)·Σ_{i∈g} v_i(θ⁺_i − θ_i), as ∂θ⁺/∂s = −η·d =
+    (θ⁺ − θ)/s; with lr scales, the segments whose Jacobian is a host scalar (−η, −η(1+μ)) and the
+    decoupled-L2 ones are multiplied by their tensor's s on the device (no host read)."""
     thetas = [stash.theta[i] for i in indices]
     acc = thetas[0].dtype if thetas else torch.float32
     jacs = [stash.jac[i] for i in indices]
@@ -226,25 +271,36 @@ def penalty_hypergrads(backend, hypers: list[Hyperparameter], indices: list[int]
         for t in h.targets:
             if t.index in position:
                 seg_tensor.append(position[t.index])
-                seg_kind.append(segment_kind(h.kind, h.decoupled))
+                seg_kind.append(SEGMENT_LR if h.kind == "lr" else segment_kind(h.kind, h.decoupled))
                 seg_groups.append(t.num_groups)
                 owner.append(h.name)
     seg_lr = [stash.lr_of(indices[t]) for t in seg_tensor]
     distinct = list(dict.fromkeys(seg_lr))  # in order of first appearance: deterministic
+    has_lr = SEGMENT_LR in seg_kind
+    if has_lr and (params is None or len(params) != len(indices)):
+        raise ValueError("penalty_hypergrads: learning-rate scales need params, the current θ⁺ of every tensor")
+    extra = {"params": [p.detach() for p in params] if has_lr else []}  # θ⁺: read by the lr segments only
     if len(distinct) <= 1:  # one η (one parameter group): one call
         flat = backend.penalty_hypergrad(v, thetas, jac, jac_scalar, seg_tensor, seg_kind, seg_groups,
-                                         distinct[0] if distinct else stash.lr)
+                                         distinct[0] if distinct else stash.lr, **extra)
     else:  # several groups' η: one call per η over its tensors' segments, put back in segment order
         results: list = [None] * len(seg_tensor)
         for lr in distinct:
             which = [s for s, x in enumerate(seg_lr) if x == lr]
             part = backend.penalty_hypergrad(v, thetas, jac, jac_scalar, [seg_tensor[s] for s in which],
-                                             [seg_kind[s] for s in which], [seg_groups[s] for s in which], lr)
+                                             [seg_kind[s] for s in which], [seg_groups[s] for s in which], lr,
+                                             **extra)
             for s, piece in zip(which, torch.split(part, [seg_groups[s] for s in which])):
                 results[s] = piece
         flat = torch.cat(results)
     pieces: dict[str, list[torch.Tensor]] = {}
-    for name, part in zip(owner, torch.split(flat, seg_groups)):
+    for name, part, t, kind in zip(owner, torch.split(flat, seg_groups), seg_tensor, seg_kind):
+        if stash.scale is not None:
+            s = stash.scale[indices[t]]
+            if kind == SEGMENT_LR:  # Σ v(θ⁺ − θ) = s·vᵀ∂θ⁺/∂s
+                part = part / s
+            elif kind == segment_kind("l2", True) or not isinstance(stash.jac[indices[t]], torch.Tensor):
+                part = part * s  # J = −sη (scalar J) and ∂θ⁺/∂c = −2sηθ (decoupled): s on the device
         pieces.setdefault(name, []).append(part)
     out = {}
     for h in hypers:

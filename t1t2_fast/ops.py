@@ -27,28 +27,30 @@ def penalty_segment_dot(u: torch.Tensor, theta: torch.Tensor, num_groups: int, k
 
 def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer: str, lr: float,
              momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
-             bias_correction1, bias_correction2, grad_scale=None, found_inf=None, check_finite: bool = False) -> None:
+             bias_correction1, bias_correction2, grad_scale=None, found_inf=None, check_finite: bool = False,
+             lr_scale=None) -> None:
     """Fused T1 step over a list of tensors, in place: adds the penalty gradients (coupled L2, L1),
     applies sgd (momentum, Nesterov) or adam with decoupled L2, and writes the stash (pre-step θ and
     adam's ∂θ⁺/∂ĝ) when those lists are given. ``grad_scale`` unscales the gradients in the same
     pass; nothing is written when ``found_inf`` > 0, or when ``check_finite`` finds an Inf/NaN
-    gradient (then found_inf is set to 1). Argument contract: the schema in csrc/ops.cpp; twin:
-    ``reference.t1_step_``."""
+    gradient (then found_inf is set to 1). ``lr_scale`` (one value per tensor, compute dtype, on the
+    device): tensor i steps with T(lr)·lr_scale[i]. Argument contract: the schema in csrc/ops.cpp;
+    twin: ``reference.t1_step_``."""
     _require_extension("t1_step_")
     torch.ops.t1t2.t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer,
                             float(lr), float(momentum), bool(nesterov), float(beta1), float(beta2), float(eps),
                             [float(b) for b in bias_correction1], [float(b) for b in bias_correction2],
-                            grad_scale, found_inf, bool(check_finite))
+                            grad_scale, found_inf, bool(check_finite), lr_scale)
 
 
 def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
-                      lr: float) -> torch.Tensor:
+                      lr: float, params=()) -> torch.Tensor:
     """T2 penalty hypergradients (before dc/dλ) of many (hyperparameter, tensor) segments in one
-    deterministic pass, u = J⊙v formed on the fly. Contract: the schema in csrc/ops.cpp; twin:
-    ``reference.penalty_hypergrad``."""
+    deterministic pass, u = J⊙v formed on the fly; lr segments (kind 3) reduce v·(θ⁺ − θ) with θ⁺ from
+    ``params``. Contract: the schema in csrc/ops.cpp; twin: ``reference.penalty_hypergrad``."""
     _require_extension("penalty_hypergrad")
     return torch.ops.t1t2.penalty_hypergrad(v, theta, jac, [float(j) for j in jac_scalar], list(segment_tensor),
-                                            list(segment_kind), list(segment_groups), float(lr))
+                                            list(segment_kind), list(segment_groups), float(lr), list(params))
 
 
 def perturb_(params, save, base, direction, scale: float) -> None:
@@ -115,7 +117,8 @@ def _check_restore_fake(params, save):
             _check_like(op, save[i], p, p.dtype, "save", i)
 
 
-def _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf):
+def _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
+                        lr_scale=None):
     """csrc/checks.cpp check_t1_step_inputs and check_t1_step_guard: dtypes, shapes and one device."""
     op = "t1t2::t1_step_"
     if not params:
@@ -141,9 +144,15 @@ def _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_thet
             torch._check(t.numel() == 1 and t.dtype == torch.float32 and t.device == p0.device,
                          lambda: f"{op}: {name} must be a one-element float32 tensor on {p0.device}, got {t.dtype} "
                                  f"with {t.numel()} elements on {t.device}")
+    if lr_scale is not None:
+        torch._check(lr_scale.dim() == 1 and lr_scale.numel() == len(params) and lr_scale.dtype == compute
+                     and lr_scale.device == p0.device,
+                     lambda: f"{op}: lr_scale must be a 1-D {compute} tensor on {p0.device} with one value per "
+                             f"parameter ({len(params)}), got {lr_scale.dtype} {list(lr_scale.shape)} on "
+                             f"{lr_scale.device}")
 
 
-def _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups):
+def _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, params=()):
     """csrc/checks.cpp check_penalty_hypergrad_inputs; returns the result's length."""
     op, n = "t1t2::penalty_hypergrad", len(theta)
     torch._check(len(v) == n, lambda: f"{op}: got {n} theta but {len(v)} v")
@@ -180,13 +189,21 @@ def _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, seg
         t, kind, groups = segment_tensor[s], segment_kind[s], segment_groups[s]
         torch._check(0 <= t < n, lambda: f"{op}: segment {s} names tensor {t} of {n}")
         torch._check(0 <= kind < len(SEGMENT_KINDS),
-                     lambda: f"{op}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1) or 2 (decoupled l2)")
+                     lambda: f"{op}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1), 2 (decoupled l2) or 3 (lr)")
         numel = theta[t].numel()
         torch._check(groups >= 0 and ((groups == 0 and numel == 0) or (groups > 0 and numel % groups == 0)),
                      lambda: f"{op}: segment {s}: {groups} groups do not divide the {numel} elements of tensor {t}")
         torch._check(total + groups < 2**63, lambda: f"{op}: segment {s}: its {groups} groups after {total} in the "
                                                      f"segments before it overflow the result's int64 length")
         total += groups
+    torch._check(not params or len(params) == n,
+                 lambda: f"{op}: params must be empty or have one tensor per theta ({n}), got {len(params)}")
+    torch._check(len(params) == n or not any(k == SEGMENT_KINDS.index("lr") for k in segment_kind),
+                 lambda: f"{op}: lr segments (kind 3) need params, one tensor per theta ({n}), got {len(params)}")
+    for i, p in enumerate(params):
+        torch._check(p.shape == theta[i].shape and p.device == device and compute_dtype(p.dtype) == dtype,
+                     lambda: f"{op}: params[{i}] must have theta[{i}]'s shape, device and compute dtype, got "
+                             f"{p.dtype} {list(p.shape)} on {p.device}")
     return total
 
 
@@ -202,9 +219,10 @@ if _extension.AVAILABLE:
         return None
 
     @torch.library.register_fake("t1t2::penalty_hypergrad")
-    def _penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr):
+    def _penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, lr,
+                                params=()):
         total = _check_penalty_hypergrad_fake(v, theta, jac, jac_scalar, segment_tensor, segment_kind,
-                                              segment_groups)
+                                              segment_groups, params)
         dtype = theta[0].dtype if theta else torch.float32
         device = theta[0].device if theta else torch.device("cpu")
         return torch.empty((total,), dtype=dtype, device=device)
@@ -212,7 +230,7 @@ if _extension.AVAILABLE:
     @torch.library.register_fake("t1t2::t1_step_")
     def _t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr,
                       momentum, nesterov, beta1, beta2, eps, bias_correction1, bias_correction2, grad_scale=None,
-                      found_inf=None, check_finite=False):
+                      found_inf=None, check_finite=False, lr_scale=None):
         torch._check(len(grads) == len(params),
                      lambda: f"t1t2::t1_step_: got {len(params)} params but {len(grads)} grads")
         torch._check(optimizer in OPTIMIZERS,
@@ -221,7 +239,7 @@ if _extension.AVAILABLE:
                      lambda: "t1t2::t1_step_: check_finite=True needs a found_inf tensor to report a non-finite "
                              "gradient in")
         _check_t1_step_fake(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale,
-                            found_inf)
+                            found_inf, lr_scale)
         return None
 
     # Shape/dtype propagation for meta tensors, FakeTensor and torch.compile; the same checks and

@@ -25,7 +25,8 @@ from .functional import Stash, penalty_hypergrads, reused_buffer, t1_step
 from .guard import NonFiniteError, SkipGuard, all_finite, finite_flag, host_list
 from .hyper_optim import HYPER_OPTIMIZERS, HyperOptimizer
 from .noise import hypergrad as noise_hyper
-from .penalties import L2, Hyperparameter, ParamFilter, Penalty, bind_penalties, set_bounds
+from .penalties import (L2, Hyperparameter, LogTransform, ParamFilter, Penalty, Target, bind_penalties,
+                        set_bounds)
 from .tunables import Tunable, evaluating
 
 HYPERGRAD_MODES = ("exact", "sgd")
@@ -33,6 +34,9 @@ HYPERGRAD_MODES = ("exact", "sgd")
 T1T2_OPTIMIZERS = OPTIMIZERS + ("adamw",)
 # The options a parameter group may set (torch.optim semantics); the others are the run's
 GROUP_OPTIONS = ("lr", "momentum", "nesterov", "betas", "eps")
+# T1T2(tune_lr=): one learning-rate scale for the network, per parameter tensor, or per parameter group
+TUNE_LR_CHOICES = (None, "network", "layer", "group")
+LR_SCALE_BOUNDS = (1e-3, 1e3)
 
 __all__ = ["T1T2", "NonFiniteError", "OPTIMIZERS", "HYPER_OPTIMIZERS", "HYPERGRAD_MODES", "SUPPORTED_DTYPES"]
 
@@ -149,6 +153,27 @@ def _with_weight_decay(penalties: list, named, optimizer: str, weight_decay, wei
     return penalties + [decay]
 
 
+def _lr_scale_hypers(tune_lr, named, group_indices: list[list[int]], dtype: torch.dtype) -> list[Hyperparameter]:
+    """``tune_lr``'s hyperparameters: a multiplier s = exp(λ) (init 1, bounds LR_SCALE_BOUNDS) on the lr
+    of the tensors it targets: ``lr_scale`` (every tensor), ``lr_scale.<param name>`` (one per tensor)
+    or ``lr_scale.group<k>`` (one per parameter group)."""
+    if tune_lr not in TUNE_LR_CHOICES:
+        raise ValueError(f"unknown tune_lr={tune_lr!r}; expected one of {TUNE_LR_CHOICES}")
+    if tune_lr is None:
+        return []
+    device = named[0][1].device
+
+    def make(name, indices):
+        raw = torch.zeros((), dtype=dtype, device=device)  # s = exp(0) = 1: the lr as given
+        return Hyperparameter(name, "lr", False, LogTransform(), raw, LR_SCALE_BOUNDS, [Target(i, 1) for i in indices])
+
+    if tune_lr == "network":
+        return [make("lr_scale", range(len(named)))]
+    if tune_lr == "layer":
+        return [make(f"lr_scale.{n}", [i]) for i, (n, _) in enumerate(named)]
+    return [make(f"lr_scale.group{k}", indices) for k, indices in enumerate(group_indices)]
+
+
 def _scaler_scale(scaler) -> torch.Tensor | None:
     """A GradScaler's current scale as a 0-d tensor on its device (``get_scale()`` would read it back
     to the host), or None without an enabled scaler."""
@@ -244,7 +269,7 @@ class T1T2(torch.optim.Optimizer):
                  bounds: dict[str, tuple[float | None, float | None]] | None = None,
                  param_groups: Iterable[dict] | None = None, weight_decay: float | None = None,
                  weight_decay_params: ParamFilter = None, free_grads: bool = False,
-                 tunables: Iterable[Tunable] = ()):
+                 tunables: Iterable[Tunable] = (), tune_lr: str | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"T1T2 takes the model (an nn.Module) so it can name hyperparameters after its "
                             f"parameters; got {type(model).__name__}")
@@ -271,6 +296,9 @@ class T1T2(torch.optim.Optimizer):
         self.compute_dtype = compute_dtype(dtype)
         self.backend: Backend = resolve_backend(backend, device)
         self.hypers: list[Hyperparameter] = bind_penalties(list(penalties), named, self.compute_dtype)
+        # learning-rate scales (kind "lr"): after the penalties, handled by the same fused T1/T2 calls
+        self.tune_lr = tune_lr
+        self.hypers += _lr_scale_hypers(tune_lr, named, self._group_indices, self.compute_dtype)
         self.steps = 0
         self.hyper_steps = 0
         self._stash: Stash | None = None
@@ -332,7 +360,7 @@ class T1T2(torch.optim.Optimizer):
 
     @property
     def all_hypers(self) -> list[Hyperparameter]:
-        """Penalty hyperparameters, then noise ones, then tunables."""
+        """Penalty hyperparameters, learning-rate scales, then noise ones, then tunables."""
         return self.hypers + [b.hyper for b in self._noise]
 
     def hyperparameters(self) -> dict[str, float | torch.Tensor]:
@@ -594,6 +622,8 @@ class T1T2(torch.optim.Optimizer):
             merged.theta.update(part.theta)
             merged.jac.update(part.jac)
             merged.lrs.update({i: part.lr for i in part.theta})
+            if part.scale is not None:
+                merged.scale = {**(merged.scale or {}), **part.scale}
         return merged
 
     def _t1_group(self, k: int, stash: bool, grad_scale, found_inf, check_finite, lazy=False) -> Stash | None:
@@ -663,10 +693,12 @@ class T1T2(torch.optim.Optimizer):
         if self._noise and self._dist is not None and self.distributed_noise == "exact":
             # h_σ is bilinear in v and the training shard: it needs the ranks' mean v (module docstring
             # of t1t2_fast.distributed); the penalty h is linear in v and uses the local one, taken first
-            hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash)
+            # (the lr scales' segments read θ⁺ from the parameters, which nothing has moved yet)
+            hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash,
+                                            params=[self.params[i] for i in indices])
             self._dist.mean_(v, "validation gradients (noise hypergradient)")  # in place
         if self._noise:
-            u = [v_i * stash.jac[i] for i, v_i in zip(indices, v)]
+            u = [v_i * stash.jac_of(i) for i, v_i in zip(indices, v)]
         if lazy:  # the hyper step's one host read: the checks, fd's ‖u‖ and the guard's device counters
             bad, norm = self._lazy_checks(stash, loss, v, u)
             t1_skipped = bad is not None and bad.startswith("its T1 step")
@@ -677,8 +709,9 @@ class T1T2(torch.optim.Optimizer):
             bad = "non-finite validation gradient"
             if self._dist is None:
                 return self._skip_hyper(bad, loss)
-        if hypergrads is None:
-            hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash)
+        if hypergrads is None:  # (before the noise hypergradient moves θ: the lr segments read θ⁺)
+            hypergrads = penalty_hypergrads(self.backend, self.hypers, indices, v, stash,
+                                            params=[self.params[i] for i in indices])
         if self._noise:
             params = [self.params[i] for i in indices]
             with distributed.no_sync(self._ddp):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ._dtypes import NOISE_MODES, OPTIMIZERS, PENALTY_KINDS, SEGMENT_DECOUPLED_L2, SEGMENT_KINDS, compute_dtype
+from ._dtypes import (NOISE_MODES, OPTIMIZERS, PENALTY_KINDS, SEGMENT_DECOUPLED_L2, SEGMENT_KINDS, SEGMENT_LR,
+                      compute_dtype)
 from .rng import philox_randn
 
 #: The compute-dtype rule under the name the reference path has always used for it.
@@ -71,10 +72,13 @@ def _entry(lst, i):
 @torch.no_grad()
 def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer: str, lr: float,
              momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
-             bias_correction1, bias_correction2, grad_scale=None, found_inf=None, check_finite: bool = False) -> None:
+             bias_correction1, bias_correction2, grad_scale=None, found_inf=None, check_finite: bool = False,
+             lr_scale=None) -> None:
     """Reference twin of ``torch.ops.t1t2.t1_step_`` (schema and argument contract in csrc/ops.cpp):
     one T1 step per tensor, in place, with the penalty gradients added and the stash written.
-    ``grad_scale``/``found_inf``/``check_finite``: GradScaler's unscale and the non-finite guard."""
+    ``grad_scale``/``found_inf``/``check_finite``: GradScaler's unscale and the non-finite guard.
+    ``lr_scale``: None, or one value per tensor in the compute dtype; tensor i then steps with
+    η_i = T(lr)·lr_scale[i], rounded once in the compute dtype T (and so does adam's stashed J)."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'sgd' or 'adam'")
     if check_finite and found_inf is None:
@@ -84,6 +88,11 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
         if flag is not None and (flag.numel() != 1 or flag.dtype != torch.float32):
             raise RuntimeError(f"t1t2::t1_step_: {name} must be a one-element float32 tensor (as "
                                f"torch.amp.GradScaler makes), got {flag.dtype} with {flag.numel()} elements")
+    if lr_scale is not None:
+        compute = accumulate_dtype(params[0].dtype) if params else torch.float32
+        if lr_scale.dim() != 1 or lr_scale.numel() != len(params) or lr_scale.dtype != compute:
+            raise RuntimeError(f"t1t2::t1_step_: lr_scale must be a 1-D {compute} tensor with one value per "
+                               f"parameter ({len(params)}), got {lr_scale.dtype} of shape {list(lr_scale.shape)}")
     if found_inf is not None and float(found_inf) > 0:
         return  # a GradScaler (or the caller) saw Inf/NaN: the step is skipped
     inv_scale = 1.0 / float(grad_scale) if grad_scale is not None else None  # in double, like the kernels
@@ -102,6 +111,8 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
         if theta.data_ptr() == p.data_ptr():
             theta = theta.clone()  # p is overwritten below; θ must stay the pre-step value
         ghat = unscaled(i, acc)
+        # η_i: the host float as is (torch rounds it to acc in the products), or T(lr)·s_i in acc
+        lr_i = lr if lr_scale is None else torch.tensor(lr, dtype=acc, device=p.device) * lr_scale[i].detach()
         c2, c1, cd = _entry(l2, i), _entry(l1, i), _entry(decay, i)
         if c2 is not None:
             ghat = ghat + _step_penalty_grad(theta, _per_group(c2, theta), "l2")
@@ -123,22 +134,33 @@ def t1_step_(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_ja
             if stash_jac:
                 second = m_hat * (1 - beta2) * ghat / (bc2 * sqrt_s * denom * denom)
                 second = torch.where(sqrt_s > 0, second, torch.zeros_like(second))
-                stash_jac[i].view_as(theta).copy_(-lr * ((1 - beta1) / bc1 / denom - second))
-        updated = theta - lr * direction
+                stash_jac[i].view_as(theta).copy_(-lr_i * ((1 - beta1) / bc1 / denom - second))
+        updated = theta - lr_i * direction
         if cd is not None:
-            updated = updated - lr * _step_penalty_grad(theta, _per_group(cd, theta), "l2")
+            updated = updated - lr_i * _step_penalty_grad(theta, _per_group(cd, theta), "l2")
         if stash_theta:
             stash_theta[i].view_as(theta).copy_(theta)
         p.copy_(updated)
 
 
 def penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
-                      lr: float) -> torch.Tensor:
+                      lr: float, params=()) -> torch.Tensor:
     """Reference twin of ``torch.ops.t1t2.penalty_hypergrad`` (contract in csrc/ops.cpp): for each
     segment, coupled l2/l1 give Σ_{i∈g} J_i v_i m_i(θ_i) with J = jac[t] (or jac_scalar[t] where jac
-    is empty), decoupled l2 gives Σ_{i∈g} v_i·(−2ηθ_i); the segments' results concatenated."""
+    is empty), decoupled l2 gives Σ_{i∈g} v_i·(−2ηθ_i), lr gives Σ_{i∈g} v_i·(θ⁺_i − θ_i) with θ⁺ =
+    params[t] cast to the compute dtype and the difference rounded there; the segments' results
+    concatenated."""
+    if any(k == SEGMENT_LR for k in segment_kind) and len(params) != len(theta):
+        raise RuntimeError(f"t1t2::penalty_hypergrad: lr segments need params with one tensor per theta "
+                           f"({len(theta)}), got {len(params)}")
     out = []
     for t, kind, groups in zip(segment_tensor, segment_kind, segment_groups):
+        if kind == SEGMENT_LR:
+            acc = accumulate_dtype(theta[t].dtype)
+            step = params[t].detach().to(acc).reshape(theta[t].shape) - theta[t]  # rounded in acc
+            prod = v[t].to(torch.float64) * step.to(torch.float64)
+            out.append(prod.reshape(groups, -1).sum(dim=1).to(acc) if groups else prod.new_zeros(0, dtype=acc))
+            continue
         if kind == SEGMENT_DECOUPLED_L2:
             out.append(-lr * penalty_segment_dot(v[t], theta[t], groups, "l2"))
             continue

@@ -35,8 +35,47 @@ T1T2_ALWAYS_INLINE double block_sum(const T* __restrict__ v, const T* __restrict
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+// Σ v_i·(θ⁺_i − θ_i) of a learning-rate scale, θ⁺ − θ rounded in T (exact by Sterbenz's lemma when
+// θ⁺ is within a factor 2 of θ), the products and sums in double as block_sum's.
+template <typename T>
+T1T2_ALWAYS_INLINE double block_sum_lr(const T* __restrict__ v, const T* __restrict__ theta,
+                                       const T* __restrict__ updated, int64_t n) {
+  constexpr int kLanes = 8;
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  auto term = [&](int64_t i) {
+    const T step = updated[i] - theta[i];
+    return static_cast<double>(v[i]) * static_cast<double>(step);
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += term(i + l);
+  for (int l = 0; i < n; ++i, ++l) acc[l] += term(i);
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 template <typename T>
 using BlockSumFn = double (*)(const T*, const T*, const T*, T, int64_t);
+
+template <typename T>
+double block_sum_lr_default(const T* v, const T* theta, const T* updated, T, int64_t n) {
+  return block_sum_lr(v, theta, updated, n);
+}
+
+#if T1T2_AVX2_CLONES
+template <typename T>
+T1T2_TARGET_AVX2 double block_sum_lr_avx2(const T* v, const T* theta, const T* updated, T, int64_t n) {
+  return block_sum_lr(v, theta, updated, n);
+}
+#endif
+
+template <typename T>
+BlockSumFn<T> pick_lr(bool avx2) {
+#if T1T2_AVX2_CLONES
+  if (avx2) return &block_sum_lr_avx2<T>;
+#endif
+  (void)avx2;
+  return &block_sum_lr_default<T>;
+}
 
 template <PenaltyKind kKind, bool kJacTensor, typename T>
 double block_sum_default(const T* v, const T* theta, const T* jac, T jac_scalar, int64_t n) {
@@ -69,9 +108,10 @@ struct Item {
 
 at::Tensor penalty_hypergrad_cpu(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                  at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
-                                 at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr) {
+                                 at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr,
+                                 at::TensorList params) {
   const HypergradInputs in = check_penalty_hypergrad_inputs(v, theta, jac, jac_scalar, segment_tensor, segment_kind,
-                                                             segment_groups, at::kCPU);
+                                                             segment_groups, at::kCPU, params);
   const at::ScalarType dtype = in.dtype;
   const std::vector<SegmentSpec>& segments = in.segments;
   const size_t num_segments = segments.size();
@@ -96,18 +136,26 @@ at::Tensor penalty_hypergrad_cpu(at::TensorList v, at::TensorList theta, at::Ten
     }
   }
   std::vector<double> partial(slots);
+  // θ⁺ of the lr segments in the compute dtype (a copy only for bfloat16/float16 parameters)
+  std::vector<at::Tensor> updated(in.has_lr ? theta.size() : 0);
+  for (const SegmentSpec& seg : segments)
+    if (seg.kind == kSegmentLr && !updated[seg.tensor].defined())
+      updated[seg.tensor] = params[seg.tensor].to(dtype).contiguous();
 
   AT_DISPATCH_FLOATING_TYPES(dtype, "penalty_hypergrad", [&] {
     using T = scalar_t;
     T* op = out.mutable_data_ptr<T>();
     const bool avx2 = use_avx2();
     const BlockSumFn<T> l2_tensor = pick<PenaltyKind::L2, true, T>(avx2), l2_scalar = pick<PenaltyKind::L2, false, T>(avx2),
-                        l1_tensor = pick<PenaltyKind::L1, true, T>(avx2), l1_scalar = pick<PenaltyKind::L1, false, T>(avx2);
+                        l1_tensor = pick<PenaltyKind::L1, true, T>(avx2), l1_scalar = pick<PenaltyKind::L1, false, T>(avx2),
+                        lr_sum = pick_lr<T>(avx2);
     auto segment_sum = [&](const SegmentSpec& seg, int64_t begin, int64_t count) {
       const T* vp = v[seg.tensor].const_data_ptr<T>() + begin;
       const T* tp = theta[seg.tensor].const_data_ptr<T>() + begin;
       if (seg.kind == kSegmentDecoupledL2)  // ∂θ⁺/∂c = −η·2θ, independent of the optimizer's Jacobian
         return -lr * l2_scalar(vp, tp, nullptr, T(1), count);
+      if (seg.kind == kSegmentLr)  // s·∂θ⁺/∂s = θ⁺ − θ
+        return lr_sum(vp, tp, updated[seg.tensor].const_data_ptr<T>() + begin, T(1), count);
       const bool has_jac = !jac.empty() && jac[seg.tensor].numel() > 0;
       const T* jp = has_jac ? jac[seg.tensor].const_data_ptr<T>() + begin : nullptr;
       const T js = static_cast<T>(jac_scalar[seg.tensor]);

@@ -42,6 +42,7 @@ struct TensorJob {
   int64_t numel;
   T inv_bc1, inv_bc2, bc2;  // 1/(1−β1ᵗ), 1/(1−β2ᵗ) (from double), 1−β2ᵗ
   T a;  // (1−β1)/bc1 for adam's Jacobian, computed in double
+  T lr;  // this tensor's η: T(lr), or T(lr)·lr_scale[i] rounded in T
 };
 
 // Scalars shared by every tensor, cast once from double.
@@ -131,7 +132,7 @@ T1T2_ALWAYS_INLINE void run_range(const TensorJob<P, T>& j, int64_t begin, int64
     };
     const T c2 = coefficient(j.l2, j.l2_inner), c1 = coefficient(j.l1, j.l1_inner);
     const T cd = coefficient(j.decay, j.decay_inner);
-    const RunScalars<T> scalars{k.lr,  k.momentum, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps,
+    const RunScalars<T> scalars{j.lr,  k.momentum, k.beta1, k.one_minus_beta1, k.beta2, k.one_minus_beta2, k.eps,
                                 k.inv_scale, j.inv_bc1, j.inv_bc2, j.bc2, j.a, c2, c1, cd};
     T* run_jac = kStashJac ? jac + (run_begin - begin) : nullptr;
     // A run without L1 and decoupled L2 (the common case: coupled L2 or none) takes a loop without
@@ -274,10 +275,12 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  at::TensorList stash_jac, c10::string_view optimizer, double lr, double momentum, bool nesterov,
                  double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
                  at::ArrayRef<double> bias_correction2, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf, bool check_finite) {
+                 const std::optional<at::Tensor>& found_inf, bool check_finite,
+                 const std::optional<at::Tensor>& lr_scale) {
   const T1StepInputs in = check_t1_step_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac,
                                                optimizer, momentum, bias_correction1, bias_correction2, at::kCPU);
   check_t1_step_guard(grad_scale, found_inf, check_finite, params);
+  const bool has_lr_scale = check_t1_step_lr_scale(lr_scale, params);
   const bool has_found = found_inf.has_value() && found_inf->defined();
   if (has_found && found_inf->item<float>() > 0) return;  // a GradScaler (or the caller) saw Inf/NaN: skip
   const double inv_scale = grad_scale.has_value() && grad_scale->defined() ? 1.0 / grad_scale->item<float>() : 1.0;
@@ -311,6 +314,7 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
       j.inv_bc2 = opt == Optimizer::Adam ? static_cast<T>(1.0 / bias_correction2[i]) : T(1);
       j.bc2 = opt == Optimizer::Adam ? static_cast<T>(bias_correction2[i]) : T(1);
       j.a = opt == Optimizer::Adam ? static_cast<T>((1.0 - beta1) / bias_correction1[i]) : T(0);
+      j.lr = has_lr_scale ? static_cast<T>(lr) * lr_scale->const_data_ptr<T>()[i] : static_cast<T>(lr);
       for (int64_t start = 0; start < j.numel; start += kChunk) items.emplace_back(static_cast<int64_t>(i), start);
     }
     const StepScalars<T> scalars{static_cast<T>(lr),          static_cast<T>(momentum), static_cast<T>(beta1),

@@ -14,6 +14,7 @@ void t1_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  at::TensorList stash_jac, c10::string_view optimizer, double lr, double momentum, bool nesterov,
                  double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
                  at::ArrayRef<double> bias_correction2, const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf, bool check_finite);
+                 const std::optional<at::Tensor>& found_inf, bool check_finite,
+                 const std::optional<at::Tensor>& lr_scale);
 
 }  // namespace t1t2

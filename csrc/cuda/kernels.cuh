@@ -116,6 +116,7 @@ struct T1StepTensor {
   double adam_a;            // (1−β1)/(1−β1ᵗ), computed in double by the host
   double inv_bias_correction1;       // 1/(1−β1ᵗ), in double by the host (math.h's adam_direction)
   double inv_bias_correction2;  // 1/(1−β2ᵗ)
+  const void* lr_scale;     // null, or this tensor's entry of lr_scale (compute type): η = T(lr)·*lr_scale
 };
 
 using T1StepChunk = TensorChunk;
@@ -195,7 +196,8 @@ cudaError_t launch_penalty_segment_dot(Storage storage, PenaltyKind kind, const 
 // `groups` contiguous groups of `inner` elements:
 //   L2 / L1       Σ_{i∈g} u_i m_i(θ_i) with u_i = J_i·v_i rounded to the compute type (J from `jac`,
 //                 or `jac_scalar` where jac is null);
-//   DecoupledL2   −lr · Σ_{i∈g} v_i·2θ_i.
+//   DecoupledL2   −lr · Σ_{i∈g} v_i·2θ_i;
+//   Lr            Σ_{i∈g} v_i·(θ⁺_i − θ_i), θ⁺ from `updated`, the difference rounded in the compute type.
 // Products and sums in double, the result cast to the compute type (float32 or float64 only).
 // Deterministic: the work items and the order of every addition follow from each segment's `inner`
 // and the constants below only, never from the launch configuration:
@@ -216,6 +218,7 @@ struct HypergradSegment {
   const void* v;
   const void* theta;
   const void* jac;  // null: jac_scalar for every element
+  const void* updated;  // Lr segments: θ⁺ in the compute type (else null)
   double jac_scalar;
   SegmentKind kind;
   int64_t groups;

@@ -52,11 +52,13 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   at::TensorList stash_jac, c10::string_view optimizer_name, double lr, double momentum,
                   bool nesterov, double beta1, double beta2, double eps, at::ArrayRef<double> bias_correction1,
                   at::ArrayRef<double> bias_correction2, const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf, bool check_finite) {
+                  const std::optional<at::Tensor>& found_inf, bool check_finite,
+                  const std::optional<at::Tensor>& lr_scale) {
   const T1StepInputs in = check_t1_step_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac,
                                                optimizer_name, momentum, bias_correction1, bias_correction2,
                                                at::kCUDA);
   check_t1_step_guard(grad_scale, found_inf, check_finite, params);
+  const bool has_lr_scale = check_t1_step_lr_scale(lr_scale, params);
   const size_t n = params.size();
   if (n == 0) return;
   const bool adam = in.adam;
@@ -83,6 +85,8 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
     d.adam_a = adam ? (1.0 - beta1) / bias_correction1[i] : 0.0;
     d.inv_bias_correction1 = adam ? 1.0 / bias_correction1[i] : 1.0;
     d.inv_bias_correction2 = adam ? 1.0 / bias_correction2[i] : 1.0;
+    d.lr_scale = has_lr_scale ? static_cast<const char*>(lr_scale->const_data_ptr()) + i * lr_scale->element_size()
+                              : nullptr;
   }
 
   const cuda::T1StepTableLayout layout = cuda::t1_step_table_layout(descriptors.data(), static_cast<int64_t>(n));
@@ -115,13 +119,21 @@ void t1_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
 
 at::Tensor penalty_hypergrad_cuda(at::TensorList v, at::TensorList theta, at::TensorList jac,
                                   at::ArrayRef<double> jac_scalar, at::IntArrayRef segment_tensor,
-                                  at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr) {
+                                  at::IntArrayRef segment_kind, at::IntArrayRef segment_groups, double lr,
+                                  at::TensorList params) {
   const HypergradInputs in = check_penalty_hypergrad_inputs(v, theta, jac, jac_scalar, segment_tensor, segment_kind,
-                                                             segment_groups, at::kCUDA);
+                                                             segment_groups, at::kCUDA, params);
   const size_t n = theta.size(), num_segments = in.segments.size();
   const at::ScalarType dtype = in.dtype;
   if (n == 0) return at::zeros({0}, at::TensorOptions().dtype(dtype));
   const at::Device device = theta[0].device();
+  const c10::cuda::CUDAGuard device_guard(device);
+  // θ⁺ of the lr segments in the compute dtype (a copy on the stream only for bfloat16/float16
+  // parameters); kept alive here until the kernels are enqueued
+  std::vector<at::Tensor> updated(in.has_lr ? n : 0);
+  for (const SegmentSpec& spec : in.segments)
+    if (spec.kind == kSegmentLr && !updated[spec.tensor].defined())
+      updated[spec.tensor] = params[spec.tensor].to(dtype).contiguous();
   std::vector<cuda::HypergradSegment> segments(num_segments);
   for (size_t s = 0; s < num_segments; ++s) {
     const SegmentSpec& spec = in.segments[s];
@@ -131,6 +143,7 @@ at::Tensor penalty_hypergrad_cuda(at::TensorList v, at::TensorList theta, at::Te
     d.v = v[t].const_data_ptr();
     d.theta = theta[t].const_data_ptr();
     d.jac = !jac.empty() && jac[t].numel() > 0 ? jac[t].const_data_ptr() : nullptr;
+    d.updated = spec.kind == kSegmentLr ? updated[t].const_data_ptr() : nullptr;
     d.jac_scalar = jac_scalar[t];
     d.kind = static_cast<cuda::SegmentKind>(spec.kind);
     d.groups = spec.groups;

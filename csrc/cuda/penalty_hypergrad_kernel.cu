@@ -41,21 +41,27 @@ __device__ __forceinline__ int64_t find_segment(const HypergradSegment* __restri
   return lo;
 }
 
-template <PenaltyKind kKind, typename T>
+// kLr: a learning-rate scale's term v·(θ⁺ − θ), the difference rounded in T (as the CPU kernel).
+template <PenaltyKind kKind, bool kLr, typename T>
 __device__ __forceinline__ double term(const T* __restrict__ v, const T* __restrict__ theta, const T* __restrict__ jac,
-                                       T jac_scalar, int64_t i) {
+                                       T jac_scalar, const T* __restrict__ updated, int64_t i) {
+  if (kLr) {
+    const T step = updated[i] - theta[i];
+    return static_cast<double>(v[i]) * static_cast<double>(step);
+  }
   const T u = (jac ? jac[i] : jac_scalar) * v[i];
   return static_cast<double>(u) * penalty_mixed(kKind, static_cast<double>(theta[i]));
 }
 
 // One work item of one segment; the path is uniform over the block.
 // Decoupled L2 sums v·2θ (J = 1 exactly, whatever jac holds) and scales by −lr afterwards.
-template <PenaltyKind kKind, typename T>
+template <PenaltyKind kKind, bool kLr, typename T>
 __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item, bool decoupled, double lr,
                                          double* __restrict__ partial, T* __restrict__ out) {
   const T* __restrict__ v = static_cast<const T*>(s.v);
   const T* __restrict__ theta = static_cast<const T*>(s.theta);
   const T* __restrict__ jac = decoupled ? nullptr : static_cast<const T*>(s.jac);
+  const T* __restrict__ updated = static_cast<const T*>(s.updated);
   const T jac_scalar = decoupled ? T(1) : static_cast<T>(s.jac_scalar);
   const double scale = decoupled ? -lr : 1.0;
   const int64_t inner = s.inner;
@@ -68,7 +74,8 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
         return;
       }
       double acc = 0.0;
-      for (int64_t i = g * inner; i < (g + 1) * inner; ++i) acc += term<kKind>(v, theta, jac, jac_scalar, i);
+      for (int64_t i = g * inner; i < (g + 1) * inner; ++i)
+        acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, i);
       out[s.out_offset + g] = static_cast<T>(scale * acc);
       return;
     }
@@ -77,7 +84,8 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
       if (g >= s.groups) return;  // the same for the 32 lanes of a warp
       const int lane = threadIdx.x & 31;
       double acc = 0.0;
-      for (int64_t i = g * inner + lane; i < (g + 1) * inner; i += 32) acc += term<kKind>(v, theta, jac, jac_scalar, i);
+      for (int64_t i = g * inner + lane; i < (g + 1) * inner; i += 32)
+        acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, i);
       acc = warp_sum(acc);
       if (lane == 0) out[s.out_offset + g] = static_cast<T>(scale * acc);
       return;
@@ -91,9 +99,10 @@ __device__ __forceinline__ void run_item(const HypergradSegment& s, int64_t item
       if (n == kSegmentDotTile) {  // the same additions in the same order as the loop below, unrolled
 #pragma unroll 8
         for (int r = 0; r < kSegmentDotTile / kThreads; ++r)
-          acc += term<kKind>(v, theta, jac, jac_scalar, begin + threadIdx.x + r * kThreads);
+          acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, begin + threadIdx.x + r * kThreads);
       } else {
-        for (int64_t i = threadIdx.x; i < n; i += kThreads) acc += term<kKind>(v, theta, jac, jac_scalar, begin + i);
+        for (int64_t i = threadIdx.x; i < n; i += kThreads)
+          acc += term<kKind, kLr>(v, theta, jac, jac_scalar, updated, begin + i);
       }
       acc = block_sum<kWarps>(acc);
       if (threadIdx.x == 0) {
@@ -113,9 +122,10 @@ __global__ void __launch_bounds__(kThreads)
     const HypergradSegment& s = segments[find_segment<false>(segments, num_segments, item)];
     const int64_t local = item - s.first_item;
     switch (s.kind) {
-      case SegmentKind::L2: run_item<PenaltyKind::L2, T>(s, local, false, lr, partial, out); break;
-      case SegmentKind::L1: run_item<PenaltyKind::L1, T>(s, local, false, lr, partial, out); break;
-      case SegmentKind::DecoupledL2: run_item<PenaltyKind::L2, T>(s, local, true, lr, partial, out); break;
+      case SegmentKind::L2: run_item<PenaltyKind::L2, false, T>(s, local, false, lr, partial, out); break;
+      case SegmentKind::L1: run_item<PenaltyKind::L1, false, T>(s, local, false, lr, partial, out); break;
+      case SegmentKind::DecoupledL2: run_item<PenaltyKind::L2, false, T>(s, local, true, lr, partial, out); break;
+      case SegmentKind::Lr: run_item<PenaltyKind::L2, true, T>(s, local, false, lr, partial, out); break;
     }
   }
 }

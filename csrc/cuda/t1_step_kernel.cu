@@ -59,7 +59,8 @@ __global__ void __launch_bounds__(kThreads)
   const T inv_bc1 = static_cast<T>(d.inv_bias_correction1), bc2 = static_cast<T>(d.bias_correction2);
   const T inv_bc2 = static_cast<T>(d.inv_bias_correction2);
   const T adam_a = static_cast<T>(d.adam_a);
-  const T lr = k.lr;
+  // η of this tensor: T(lr), or T(lr)·lr_scale[i] rounded once in T (read on the device)
+  const T lr = d.lr_scale ? k.lr * *static_cast<const T*>(d.lr_scale) : k.lr;
   if (k.found_inf && *k.found_inf > 0.f) return;  // uniform over the grid: the step is skipped
   const T inv_scale = inverse_scale<T>(k.grad_scale);
 

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-hypergrad", choices=("fd", "fd-central", "exact"), default="fd",
                    help="how T2 differentiates through the noise and the label smoothing (their mixed term): "
                         "forward or central finite differences of ∇σL along J⊙v, or exact double backward")
+    g.add_argument("--tune-lr", choices=("network", "layer"), default=None, metavar="PER",
+                   help="tune a learning-rate scale s (log scale, init 1, bounds [1e-3, 1e3]) on top of --lr: "
+                        "'network' (one) or 'layer' (one per parameter tensor); T2's one-step horizon tends to "
+                        "shrink it early (docs/guide.md, 'Learning-rate scales')")
     g.add_argument("--fd-eps", type=positive_float, default=1e-3,
                    help="finite-difference step length in parameter space (fd, fd-central)")
 
@@ -283,7 +287,9 @@ def _add_experiment_commands(sub) -> None:
     g.add_argument("--axes", choices=ex.AXES, default="noise-l2",
                    help="noise-l2: input noise n0 in [0, 1] x log10 L2 in [-5, -2] (no hidden noise); "
                         "noise-noise: n0 x hidden noise n1 in [0, 1] (no penalty); many (search only): per-layer "
-                        "log10 L2 and per-site noise, one coordinate each (2 x (depth + 1) hyperparameters)")
+                        "log10 L2 and per-site noise, one coordinate each (2 x (depth + 1) hyperparameters); all "
+                        "(search only): many, plus log10 of a learning-rate scale per parameter tensor in "
+                        "[-0.5, 0.5] and the training loss's label smoothing in [0, 0.3] (a Tunable)")
     g.add_argument("--l2-per", choices=("network", "layer"), default=None,
                    help="noise-l2: one L2 coefficient for all weight matrices, or one per matrix (T1-T2 "
                         "then tunes each; the map's y is the mean of their log10) (default network; paper: layer)")
@@ -469,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
 def _experiment_setup(args):
     """Resolve --full / defaults, load the data and build the experiments.Config."""
     _fill_defaults(args, (FULL if args.full else SMALL)[args.command])
-    if args.axes == "many" and args.command != "search":
-        raise UsageError("--axes many (one coordinate per hyperparameter) applies to search only: a map or a "
-                         "before/after table needs two axes")
+    if args.axes in ex.MANY_AXES and args.command != "search":
+        raise UsageError(f"--axes {args.axes} (one coordinate per hyperparameter) applies to search only: a map or "
+                         f"a before/after table needs two axes")
     if args.l2_per not in (None, "network") and args.axes != "noise-l2":
         raise UsageError("--l2-per applies to --axes noise-l2 only (noise-noise has no penalty, many is per layer)")
     if args.axes != "noise-l2":  # no penalty: a preset's L2 settings do not apply
@@ -660,8 +666,9 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
             print(f"a T1-T2 run costs {ratio['ratio']:.3f} plain runs (CPU time ratios {ratio['ratios']})")
     else:
         clock = time.perf_counter if args.clock == "wall" else time.process_time
+    recorder = se.TrajectoryRecorder(train, cfg.steps) if cfg.axes in ex.MANY_AXES else None
     result = se.search_experiment(data, cfg, repeats=args.repeats, budgets=args.budgets, methods=args.methods,
-                                  seed=args.seed, quiet=args.quiet, clock=clock, train=train)
+                                  seed=args.seed, quiet=args.quiet, clock=clock, train=recorder or train)
     if ratio is not None:
         result["summary"]["plain_run_ratio"] = ratio
     paths = se.write_search_csvs(out, result, cfg)
@@ -673,6 +680,13 @@ def _search(args, data, cfg, out, t0) -> dict[str, str]:
         f"repeat(s); a T1-T2 run took {s['t1t2_run_s']['mean']:.1f} s, a fixed run {s['fixed_run_s']['mean']:.2f} s "
         f"({args.clock} clock)"), xlabel=_search_xlabel(args))
     _write_summary(paths["summary"], se.summary_json(result), args, cfg, t0)
+    if recorder is not None:  # one coordinate per hyperparameter: their trajectories in every T1-T2 run
+        paths["trajectories"] = os.path.join(out, "search_trajectories.csv")
+        paths["trajectories_plot"] = os.path.join(out, "search_trajectories.png")
+        se.write_trajectories(paths["trajectories"], result, recorder.runs)
+        se.plot_trajectories(paths["trajectories_plot"], result, recorder.runs, title=(
+            f"{cfg.dataset} {cfg.axes}: the hyperparameters of the {len(recorder.runs)} T1-T2 run(s), "
+            f"{cfg.steps} steps each"))
     load = f"; CPU/wall {s['cpu_over_wall']:.2f}" if args.clock == "wall" else ""
     print(f"{args.repeats} repeat(s); one T1-T2 run {s['t1t2_run_s']['mean']:.2f} s, one fixed run "
           f"{s['fixed_run_s']['mean']:.2f} s on average ({args.clock} clock{load}); "

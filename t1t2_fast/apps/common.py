@@ -90,14 +90,16 @@ def torch_threads(n: int):
 # ---------------------------------------------------------------------------------------------
 # training steps
 # ---------------------------------------------------------------------------------------------
-def t1t2_iteration(opt, model, batch, val_batch=None, *, stop_on_nonfinite: bool = False):
+def t1t2_iteration(opt, model, batch, val_batch=None, *, stop_on_nonfinite: bool = False, criterion=None):
     """One T1 step of the T1T2 optimizer ``opt`` on the cross-entropy of ``model`` on ``batch`` (x, y),
     then, if ``val_batch`` is given and a T2 step is due, one T2 step on ``val_batch()`` (called only
     then, so a stream of validation batches advances once per T2 step). With ``stop_on_nonfinite``
     no T2 step follows a non-finite T1 loss (the caller ends the run there); without it nothing
-    waits for the loss's value. Returns the T1 loss."""
+    waits for the loss's value. ``criterion(logits, y)``: the training loss (default cross-entropy);
+    the validation loss is always the cross-entropy. Returns the T1 loss."""
     x, y = batch
-    loss = opt.step(lambda: F.cross_entropy(model(x), y))
+    train_loss = F.cross_entropy if criterion is None else criterion
+    loss = opt.step(lambda: train_loss(model(x), y))
     if val_batch is not None and opt.hyper_due and not (stop_on_nonfinite and not math.isfinite(float(loss))):
         xv, yv = val_batch()
         opt.hyper_step(lambda: F.cross_entropy(model(xv), yv))

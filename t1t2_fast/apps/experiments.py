@@ -35,7 +35,12 @@ from .common import progress, t1t2_iteration, write_csv
 from .data import BatchStream
 from .models import make_mlp
 
-AXES = ("noise-l2", "noise-noise", "many")  # "many": search only (one coordinate per hyperparameter)
+# "many" and "all": search only (one coordinate per hyperparameter); "all" adds per-tensor learning-rate
+# scales (T1T2(tune_lr="layer")) and the training loss's label smoothing (a Tunable) to "many"
+AXES = ("noise-l2", "noise-noise", "many", "all")
+MANY_AXES = ("many", "all")
+LR_SCALE_BOX = (-0.5, 0.5)          # log10 of a learning-rate scale: s in [0.32, 3.2]
+LABEL_SMOOTHING_BOX = (0.0, 0.3)
 
 
 @dataclass(frozen=True)
@@ -52,16 +57,28 @@ AXIS_PAIRS = {
 }
 
 
+def lr_tensors(depth: int) -> list[str]:
+    """The MLP's parameter tensors in model order (fc1.weight, fc1.bias, ..., out.bias): the ones
+    T1T2(tune_lr="layer") gives a learning-rate scale each (no batch norm with axes "all")."""
+    return [f"{n}.{k}" for n in [f"fc{i}" for i in range(1, depth + 1)] + ["out"] for k in ("weight", "bias")]
+
+
 def coordinates(axes: str, depth: int = 2) -> tuple[Axis, ...]:
     """The coordinates of a point on ``axes``: the two of AXIS_PAIRS, or for "many" one per
     hyperparameter: log10 of the L2 coefficient of each weight matrix (fc1..fc<depth>, out) in
-    [-5, -2], then the noise std of the input (n0) and after each hidden layer (n1..n<depth>) in [0, 1]."""
-    if axes != "many":
+    [-5, -2], then the noise std of the input (n0) and after each hidden layer (n1..n<depth>) in [0, 1];
+    "all" then adds log10 of the learning-rate scale of each parameter tensor in LR_SCALE_BOX and the
+    label smoothing of the training loss in LABEL_SMOOTHING_BOX."""
+    if axes not in MANY_AXES:
         return AXIS_PAIRS[axes]
     layers = [f"fc{i}" for i in range(1, depth + 1)] + ["out"]
-    return tuple([Axis(f"log10_l2_{n}", f"log10 L2 of {n}", -5.0, -2.0) for n in layers]
-                 + [Axis(f"n{i}", "input noise std" if i == 0 else f"hidden noise std {i}", 0.0, 1.0)
-                    for i in range(depth + 1)])
+    many = ([Axis(f"log10_l2_{n}", f"log10 L2 of {n}", -5.0, -2.0) for n in layers]
+            + [Axis(f"n{i}", "input noise std" if i == 0 else f"hidden noise std {i}", 0.0, 1.0)
+               for i in range(depth + 1)])
+    if axes == "many":
+        return tuple(many)
+    return tuple(many + [Axis(f"log10_lr_{n}", f"log10 lr scale of {n}", *LR_SCALE_BOX) for n in lr_tensors(depth)]
+                 + [Axis("label_smoothing", "label smoothing", *LABEL_SMOOTHING_BOX)])
 
 
 @dataclass
@@ -119,11 +136,15 @@ def _mean(value) -> float:
 
 def point_of(hypers: dict, axes: str) -> tuple[float, ...]:
     """The (x, y) coordinates of T1T2.hyperparameters() on ``axes`` (for "many", ``coordinates``'s)."""
-    if axes == "many":
+    if axes in MANY_AXES:
         l2 = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
         hidden = sorted((int(n[len("noise.hidden"):]), _mean(v)) for n, v in hypers.items()
                         if n.startswith("noise.hidden"))
-        return tuple(l2 + [_mean(hypers["noise.input"])] + [v for _, v in hidden])
+        many = l2 + [_mean(hypers["noise.input"])] + [v for _, v in hidden]
+        if axes == "many":
+            return tuple(many)
+        lr = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.startswith("lr_scale.")]
+        return tuple(many + lr + [_mean(hypers["tunable.label_smoothing"])])
     x = _mean(hypers["noise.input"])
     if axes == "noise-l2":
         logs = [math.log10(max(_mean(v), 1e-300)) for n, v in hypers.items() if n.split(".")[0] == "l2"]
@@ -135,7 +156,7 @@ def point_of(hypers: dict, axes: str) -> tuple[float, ...]:
 def build(data, cfg: Config, point: tuple[float, float], seed: int):
     """The MLP (GaussianNoise sites ``input`` and, for noise-noise, ``hidden<i>``) and its T1T2
     optimizer with the hyperparameters at ``point``; the weights are initialized from ``seed``."""
-    if cfg.axes == "many":
+    if cfg.axes in MANY_AXES:
         return _build_many(data, cfg, point, seed)
     x, y = point
     torch.manual_seed(seed)
@@ -156,22 +177,39 @@ def build(data, cfg: Config, point: tuple[float, float], seed: int):
 
 
 def _build_many(data, cfg: Config, point, seed: int):
-    """``build`` for axes "many": per-layer L2 and per-site noise, each set from its coordinate."""
+    """``build`` for axes "many": per-layer L2 and per-site noise, each set from its coordinate; "all"
+    adds a learning-rate scale per tensor (``tune_lr="layer"``) and a label-smoothing ``Tunable`` of the
+    training loss (linear in [0, 1], evaluation value 0: the validation loss is plain cross-entropy),
+    kept as ``opt.label_smoothing`` for ``train_run``'s training loss."""
+    everything = cfg.axes == "all"
+    if everything and cfg.batchnorm:
+        raise ValueError("axes 'all' has one learning-rate scale per Linear tensor; it does not take batchnorm")
     torch.manual_seed(seed)
     model = make_mlp(data.num_features, data.num_classes, cfg.width, cfg.depth, noise=("input", "hidden"),
                      noise_init=0.1, batchnorm=cfg.batchnorm)
+    smoothing = t1t2.Tunable(0.1, transform="linear", bounds=(0.0, 1.0), eval_value=0.0,
+                             name="label_smoothing") if everything else None
     opt = t1t2.T1T2(model, [t1t2.L2(1e-4, per="layer", transform=cfg.l2_transform)], optimizer=cfg.optimizer,
                     lr=cfg.lr, momentum=cfg.momentum, hyper_optimizer=cfg.hyper_optimizer, hyper_lr=cfg.hyper_lr,
-                    hypergrad=cfg.hypergrad, hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed)
+                    hypergrad=cfg.hypergrad, hyper_every=cfg.hyper_every, backend=cfg.backend, seed=seed,
+                    tune_lr="layer" if everything else None, tunables=[smoothing] if everything else ())
     l2 = [h for h in opt.all_hypers if h.kind == "l2"]
     noise = [model.input] + [getattr(model, f"hidden{i}") for i in range(1, cfg.depth + 1)]
-    if len(point) != len(l2) + len(noise):
-        raise ValueError(f"axes 'many' needs {len(l2) + len(noise)} coordinates, got {len(point)}")
+    scales = [h for h in opt.all_hypers if h.kind == "lr"]
+    want = len(l2) + len(noise) + (len(scales) + 1 if everything else 0)
+    if len(point) != want:
+        raise ValueError(f"axes {cfg.axes!r} needs {want} coordinates, got {len(point)}")
     with torch.no_grad():
         for h, v in zip(l2, point[:len(l2)]):
             h.raw.fill_(h.transform.inverse(10.0 ** v))
-        for m, v in zip(noise, point[len(l2):]):
+        for m, v in zip(noise, point[len(l2):len(l2) + len(noise)]):
             m.raw.fill_(m.transform.inverse(v))
+        if everything:
+            at = len(l2) + len(noise)
+            for h, v in zip(scales, point[at:at + len(scales)]):
+                h.raw.fill_(h.transform.inverse(10.0 ** v))
+            smoothing.raw.fill_(smoothing.transform.inverse(point[-1]))
+    opt.label_smoothing = smoothing
     return model, opt
 
 
@@ -204,6 +242,9 @@ def train_run(data, cfg: Config, point: tuple[float, float], seed: int, tune: bo
         return (step, *point_of(hp, cfg.axes), {n: _mean(v) for n, v in hp.items()})
 
     trajectory = [snapshot(0)] if tune else []
+    smoothing = getattr(opt, "label_smoothing", None)  # axes "all": the training loss is label-smoothed
+    criterion = None if smoothing is None else (
+        lambda logits, y: t1t2.smoothed_cross_entropy(logits, y, smoothing))
     start = point_of(opt.hyperparameters(), cfg.axes)
     diverged = False
     model.train()
@@ -214,7 +255,7 @@ def train_run(data, cfg: Config, point: tuple[float, float], seed: int, tune: bo
     for step in range(1, cfg.steps + 1):
         idx = next(train_b)
         loss = t1t2_iteration(opt, model, (data.train.x[idx], data.train.y[idx]), val_batch if tune else None,
-                              stop_on_nonfinite=True)
+                              stop_on_nonfinite=True, criterion=criterion)
         if not math.isfinite(float(loss)):
             diverged = True
             break

@@ -505,3 +505,62 @@ def summary_json(result: dict) -> dict:
             "rule": "a baseline trial counts at a budget only if it finished within it; selection by "
                     "validation error (earliest among ties); test error is only reported"}
 
+
+
+# ---------------------------------------------------------------------------------------------
+# trajectories of the T1-T2 runs (axes "many" and "all": one curve per hyperparameter)
+# ---------------------------------------------------------------------------------------------
+class TrajectoryRecorder:
+    """Wraps a ``train`` function (``experiments.train_run`` or a clock's wrapper of it) and keeps
+    the hyperparameter trajectory of every tuned run of ``steps`` steps (the untimed warm-up runs are
+    shorter), keyed by the run's seed, as ``[(step, {name: value}), ...]``."""
+
+    def __init__(self, train, steps: int):
+        self.train, self.steps, self.runs = train, steps, {}
+
+    def __call__(self, data, cfg, point, seed, tune, **kw):
+        r = self.train(data, cfg, point, seed, tune=tune, **kw)
+        if tune and cfg.steps == self.steps and getattr(r, "trajectory", None):
+            self.runs[seed] = [(row[0], dict(row[-1])) for row in r.trajectory]
+        return r
+
+
+def write_trajectories(path: str, result: dict, runs: dict) -> None:
+    """A long-format CSV of the T1-T2 runs' trajectories: repeat, trial, seed, step, hyperparameter, value."""
+    rows = []
+    for t in result["trials"]:
+        if t.method == "t1t2" and t.seed in runs:
+            for step, values in runs[t.seed]:
+                rows += [[t.repeat, t.trial, t.seed, step, name, value] for name, value in values.items()]
+    write_csv(path, ["repeat", "trial", "seed", "step", "hyperparameter", "value"], rows)
+
+
+TRAJECTORY_PANELS = (("l2", "L2 coefficient", True), ("noise", "noise std", False),
+                     ("lr_scale", "learning-rate scale", True), ("tunable", "label smoothing", False))
+
+
+def plot_trajectories(path: str, result: dict, runs: dict, title: str) -> None:
+    """The hyperparameters of every T1-T2 run against the step, one panel per kind (L2, noise,
+    learning-rate scales, label smoothing; log scale for L2 and the scales), one colour per run."""
+    from matplotlib.figure import Figure
+
+    t1 = [t for t in result["trials"] if t.method == "t1t2" and t.seed in runs]
+    kinds = [p for p in TRAJECTORY_PANELS
+             if any(n.split(".")[0] == p[0] for t in t1 for n in runs[t.seed][0][1])] if t1 else []
+    fig = Figure(figsize=(4.2 * max(1, len(kinds)), 3.8))
+    axes = fig.subplots(1, max(1, len(kinds)), squeeze=False)[0]
+    for ax, (kind, label, log) in zip(axes, kinds):
+        for j, t in enumerate(t1):
+            traj = runs[t.seed]
+            steps = [s for s, _ in traj]
+            for name in traj[0][1]:
+                if name.split(".")[0] == kind:
+                    ax.plot(steps, [v[name] for _, v in traj], color=f"C{j % 10}", lw=1.0, alpha=0.8)
+        ax.set_xlabel("T1 step")
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -280,7 +280,8 @@ def _train(args, ddp: _Dist | None = None) -> int:
                         nesterov=args.nesterov, hyper_optimizer=args.hyper_optimizer, hyper_lr=args.hyper_lr,
                         hyper_every=args.hyper_every, hypergrad=args.hypergrad,
                         noise_hypergrad=args.noise_hypergrad, fd_eps=args.fd_eps, backend=args.backend,
-                        seed=args.seed, max_consecutive_skips=args.max_skips, tunables=tunables)
+                        seed=args.seed, max_consecutive_skips=args.max_skips, tunables=tunables,
+                        tune_lr=getattr(args, "tune_lr", None))
     except (ValueError, RuntimeError, NotImplementedError) as exc:
         raise UsageError(str(exc)) from None
     backend_name = getattr(getattr(opt, "backend", None), "name", args.backend)

@@ -49,12 +49,12 @@ LOG_CMAX = 10      # C ∈ {1, 2, 4, …, 2**LOG_CMAX}; 2**LOG_CMAX == BLOCK
 CHUNK = 16 * BLOCK  # columns one stage-1 item covers; longer groups get partials and stage 2
 FINISH_ROWS, FINISH_COLS = 8, 128  # stage-2 tile: groups × partials
 SEG_FIELDS = 11    # t, kind, inner, groups, out_off, partial_base, chunks, cls, has_jac, js bits, scale bits
-TEN_FIELDS = 3     # v, theta, jac: data pointers (or element offsets into flat buffers)
+TEN_FIELDS = 4     # v, theta, jac, θ⁺ (lr segments): data pointers (or element offsets into flat buffers)
 FORCE_FLAT = False  # tests set it to run the flat (traced) addressing on real tensors
 
 
 @triton.jit
-def _tile_rows(vp, tp, jp, out_ptr, part_ptr, kind, inner, groups, out_off, pbase, nch, has_jac, js, scale,
+def _tile_rows(vp, tp, jp, up, out_ptr, part_ptr, kind, inner, groups, out_off, pbase, nch, has_jac, js, scale,
                rb, cc, CT: tl.constexpr, BF16: tl.constexpr, CHUNK: tl.constexpr, R: tl.constexpr,
                C: tl.constexpr):
     rows = rb * R + tl.arange(0, R).to(tl.int64)
@@ -67,11 +67,14 @@ def _tile_rows(vp, tp, jp, out_ptr, part_ptr, kind, inner, groups, out_off, pbas
         mask = rmask[:, None] & (cols < col_hi)[None, :]
         offs = rows[:, None] * inner + cols[None, :]
         v = load_ct(vp + offs, mask, CT, BF16)
-        theta = load_ct(tp + offs, mask, CT, BF16).to(tl.float64)
+        theta_ct = load_ct(tp + offs, mask, CT, BF16)
+        theta = theta_ct.to(tl.float64)
         j = load_ct(jp + offs, tl.where(has_jac, mask, False), CT, BF16)  # (mask & scalar fails interpreted)
-        u = tl.where(has_jac, j, js.to(CT)) * v          # J⊙v in the compute dtype, as the C++ op
+        u = tl.where(has_jac, j, js.to(CT)) * v          # J⊙v in the compute dtype, as the C++ op (lr: J = 1)
         sign = (theta > 0).to(tl.float64) - (theta < 0).to(tl.float64)   # sign(NaN) = sign(±0) = 0
         m = tl.where(kind == 1, sign, theta + theta)      # l1: sign θ; l2 and decoupled l2: 2θ
+        upd = load_ct(up + offs, tl.where(kind == 3, mask, False), CT, BF16)
+        m = tl.where(kind == 3, (upd - theta_ct).to(tl.float64), m)  # lr: θ⁺ − θ rounded in the compute dtype
         # masked-off lanes load v = θ = 0, but J·v = inf·0 = NaN when jac_scalar is ±inf: drop them
         acc += tl.where(mask, u.to(tl.float64) * m, 0.0)
     total = tl.sum(acc, axis=1) * scale
@@ -82,7 +85,7 @@ def _tile_rows(vp, tp, jp, out_ptr, part_ptr, kind, inner, groups, out_off, pbas
 
 
 @triton.jit(do_not_specialize=["segs", "tens"])
-def _hypergrad_stage1(meta, v_base, theta_base, jac_base, out_ptr, part_ptr, segs, tens, size_key,
+def _hypergrad_stage1(meta, v_base, theta_base, jac_base, upd_base, out_ptr, part_ptr, segs, tens, size_key,
                       DTYPE: tl.constexpr, CT: tl.constexpr, BF16: tl.constexpr, FLAT: tl.constexpr,
                       BLOCK: tl.constexpr, LOG_CMAX: tl.constexpr, CHUNK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -101,19 +104,21 @@ def _hypergrad_stage1(meta, v_base, theta_base, jac_base, out_ptr, part_ptr, seg
     has_jac = tl.load(sp + 8) != 0
     js = tl.load(sp + 9).to(tl.float64, bitcast=True)
     scale = tl.load(sp + 10).to(tl.float64, bitcast=True)
-    tp_ = meta + tens + 3 * t
+    tp_ = meta + tens + 4 * t
     if FLAT:  # element offsets into one flat buffer per argument (traceable: no data_ptr)
         vp = v_base + tl.load(tp_)
         tp = theta_base + tl.load(tp_ + 1)
         jp = jac_base + tl.load(tp_ + 2)
+        up = upd_base + tl.load(tp_ + 3)
     else:  # the tensors' own data pointers
         vp = tl.load(tp_).to(tl.pointer_type(DTYPE))
         tp = tl.load(tp_ + 1).to(tl.pointer_type(DTYPE))
         jp = tl.load(tp_ + 2).to(tl.pointer_type(DTYPE))
+        up = tl.load(tp_ + 3).to(tl.pointer_type(DTYPE))
     # One tile shape per class: the branch is uniform within a program.
     for k in tl.static_range(LOG_CMAX + 1):
         if cls == k:
-            _tile_rows(vp, tp, jp, out_ptr, part_ptr, kind, inner, groups, out_off, pbase, nch, has_jac, js, scale,
+            _tile_rows(vp, tp, jp, up, out_ptr, part_ptr, kind, inner, groups, out_off, pbase, nch, has_jac, js, scale,
                        rb, cc, CT, BF16, CHUNK, BLOCK >> k, 1 << k)
 
 
@@ -151,7 +156,7 @@ def _fail(msg: str):
     raise RuntimeError(msg)
 
 
-def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups):
+def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups, params=()):
     """The checks of csrc/checks.cpp (check_penalty_hypergrad_inputs), same wording. Returns the
     dtype and the per-segment (tensor, kind, groups, inner)."""
     n = len(theta)
@@ -190,7 +195,7 @@ def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, se
         if not 0 <= t < n:
             _fail(f"{_HG}: segment {s} names tensor {t} of {n}")
         if not 0 <= kind < len(SEGMENT_KINDS):
-            _fail(f"{_HG}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1) or 2 (decoupled l2)")
+            _fail(f"{_HG}: segment {s} has kind {kind}; expected 0 (l2), 1 (l1), 2 (decoupled l2) or 3 (lr)")
         numel = theta[t].numel()
         if not (groups >= 0 and ((groups == 0 and numel == 0) or (groups > 0 and numel % groups == 0))):
             _fail(f"{_HG}: segment {s}: {groups} groups do not divide the {numel} elements of tensor {t}")
@@ -199,6 +204,17 @@ def _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, se
                   f"result's int64 length")
         total += groups
         segments.append((t, kind, groups, numel // groups if groups else 0))
+    if params and len(params) != n:
+        _fail(f"{_HG}: params must be empty or have one tensor per theta ({n}), got {len(params)}")
+    if any(k == 3 for _, k, _, _ in segments) and len(params) != n:
+        _fail(f"{_HG}: lr segments (kind 3) need params, one tensor per theta ({n}), got {len(params)}")
+    for i, p in enumerate(params):
+        if p.shape != theta[i].shape:
+            _fail(f"{_HG}: params[{i}] has shape {list(p.shape)} but theta[{i}] has {list(theta[i].shape)}")
+        if p.dtype not in SUPPORTED_DTYPES or compute_dtype(p.dtype) != dtype:
+            _fail(f"{_HG}: params[{i}] has dtype {p.dtype}, whose compute dtype is not theta's ({dtype})")
+        if p.device != device:
+            _fail(f"{_HG}: params[{i}] is on {p.device}, expected {device}")
     return dtype, segments
 
 
@@ -216,7 +232,7 @@ def _expand(spans) -> np.ndarray:
     return np.stack([seg, local // np.maximum(per, 1), local % np.maximum(per, 1)], 1).reshape(-1, 3)
 
 
-def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_dtype: torch.dtype):
+def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_dtype: torch.dtype, upd=None):
     """Run both stages for `segments` (tensor, kind, groups, inner) into `out` (one value per group,
     segments concatenated). js / scales: per segment; has_jac: per segment. flat: address the
     tensors through offsets into concatenated buffers instead of a data-pointer table (traced calls,
@@ -259,12 +275,15 @@ def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_
         cat = lambda parts: parts[0].reshape(-1) if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])  # noqa: E731
         v_base, theta_base = cat(list(v)), cat(list(theta))
         jac_base = cat(jac_parts) if jac_parts else v_base
-        ten = np.array([[a, a, b] for a, b in zip(starts, jac_starts)], dtype=np.int64).reshape(-1, TEN_FIELDS)
+        upd_base = cat(list(upd)) if upd else v_base  # θ⁺ aligned with theta, or never read
+        ten = np.array([[a, a, b, a if upd else 0] for a, b in zip(starts, jac_starts)],
+                       dtype=np.int64).reshape(-1, TEN_FIELDS)
     else:
         ptr = lambda x: x.data_ptr()  # noqa: E731
-        ten = np.array([[ptr(v[i]), ptr(theta[i]), ptr(jac[i]) if jac and jac[i].numel() > 0 else ptr(v[i])]
+        ten = np.array([[ptr(v[i]), ptr(theta[i]), ptr(jac[i]) if jac and jac[i].numel() > 0 else ptr(v[i]),
+                         ptr(upd[i]) if upd else ptr(v[i])]
                         for i in range(len(theta))], dtype=np.int64).reshape(-1, TEN_FIELDS)
-        v_base = theta_base = jac_base = out  # unused (FLAT=False)
+        v_base = theta_base = jac_base = upd_base = out  # unused (FLAT=False)
     items2 = work1.size
     segs = items2 + work2.size
     tens = segs + seg.size
@@ -273,8 +292,9 @@ def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_
     n1 = work1.shape[0]
     if flat:
         v_base, theta_base, jac_base = as_kernel_arg(v_base), as_kernel_arg(theta_base), as_kernel_arg(jac_base)
+        upd_base = as_kernel_arg(upd_base)
     wrap_triton(_stage1)[(n1,)](
-        meta, v_base, theta_base, jac_base, out, partial, segs, tens, size_bucket(n1),
+        meta, v_base, theta_base, jac_base, upd_base, out, partial, segs, tens, size_bucket(n1),
         DTYPE=tl_load_dtype(load_dtype), CT=tl_dtype(compute_dtype(load_dtype)),
         BF16=load_dtype == torch.bfloat16, FLAT=flat, BLOCK=BLOCK, LOG_CMAX=LOG_CMAX, CHUNK=CHUNK, **NO_FMA)
     if work2.shape[0]:
@@ -285,16 +305,19 @@ def _launch(v, theta, jac, js, segments, scales, has_jac, out, flat: bool, load_
 @triton_op(_HG, mutates_args=())
 def penalty_hypergrad(v: list[torch.Tensor], theta: list[torch.Tensor], jac: list[torch.Tensor],
                       jac_scalar: list[float], segment_tensor: list[int], segment_kind: list[int],
-                      segment_groups: list[int], lr: float) -> torch.Tensor:
+                      segment_groups: list[int], lr: float, params: list[torch.Tensor]) -> torch.Tensor:
     """T2 penalty hypergradients (before dc/dλ) of many (hyperparameter, tensor) segments: kind 0
-    (l2) Σ_{i∈g} J_i v_i 2θ_i, 1 (l1) Σ J_i v_i sign θ_i, 2 (decoupled l2) Σ v_i (−2 lr θ_i); J = jac[t]
-    or, where jac is empty, jac_scalar[t]. Contract: ``t1t2::penalty_hypergrad`` (csrc/ops.cpp); twin:
+    (l2) Σ_{i∈g} J_i v_i 2θ_i, 1 (l1) Σ J_i v_i sign θ_i, 2 (decoupled l2) Σ v_i (−2 lr θ_i), 3 (lr)
+    Σ v_i (θ⁺_i − θ_i) with θ⁺ = params[t] in the compute dtype (a copy for bf16/fp16 parameters);
+    J = jac[t] or, where jac is empty, jac_scalar[t]. Contract: ``t1t2::penalty_hypergrad`` (csrc/ops.cpp); twin:
     ``reference.penalty_hypergrad``. Two launches at most (one when no group exceeds CHUNK elements)."""
-    dtype, segments = _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups)
+    params = list(params or [])
+    dtype, segments = _check_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
+                                       params)
     device = theta[0].device if theta else torch.device("cpu")
     total = sum(s[2] for s in segments)
     out = torch.empty(total, dtype=dtype, device=device)
-    tensors = [*v, *theta, *(jac or [])]
+    tensors = [*v, *theta, *(jac or []), *params]
     kind = call_kind(*tensors)
     if kind == "fake" or total == 0:
         return out
@@ -303,15 +326,18 @@ def penalty_hypergrad(v: list[torch.Tensor], theta: list[torch.Tensor], jac: lis
         # wrap_triton cannot capture an interpreted kernel into a graph: the trace records the
         # reference's torch ops (on a GPU the Triton kernel is recorded through the flat path).
         return reference.penalty_hypergrad(v, theta, jac, jac_scalar, segment_tensor, segment_kind, segment_groups,
-                                           lr).to(dtype)
+                                           lr, params).to(dtype)
     js, scales, has_jac = [], [], []
     for t, k, _, _ in segments:
-        decoupled = k == 2
-        js.append(1.0 if decoupled else float(jac_scalar[t]))
+        decoupled, lr_kind = k == 2, k == 3
+        js.append(1.0 if decoupled or lr_kind else float(jac_scalar[t]))
         scales.append(-float(lr) if decoupled else 1.0)
-        has_jac.append(not decoupled and bool(jac) and jac[t].numel() > 0)
+        has_jac.append(not decoupled and not lr_kind and bool(jac) and jac[t].numel() > 0)
+    upd = None
+    if any(k == 3 for _, k, _, _ in segments):  # θ⁺ in the compute dtype (no copy for float32/float64)
+        upd = [p.detach().to(dtype).contiguous() for p in params]
     flat = kind == "functional" or len(theta) == 1 or FORCE_FLAT
-    _launch(v, theta, jac, js, segments, scales, has_jac, out, flat, dtype)
+    _launch(v, theta, jac, js, segments, scales, has_jac, out, flat, dtype, upd)
     return out
 
 

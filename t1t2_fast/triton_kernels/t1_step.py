@@ -17,14 +17,15 @@ from ._common import divide, load, row_pointer, square_root, store, table_float,
 OP = "t1t2_triton::t1_step_"
 
 # Columns of one tensor's row in the pointer table (layout: _common's docstring), as _run writes them:
-# 11 buffer addresses (the last two, grad_scale and found_inf, are the same one-float tensors in
-# every row), then numel and the three group sizes, then three floats.
-(_PARAM, _GRAD, _STATE1, _STATE2, _L2, _L1, _DECAY, _STASH_THETA, _STASH_JAC, _GRAD_SCALE, _FOUND_INF, _NUMEL,
- _L2_INNER, _L1_INNER, _DECAY_INNER, _INV_BC1, _BC2, _ADAM_A, _INV_BC2) = (tl.constexpr(c) for c in range(19))
+# 12 buffer addresses (the last three, grad_scale, found_inf and lr_scale, are the same tensors in
+# every row), then numel, the three group sizes and the tensor's index in lr_scale, then four floats.
+(_PARAM, _GRAD, _STATE1, _STATE2, _L2, _L1, _DECAY, _STASH_THETA, _STASH_JAC, _GRAD_SCALE, _FOUND_INF, _LR_SCALE,
+ _NUMEL, _L2_INNER, _L1_INNER, _DECAY_INNER, _LR_INDEX, _INV_BC1, _BC2, _ADAM_A,
+ _INV_BC2) = (tl.constexpr(c) for c in range(21))
 # The call's scalars, in the order _run lists them.
 _LR, _MOMENTUM, _BETA1, _ONE_MINUS_BETA1, _BETA2, _ONE_MINUS_BETA2, _EPS = (tl.constexpr(c) for c in range(7))
 _NUM_SCALARS = tl.constexpr(_common.NUM_SCALARS)
-_ROW_WIDTH = tl.constexpr(19)
+_ROW_WIDTH = tl.constexpr(21)
 
 
 @triton.jit
@@ -106,11 +107,11 @@ def _inverse_scale(grad_scale, FP64: tl.constexpr, HAS_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf, row,
-                   start, table, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
+def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
+                   lr_scale, row, start, table, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
                    NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                   EMULATE_RTNE: tl.constexpr):
+                   HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_LR_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                   BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """One chunk [start, start + CHUNK) of one tensor; the buffers are typed pointers, the row holds
     its sizes and per-tensor floats, the table's head the call's scalars. Whole blocks go unmasked
     (a mask against a bound of unknown alignment keeps the GPU from vectorizing), then one masked tail."""
@@ -119,6 +120,8 @@ def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
     l1_inner = tl.load(row + _L1_INNER)
     decay_inner = tl.load(row + _DECAY_INNER)
     lr = table_float(table, _LR, FP64)
+    if HAS_LR_SCALE:  # η_i = T(lr)·lr_scale[i], rounded once in the compute dtype (read on the device)
+        lr = lr * tl.load(lr_scale + tl.load(row + _LR_INDEX))
     momentum = table_float(table, _MOMENTUM, FP64)
     beta1 = table_float(table, _BETA1, FP64)
     one_minus_beta1 = table_float(table, _ONE_MINUS_BETA1, FP64)
@@ -152,8 +155,8 @@ def _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stas
 def _t1_step_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr, FP64: tl.constexpr,
                           ADAM: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                           STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr, HAS_SCALE: tl.constexpr,
-                          HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                          EMULATE_RTNE: tl.constexpr):
+                          HAS_FOUND: tl.constexpr, HAS_LR_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                          BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """Program p updates work item p of the pointer table: any number of tensors in one launch."""
     t, start = work_item(table, work_at, CHUNK)
     row = table + _NUM_SCALARS + t * _ROW_WIDTH
@@ -163,24 +166,24 @@ def _t1_step_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr
                    row_pointer(row, _L2, T, ALIGNED), row_pointer(row, _L1, T, ALIGNED),
                    row_pointer(row, _DECAY, T, ALIGNED), row_pointer(row, _STASH_THETA, T, ALIGNED),
                    row_pointer(row, _STASH_JAC, T, ALIGNED), row_pointer(row, _GRAD_SCALE, tl.float32, False),
-                   row_pointer(row, _FOUND_INF, tl.float32, False),
+                   row_pointer(row, _FOUND_INF, tl.float32, False), row_pointer(row, _LR_SCALE, T, False),
                    row, start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, HAS_SCALE, HAS_FOUND,
-                   CHUNK, BLOCK, EMULATE_RTNE)
+                   HAS_LR_SCALE, CHUNK, BLOCK, EMULATE_RTNE)
 
 
 @triton.jit
 def _t1_step_tensor_kernel(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
-                           table, t, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
+                           lr_scale, table, t, FP64: tl.constexpr, ADAM: tl.constexpr, MOMENTUM: tl.constexpr,
                            NESTEROV: tl.constexpr, STASH_THETA: tl.constexpr, STASH_JAC: tl.constexpr,
-                           HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, CHUNK: tl.constexpr,
-                           BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+                           HAS_SCALE: tl.constexpr, HAS_FOUND: tl.constexpr, HAS_LR_SCALE: tl.constexpr,
+                           CHUNK: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     """One tensor, its buffers as arguments (the traced path: torch.compile sees what is written);
     the table holds the scalars and row t but no addresses."""
     row = table + _NUM_SCALARS + t * _ROW_WIDTH
     start = tl.program_id(0).to(tl.int64) * CHUNK
-    _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf, row,
-                   start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, HAS_SCALE, HAS_FOUND,
-                   CHUNK, BLOCK, EMULATE_RTNE)
+    _t1_step_chunk(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
+                   lr_scale, row, start, table, FP64, ADAM, MOMENTUM, NESTEROV, STASH_THETA, STASH_JAC, HAS_SCALE,
+                   HAS_FOUND, HAS_LR_SCALE, CHUNK, BLOCK, EMULATE_RTNE)
 
 
 # ---- the non-finite scan of check_finite: found_inf = 1 if any g·(1/scale) is Inf or NaN ----------
@@ -218,7 +221,7 @@ def _scan_table_kernel(table, work_at, P: tl.constexpr, ALIGNED: tl.constexpr, F
 
 @triton.jit
 def _scan_tensor_kernel(param, grad, state1, state2, l2, l1, decay, stash_theta, stash_jac, grad_scale, found_inf,
-                        table, t, FP64: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                        lr_scale, table, t, FP64: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     row = table + _NUM_SCALARS + t * _ROW_WIDTH
     start = tl.program_id(0).to(tl.int64) * CHUNK
@@ -297,7 +300,7 @@ def _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, sta
 
 # grad_scale and found_inf are float32 whatever the dtypes; the column flag only picks the dtype of
 # the placeholder an absent one gets, which no kernel reads.
-_COMPUTE_COLUMNS = (False, False) + (True,) * 9
+_COMPUTE_COLUMNS = (False, False) + (True,) * 10
 KERNELS = _common.MultiTensorKernels(_t1_step_table_kernel, _t1_step_tensor_kernel,
                                      compute_columns=_COMPUTE_COLUMNS, row_width=_ROW_WIDTH.value)
 SCAN = _common.MultiTensorKernels(_scan_table_kernel, _scan_tensor_kernel, compute_columns=_COMPUTE_COLUMNS,
@@ -310,13 +313,15 @@ def t1_step_(params: list[torch.Tensor], grads: list[torch.Tensor], state1: list
              stash_theta: list[torch.Tensor], stash_jac: list[torch.Tensor], optimizer: str, lr: float,
              momentum: float, nesterov: bool, beta1: float, beta2: float, eps: float,
              bias_correction1: list[float], bias_correction2: list[float], grad_scale: torch.Tensor | None = None,
-             found_inf: torch.Tensor | None = None, check_finite: bool = False) -> None:
+             found_inf: torch.Tensor | None = None, check_finite: bool = False,
+             lr_scale: torch.Tensor | None = None) -> None:
     """Fused T1 step over many tensors, in place: ĝ = g + coupled L2/L1 penalty gradients, the sgd
     (momentum, Nesterov) or adam update, decoupled L2, and the stash of the pre-step θ and adam's
-    ∂θ⁺/∂ĝ. Arguments and semantics: ``reference.t1_step_`` / the schema in csrc/ops.cpp."""
+    ∂θ⁺/∂ĝ; ``lr_scale`` (one value per tensor) multiplies each tensor's lr on the device.
+    Arguments and semantics: ``reference.t1_step_`` / the schema in csrc/ops.cpp."""
     kind = _common.tensor_kind(OP, [*params, *grads])
     _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum, nesterov,
-         beta1, beta2, eps, bias_correction1, bias_correction2, kind, grad_scale, found_inf, check_finite)
+         beta1, beta2, eps, bias_correction1, bias_correction2, kind, grad_scale, found_inf, check_finite, lr_scale)
 
 
 def _check_guard(params, grad_scale, found_inf, check_finite) -> None:
@@ -333,14 +338,34 @@ def _check_guard(params, grad_scale, found_inf, check_finite) -> None:
             _fail(f"{name} is on {t.device} but the params are on {params[0].device}")
 
 
+def _check_lr_scale(params, lr_scale) -> None:
+    """The checks and messages of csrc/checks.cpp's check_t1_step_lr_scale."""
+    if lr_scale is None:
+        return
+    n = len(params)
+    if lr_scale.dim() != 1 or lr_scale.numel() != n:
+        _fail(f"lr_scale must be a 1-D tensor with one value per parameter ({n}), got shape {list(lr_scale.shape)}")
+    if not n:
+        return
+    compute = _common.compute_dtype(params[0].dtype)
+    if lr_scale.dtype != compute:
+        _fail(f"lr_scale has dtype {lr_scale.dtype}, expected {compute} (the compute dtype of {params[0].dtype} "
+              f"parameters)")
+    if lr_scale.device != params[0].device:
+        _fail(f"lr_scale is on {lr_scale.device} but the params are on {params[0].device}")
+    if not lr_scale.is_contiguous():
+        _fail("lr_scale must be contiguous")
+
+
 def _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer, lr, momentum, nesterov,
          beta1, beta2, eps, bias_correction1, bias_correction2, kind: str, grad_scale=None, found_inf=None,
-         check_finite=False) -> None:
+         check_finite=False, lr_scale=None) -> None:
     """The op's body: checks, then launches (``MultiTensorKernels.launch``; kind from
     ``_common.tensor_kind``, tests force "functional" on real tensors)."""
     grads, inners = _check_inputs(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, optimizer,
                                   momentum, bias_correction1, bias_correction2)
     _check_guard(params, grad_scale, found_inf, check_finite)
+    _check_lr_scale(params, lr_scale)
     if not params or kind == "fake":
         return
     adam = optimizer == "adam"
@@ -350,17 +375,19 @@ def _run(params, grads, state1, state2, l2, l1, decay, stash_theta, stash_jac, o
     live = [i for i, p in enumerate(params) if p.numel() > 0]
     buffers = [(params[i], grads[i], state1[i] if adam or sgd_momentum else None, state2[i] if adam else None,
                 l2[i] if inners[i][0] else None, l1[i] if inners[i][1] else None, decay[i] if inners[i][2] else None,
-                stash_theta[i] if stash_theta else None, stash_jac[i] if stash_jac else None, grad_scale, found_inf)
+                stash_theta[i] if stash_theta else None, stash_jac[i] if stash_jac else None, grad_scale, found_inf,
+                lr_scale)
                for i in live]
     extras = []
     for i in live:
         bc1, bc2 = (bias_correction1[i], bias_correction2[i]) if adam else (1.0, 1.0)
-        extras.append([params[i].numel(), *inners[i], *map(_common.float_bits, (
+        extras.append([params[i].numel(), *inners[i], i, *map(_common.float_bits, (
             1.0 / bc1, bc2, (1.0 - beta1) / bc1, 1.0 / bc2))])
     scalars = [lr, momentum, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps]  # 1 − β in double, as math.h asks
     # The guard reads found_inf on the device (no host sync): the scan, queued first on the same stream,
     # sets it, and every program of the update then finds it set and writes nothing.
-    guard = dict(HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None)
+    guard = dict(HAS_SCALE=grad_scale is not None, HAS_FOUND=found_inf is not None,
+                 HAS_LR_SCALE=lr_scale is not None)
     if check_finite:
         SCAN.launch(kind, params[0].dtype, params[0].device, scalars, buffers, extras,
                     dict(FP64=flags["FP64"], HAS_SCALE=guard["HAS_SCALE"]))

@@ -200,6 +200,18 @@ def test_skipped_steps_are_logged_and_max_skips_stops_the_run(tmp_path, capsys):
     assert m["skipped_steps"]["t1"] == 3 and m["diverged_at_step"] == int(logged[-1]) < 40
 
 
+def test_tune_lr_layer_tunes_logs_and_plots_the_scales(tmp_path):
+    rc = run(tmp_path, "--steps", "12", "--depth", "1", "--tune-lr", "layer")
+    assert rc == 0
+    header, rows = read_log(tmp_path)
+    scales = [h for h in header if h.startswith("lr_scale.")]
+    assert scales == ["lr_scale.fc1.weight", "lr_scale.fc1.bias", "lr_scale.out.weight", "lr_scale.out.bias"]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["config"]["tune_lr"] == "layer"
+    assert m["hyperparameters"]["lr_scale.fc1.weight"] != pytest.approx(1.0, rel=1e-9)  # T2 moved it
+    assert_valid_png(tmp_path / "trajectories.png")
+
+
 @pytest.mark.parametrize("mode", ["fd", "exact"])
 def test_label_smoothing_is_tuned_with_the_other_hyperparameters(tmp_path, mode):
     """--label-smoothing-tune: the coefficient is a Tunable of the training loss (tunable.label_smoothing),

@@ -261,3 +261,58 @@ def test_optuna_logging_is_left_as_found():
 def test_bad_flags_give_usage_errors(argv, message, capsys, tmp_path):
     assert main([*argv, "--steps", "5", "--quiet", "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# axes "all": per-layer L2, noise, per-tensor learning-rate scales and label smoothing together
+# ------------------------------------------------------------------------------------------------
+def test_all_axes_build_sets_every_hyperparameter():
+    data = load_data("digits", seed=0, samples=200)
+    cfg = ex.Config(dataset="digits", axes="all", width=8, depth=2)
+    coords = ex.coordinates("all", 2)
+    assert [a.name for a in coords] == [
+        "log10_l2_fc1", "log10_l2_fc2", "log10_l2_out", "n0", "n1", "n2",
+        "log10_lr_fc1.weight", "log10_lr_fc1.bias", "log10_lr_fc2.weight", "log10_lr_fc2.bias",
+        "log10_lr_out.weight", "log10_lr_out.bias", "label_smoothing"]
+    point = (-4.0, -3.0, -2.5, 0.1, 0.2, 0.3, -0.4, -0.2, 0.0, 0.1, 0.3, 0.45, 0.15)
+    model, opt = ex.build(data, cfg, point, seed=0)
+    assert ex.point_of(opt.hyperparameters(), "all") == pytest.approx(point, rel=1e-6, abs=1e-7)
+    assert opt.label_smoothing is not None and opt.tune_lr == "layer"
+    (p,) = ex.random_points("all", 1, 0, 0, depth=2)
+    assert all(-0.5 <= v <= 0.5 for v in p[6:12]) and 0.0 <= p[12] <= 0.3
+
+
+def test_all_axes_training_loss_is_label_smoothed_and_every_kind_is_tuned():
+    """A T1-T2 run on axes "all" moves every kind of hyperparameter (the label smoothing reaches the
+    training loss: its hypergradient is not 0), and the fixed run of the same point keeps them."""
+    data = load_data("digits", seed=0, samples=200)
+    cfg = ex.Config(dataset="digits", axes="all", width=8, depth=1, steps=15, record_points=5)
+    point = (-3.0, -3.0, 0.2, 0.2, 0.0, 0.0, 0.0, 0.0, 0.15)
+    tuned = ex.train_run(data, cfg, point, seed=1, tune=True)
+    fixed = ex.train_run(data, cfg, point, seed=1, tune=False)
+    assert fixed.end == pytest.approx(point, rel=1e-6, abs=1e-7)
+    moved = [abs(a - b) > 1e-6 for a, b in zip(tuned.end, point)]
+    assert all(moved), list(zip(ex.coordinates("all", 1), tuned.end, point))
+    assert len(tuned.trajectory) > 2 and "tunable.label_smoothing" in tuned.trajectory[-1][-1]
+
+
+def test_cli_search_all_writes_trajectories(tmp_path, capsys):
+    """The short version of the experiment: T1-T2 tuning all 13 hyperparameters against random search
+    of equal counted compute (process CPU seconds), with the T1-T2 runs' trajectories."""
+    out = tmp_path / "all"
+    assert main(["search", *TINY, "--axes", "all", "--methods", "random", "--clock", "process",
+                 "--out", str(out)]) == 0
+    header = (out / "search.csv").read_text().splitlines()[0].split(",")
+    assert sum(h.startswith("start_") for h in header) == 13 and "end_label_smoothing" in header
+    with open(out / "search_trajectories.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    kinds = {r["hyperparameter"].split(".")[0] for r in rows}
+    assert kinds == {"l2", "noise", "lr_scale", "tunable"}
+    assert {int(r["trial"]) for r in rows} == {0, 1}  # both T1-T2 runs of --budgets 1,2
+    assert (out / "search_trajectories.png").read_bytes()[:8] == PNG_SIGNATURE
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["axes"] == "all"
+    for cmd in ("grid", "compare"):
+        assert main([cmd, "--dataset", "digits", "--samples", "200", "--width", "8", "--steps", "20", "--axes", "all",
+                     "--quiet", "--out", str(tmp_path / cmd)]) == 2
+    assert "--axes all (one coordinate per hyperparameter) applies to search only" in capsys.readouterr().err

@@ -47,7 +47,7 @@ for dtype in (torch.float64, torch.float32):
         for kind in (0, 1, 2):
             for groups in ({1, rows, t.numel()} if t.numel() else {0}):
                 seg_t.append(i); seg_k.append(kind); seg_g.append(groups)
-    out[f"t2/{dtype}"] = ops.penalty_hypergrad(v, theta, jac, [-0.05] * len(theta), seg_t, seg_k, seg_g, 0.05)
+    out[f"t2/{dtype}"] = ops.penalty_hypergrad(v, theta, jac, [-0.05] * len(theta), seg_t, seg_k, seg_g, 0.05, [])
 for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
     u = torch.randn(6, 70007, generator=g, dtype=torch.float64).to(dtype)
     th = torch.randn(6, 70007, generator=g, dtype=torch.float64).to(dtype)

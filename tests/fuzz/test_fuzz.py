@@ -492,7 +492,7 @@ def check_penalty_hypergrad(impl: Impl, case):
         if fault == "tensor_index":
             seg_tensor, seg_kind, seg_groups, pattern = seg_tensor + [n], seg_kind + [0], seg_groups + [0], "names tensor"
         elif fault == "kind":
-            seg_tensor, seg_kind, seg_groups, pattern = seg_tensor + [0], seg_kind + [3], seg_groups + [0], "has kind 3"
+            seg_tensor, seg_kind, seg_groups, pattern = seg_tensor + [0], seg_kind + [4], seg_groups + [0], "has kind 4"
             if not n:
                 pattern = "names tensor"
         elif fault == "groups":
@@ -519,9 +519,9 @@ def check_penalty_hypergrad(impl: Impl, case):
         if fault in ("layout", "jac_layout"):  # transposed or expanded with size-1 dims can stay contiguous
             assume(not (v[i].is_contiguous() and (not jac or jac[i].is_contiguous())))
         with raises_clearly(pattern):
-            op(v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr)
+            op(v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr, [])
         return
-    out, _ = run_everywhere(impl, op, lambda: (v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr))
+    out, _ = run_everywhere(impl, op, lambda: (v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr, []))
     assert out.dtype == (dtype if n else torch.float32) and out.shape == (sum(seg_groups),)
     at = 0
     for t, kind, groups in case["segments"]:
@@ -999,10 +999,10 @@ def test_list_ops_without_tensors(impl):
     CompositeExplicitAutograd kernel for it."""
     impl.ops.perturb_([], [], [], [], 0.5)
     impl.ops.restore_([], [])
-    out = impl.ops.penalty_hypergrad([], [], [], [], [], [], [], 0.5)
+    out = impl.ops.penalty_hypergrad([], [], [], [], [], [], [], 0.5, [])
     assert out.shape == (0,) and out.dtype == torch.float32
     with pytest.raises(RuntimeError, match="names tensor 0 of 0"):
-        impl.ops.penalty_hypergrad([], [], [], [], [0], [0], [0], 0.5)
+        impl.ops.penalty_hypergrad([], [], [], [], [0], [0], [0], 0.5, [])
     with pytest.raises(RuntimeError, match="base and"):
         impl.ops.perturb_([], [], [torch.zeros(1)], [], 0.5)
 
@@ -1027,9 +1027,10 @@ def test_mixed_devices_raise_instead_of_running_the_fake_impl():
     ops = torch.ops.t1t2
     c, m = torch.randn(6), torch.randn(6, device="meta")
     calls = [
-        lambda: ops.penalty_hypergrad([m], [c], [], [1.0], [0], [0], [1], 0.1),
-        lambda: ops.penalty_hypergrad([c, c], [c, m], [], [1.0, 1.0], [0], [0], [1], 0.1),
-        lambda: ops.penalty_hypergrad([c], [c], [m], [1.0], [0], [0], [1], 0.1),
+        lambda: ops.penalty_hypergrad([m], [c], [], [1.0], [0], [0], [1], 0.1, []),
+        lambda: ops.penalty_hypergrad([c, c], [c, m], [], [1.0, 1.0], [0], [0], [1], 0.1, []),
+        lambda: ops.penalty_hypergrad([c], [c], [m], [1.0], [0], [0], [1], 0.1, []),
+        lambda: ops.penalty_hypergrad([c], [c], [], [1.0], [0], [3], [1], 0.1, [m]),
         lambda: ops.perturb_([c.clone()], [], [m], [c], 0.1),
         lambda: ops.perturb_([c.clone()], [m], [c], [c], 0.1),
         lambda: ops.restore_([c.clone()], [m]),
@@ -1066,7 +1067,7 @@ def test_triton_hypergrad_with_an_infinite_jac_scalar():
     v = torch.tensor([1.0, 2.0, 3.0], device=TRITON.device)
     theta = torch.ones(3, device=TRITON.device)
     for kind in (0, 1):
-        out = torch.ops.t1t2_triton.penalty_hypergrad([v], [theta], [], [math.inf], [0], [kind], [1], 0.1)
+        out = torch.ops.t1t2_triton.penalty_hypergrad([v], [theta], [], [math.inf], [0], [kind], [1], 0.1, [])
         want = reference.penalty_hypergrad([v.cpu()], [theta.cpu()], [], [math.inf], [0], [kind], [1], 0.1)
         assert torch.equal(out.cpu(), want) and out.item() == math.inf
 
@@ -1078,7 +1079,7 @@ def test_hypergrad_group_counts_that_overflow_int64(impl):
     be represented as a SymInt"; the Triton op raised a TypeError from torch.empty."""
     e = torch.empty(0, device=impl.device)
     with pytest.raises(RuntimeError, match="overflow the result's int64 length"):
-        impl.ops.penalty_hypergrad([e], [e], [], [1.0], [0, 0], [0, 1], [2**62, 2**62], 0.1)
+        impl.ops.penalty_hypergrad([e], [e], [], [1.0], [0, 0], [0, 1], [2**62, 2**62], 0.1, [])
 
 
 @needs_triton

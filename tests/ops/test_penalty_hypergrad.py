@@ -55,7 +55,7 @@ def make_args(impl, shapes, dtype, jac_tensors=True, seed=0, lr=0.05, all_kinds_
                 seg_tensor.append(t)
                 seg_kind.append(kind)
                 seg_groups.append(groups)
-    return [v, theta, jac if jac_tensors else [], jac_scalar, seg_tensor, seg_kind, seg_groups, lr]
+    return [v, theta, jac if jac_tensors else [], jac_scalar, seg_tensor, seg_kind, seg_groups, lr, []]
 
 
 def on_cpu(args):
@@ -76,7 +76,7 @@ def assert_matches_cpu_op(got, want, dtype):
 def exact_hypergrad(args):
     """float64 sums of the kernels' terms: u = J·v rounded to the compute dtype (one torch multiply,
     as the kernels form it), then u·m(θ) summed in float64; also Σ|terms| per group."""
-    v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr = on_cpu(args)
+    v, theta, jac, jac_scalar, seg_tensor, seg_kind, seg_groups, lr, _ = on_cpu(args)
     sums, magnitudes = [], []
     for t, kind, groups in zip(seg_tensor, seg_kind, seg_groups):
         if kind == 2:
@@ -135,7 +135,7 @@ def test_float64_exact_on_integers(impl):
         theta = [torch.full((40, 30), 3.0, dtype=torch.float64)]
         segments = [[0, 0, 0, 0], [0, 1, 0, 2], [1, 40, 1200, 40]]
     want = ops.penalty_hypergrad(v, theta, [], [-2.0], *segments, 0.5)
-    got = hypergrad(impl)([v[0].to(impl[1])], [theta[0].to(impl[1])], [], [-2.0], *segments, 0.5)
+    got = hypergrad(impl)([v[0].to(impl[1])], [theta[0].to(impl[1])], [], [-2.0], *segments, 0.5, [])
     assert torch.equal(got.cpu(), want)
 
 
@@ -219,7 +219,7 @@ def test_opcheck(impl):
     for dtype in (torch.float64, torch.float32):
         torch.library.opcheck(op, tuple(make_args(impl, shapes, dtype)))
     if impl[0] == "triton":
-        torch.library.opcheck(op, ([], [], [], [], [], [], [], 0.1))
+        torch.library.opcheck(op, ([], [], [], [], [], [], [], 0.1, []))
 
 
 def _set(k, make_value):

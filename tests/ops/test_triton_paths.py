@@ -51,7 +51,8 @@ def assert_perturbed(ours, want, dtype):
 
 
 def make_args(shapes, dtype, seed=0, lr=0.05):
-    """penalty_hypergrad's arguments: every kind at every granularity, J a tensor on every other one."""
+    """penalty_hypergrad's arguments: every kind at every granularity (lr's θ⁺ = θ + a small step), J a
+    tensor on every other one."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda s: torch.randn(s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)  # noqa: E731
     v = [randn(s) for s in shapes]
@@ -62,11 +63,13 @@ def make_args(shapes, dtype, seed=0, lr=0.05):
     for t, s in enumerate(shapes):
         numel = torch.Size(s).numel()
         for j, groups in enumerate([0, 1] if numel == 0 else sorted({1, s[0], numel})):
-            for kind in ((0, 1, 2) if numel < 2000 else ((t + j) % 3,)):
+            for kind in ((0, 1, 2, 3) if numel < 2000 else ((t + j) % 4,)):
                 seg_tensor.append(t)
                 seg_kind.append(kind)
                 seg_groups.append(groups)
-    return [v, theta, jac, [-lr * (1 + 0.1 * k) for k in range(len(shapes))], seg_tensor, seg_kind, seg_groups, lr]
+    params = [th + 0.01 * randn(th.shape) for th in theta]
+    return [v, theta, jac, [-lr * (1 + 0.1 * k) for k in range(len(shapes))], seg_tensor, seg_kind, seg_groups, lr,
+            params]
 
 
 def test_t1_step_per_tensor_path_of_torch_compile():
@@ -158,7 +161,7 @@ assert not hypergrad.INTERPRET
 T = torch.ops.t1t2_triton
 
 def f(v0, v1, t0, t1):
-    return (T.penalty_hypergrad([v0, v1], [t0, t1], [], [0.5, 0.5], [0, 0, 1], [0, 1, 2], [1, 7, 1], 0.1),
+    return (T.penalty_hypergrad([v0, v1], [t0, t1], [], [0.5, 0.5], [0, 0, 1], [0, 1, 2], [1, 7, 1], 0.1, []),
             T.penalty_segment_dot(v0, t0, 7, "l1"))
 
 with FakeTensorMode(allow_non_fake_inputs=True):
@@ -186,7 +189,7 @@ target = GPUTarget("cuda", 90, 32)
 for dtype, out, ct, flat in (("fp32", "fp32", tl.float32, False), ("fp64", "fp64", tl.float64, True),
                              ("i16", "fp32", tl.float32, True), ("fp16", "fp32", tl.float32, True)):
     sig = {"meta": "*i64", "v_base": "*" + dtype, "theta_base": "*" + dtype, "jac_base": "*" + dtype,
-           "out_ptr": "*" + out, "part_ptr": "*fp64", "segs": "i32", "tens": "i32", "size_key": "i32"}
+           "upd_base": "*" + dtype, "out_ptr": "*" + out, "part_ptr": "*fp64", "segs": "i32", "tens": "i32", "size_key": "i32"}
     consts = {"DTYPE": getattr(tl, {"fp32": "float32", "fp64": "float64", "i16": "int16", "fp16": "float16"}[dtype]),
               "CT": ct, "BF16": dtype == "i16", "FLAT": flat, "BLOCK": hg.BLOCK, "LOG_CMAX": hg.LOG_CMAX,
               "CHUNK": hg.CHUNK}
@@ -272,7 +275,7 @@ def test_kernels_compile_for_a_gpu():
             vector_loads = compile(t1_step._t1_step_table_kernel, P=P, ALIGNED=aligned, FP64=P == tl.float64,
                                    ADAM=adam, MOMENTUM=not adam and opt != "sgd", NESTEROV=opt == "nesterov",
                                    STASH_THETA=stash, STASH_JAC=adam and stash, HAS_SCALE=guard, HAS_FOUND=guard,
-                                   **common)
+                                   HAS_LR_SCALE=guard, **common)
             assert (vector_loads > 0) == aligned, (P, opt, aligned, guard, vector_loads)
         for P in (tl.float16, tl.float32, tl.float64):  # the non-finite scan of check_finite
             assert compile(t1_step._scan_table_kernel, P=P, ALIGNED=True, FP64=P == tl.float64, HAS_SCALE=True,

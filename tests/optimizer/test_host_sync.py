@@ -64,6 +64,22 @@ def test_step_reads_nothing_back_and_hyper_step_once(backend, optimizer, noise, 
     assert opt.skipped == {"t1": 0, "t2": 0} and opt.steps == 9 and opt.hyper_steps == 3
 
 
+@pytest.mark.parametrize("backend", backends("cpp"))
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("noise", [None, "fd"])
+@pytest.mark.parametrize("tune_lr", ["network", "layer", "group"])
+def test_lr_scales_read_nothing_back(backend, optimizer, noise, tune_lr):
+    """tune_lr: the scales are read by the fused op on the device (lr_scale) and their hypergradient is
+    a segment of the one T2 reduction: still 0 host reads per step(), at most 1 per hyper_step()."""
+    kw = {"weight_decay": 1e-2} if optimizer == "adamw" else {}
+    opt, step_reads, hyper_reads = _run(backend, optimizer, noise, False, hyper_every=2, steps=6, tune_lr=tune_lr,
+                                        **kw)
+    assert step_reads == [None] * 6, step_reads
+    assert len(hyper_reads) == 3 and all(n <= 1 for n in hyper_reads), hyper_reads
+    assert any(n.startswith("lr_scale") for n in opt.last_hypergrad)
+    assert any(float(opt.raw_hyperparameters()[n]) != 0 for n in opt.last_hypergrad if n.startswith("lr_scale"))
+
+
 @needs_ext
 def test_default_hyper_every_10_run_reads_nothing_in_its_steps():
     opt, step_reads, hyper_reads = _run("cpp", "sgd", "fd", False, hyper_every=10, steps=20)

@@ -38,6 +38,9 @@ CASES = {
     "momentum-noise-fd": (dict(optimizer="sgd", lr=0.3, momentum=0.9), True, "fd"),
     "adam-noise-fd": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "fd"),
     "adam-noise-exact": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), True, "exact"),
+    # learning-rate scales: their hypergradients ride in the same all-reduce and λ check
+    "momentum-lr-layer": (dict(optimizer="sgd", lr=0.3, momentum=0.9, tune_lr="layer"), False, "fd"),
+    "adam-noise-lr-network": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9), tune_lr="network"), True, "fd"),
     "adam-tunable-fd": (dict(optimizer="adam", lr=0.05, betas=(0.8, 0.9)), "tunable", "fd"),
 }
 

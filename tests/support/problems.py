@@ -55,7 +55,8 @@ def moved(args, device=None, dtype=None):
             else a for a in args]
 
 
-def assert_t1_parity(fused, args, dtype, device="cpu", baseline=reference.t1_step_, compute_ulps=4, float64_tol=None):
+def assert_t1_parity(fused, args, dtype, device="cpu", baseline=reference.t1_step_, compute_ulps=4, float64_tol=None,
+                     lr_scale=None):
     """Run ``fused`` on copies of args (on device) and check every in-place result against ``baseline``
     (the reference, or another fused op) run on CPU in the same dtype. float64 with ``float64_tol``
     (the tolerance table's entry, conftest.TOL["t1_step"]): equal to rounding, assert_close. Lower
@@ -63,20 +64,23 @@ def assert_t1_parity(fused, args, dtype, device="cpu", baseline=reference.t1_ste
     ``fused`` against a float64 run of the reference may be at most twice the baseline's own error,
     plus a few ulps of the result's scale (compute_ulps for the float32/float64 state and stash, where
     a GPU kernel contracts into FMA; 4 for bfloat16/float16 storage, which only sees rounding flips).
-    The stash must hold the pre-step θ exactly. Returns the fused results."""
+    The stash must hold the pre-step θ exactly. ``lr_scale`` (in the compute dtype of ``dtype``) goes to
+    every run, as float64 to the float64 one. Returns the fused results."""
+    scale = lambda dev=None, dt=None: {} if lr_scale is None else {  # noqa: E731
+        "lr_scale": lr_scale.to(device=dev or lr_scale.device, dtype=dt or lr_scale.dtype)}
     ours = moved(args, device)
-    fused(*ours)
+    fused(*ours, **scale(device))
     for before, stashed in zip(args[0], ours[7]):
         assert torch.equal(stashed.cpu(), before.to(stashed.dtype))
     same = moved(args)
-    baseline(*same)
+    baseline(*same, **scale())
     if dtype == torch.float64 and float64_tol is not None:
         for k in MUTATED:
             for a, b in zip(ours[k], same[k]):
                 torch.testing.assert_close(a.cpu(), b, **float64_tol)
         return ours
     gold = moved(args, dtype=torch.float64)
-    reference.t1_step_(*gold)
+    reference.t1_step_(*gold, **scale(dt=torch.float64))
     for k in MUTATED:
         for i, (a, b, want) in enumerate(zip(ours[k], same[k], gold[k])):
             if want.numel() == 0:

@@ -9,8 +9,9 @@ namespace t1t2 {
 // Penalty of a coefficient: Ω = Σ c θ² (L2) or Σ c |θ| (L1).
 enum class PenaltyKind : int { L2 = 0, L1 = 1 };
 
-// segment_kind of penalty_hypergrad: a coupled penalty, or L2 applied outside the preconditioner.
-enum class SegmentKind : int64_t { L2 = 0, L1 = 1, DecoupledL2 = 2 };
+// segment_kind of penalty_hypergrad: a coupled penalty, L2 applied outside the preconditioner, or a
+// learning-rate scale (Σ v·(θ⁺ − θ)).
+enum class SegmentKind : int64_t { L2 = 0, L1 = 1, DecoupledL2 = 2, Lr = 3 };
 
 // The T1 optimizer of t1_step_.
 enum class Optimizer : int { Sgd = 0, Adam = 1 };
