@@ -225,6 +225,9 @@ def main() -> None:
                 c.reads = count_reads(c, loss, val)
             for _ in range(args.rounds):
                 for c in cases:
+                    with torch.no_grad():  # every case steps the same model: start each from the same θ,
+                        for p, s in zip(model.parameters(), saved):  # or θ (and the validation loss) drifts
+                            p.copy_(s)                                # to Inf over the rounds
                     c.time(device)
                 sync(device)
                 t0 = time.perf_counter()
