@@ -35,11 +35,11 @@ void check() {
   EXPECT_EQ(t1t2::sgd_jacobian(T(0.125), T(0.5), false), -0.125);
   EXPECT_EQ(t1t2::sgd_jacobian(T(0.125), T(0.5), true), -0.1875);
 
-  // Adam with ĝ = 2, m = 1, s = 4, β1 = 0.5, β2 = 0.75, 1−β1ᵗ = 0.5, 1−β2ᵗ = 0.25, ε = 0:
-  // m = 1.5, s = 4, m̂ = 3, ŝ = 16, d = 3/4; D = a/4 − 3·0.25·2/(0.25·4·16) with a = 0.5/0.5 = 1
-  // = 0.25 − 0.09375 = 0.15625, J = −0.125·D.
+  // Adam with ĝ = 2, m = 1, s = 4, β1 = 0.5, β2 = 0.75, 1−β1ᵗ = 0.5, 1−β2ᵗ = 0.25 (passed as their
+  // reciprocals 2 and 4), ε = 0: m = 1.5, s = 4, m̂ = 3, ŝ = 16, d = 3/4;
+  // D = a/4 − 3·0.25·2/(0.25·4·16) with a = 0.5/0.5 = 1 = 0.25 − 0.09375 = 0.15625, J = −0.125·D.
   T m = 1, s = 4, m_hat, sqrt_s, denom;
-  EXPECT_EQ(t1t2::adam_direction(T(2), m, s, T(0.5), T(0.5), T(0.75), T(0.25), T(0.5), T(0.25), T(0), m_hat, sqrt_s,
+  EXPECT_EQ(t1t2::adam_direction(T(2), m, s, T(0.5), T(0.5), T(0.75), T(0.25), T(2), T(4), T(0), m_hat, sqrt_s,
                                  denom),
             0.75);
   EXPECT_EQ(m, 1.5);
