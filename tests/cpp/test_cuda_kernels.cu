@@ -267,8 +267,8 @@ void host_t1_step(std::vector<P>& param, const std::vector<P>& grad, std::vector
     } else {
       T m_hat, sqrt_s, denom;
       direction = t1t2::adam_direction(ghat, s1[i], s2[i], static_cast<T>(k.beta1), static_cast<T>(k.one_minus_beta1),
-                                       static_cast<T>(k.beta2), static_cast<T>(k.one_minus_beta2), static_cast<T>(bc1),
-                                       static_cast<T>(bc2), static_cast<T>(k.eps), m_hat, sqrt_s, denom);
+                                       static_cast<T>(k.beta2), static_cast<T>(k.one_minus_beta2), static_cast<T>(1.0 / bc1),
+                                       static_cast<T>(1.0 / bc2), static_cast<T>(k.eps), m_hat, sqrt_s, denom);
       if (!stash_jac.empty())
         stash_jac[i] = t1t2::adam_jacobian(ghat, m_hat, sqrt_s, denom, lr, a, static_cast<T>(k.one_minus_beta2),
                                            static_cast<T>(bc2));
@@ -393,6 +393,8 @@ void test_t1_step_dtype(std::mt19937& rng) {
       d.numel = n;
       d.bias_correction1 = h.bc1;
       d.bias_correction2 = h.bc2;
+      d.inv_bias_correction1 = 1.0 / h.bc1;  // as ops_cuda.cu fills them: the kernel multiplies
+      d.inv_bias_correction2 = 1.0 / h.bc2;
       d.adam_a = adam ? (1.0 - 0.9) / h.bc1 : 0.0;
     }
     const tc::T1StepTableLayout layout = tc::t1_step_table_layout(descriptors.data(), kTensors);
@@ -459,6 +461,7 @@ void test_t1_step_guard(std::mt19937& rng) {
     d.state1 = d_s1.ptr;
     d.numel = n;
     d.bias_correction1 = d.bias_correction2 = 1.0;
+    d.inv_bias_correction1 = d.inv_bias_correction2 = 1.0;
     const tc::T1StepTableLayout layout = tc::t1_step_table_layout(&d, 1);
     std::vector<unsigned char> table(layout.bytes);
     tc::t1_step_fill_table(&d, layout, table.data());
