@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise.module import no_noise
+from .noise.module import RecordingLeaves, no_noise
 from .penalties import Hyperparameter, get_transform
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def is_evaluating() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Tunable
 # ---------------------------------------------------------------------------------------------
-class Tunable(nn.Module):
+class Tunable(RecordingLeaves, nn.Module):
     """A continuous hyperparameter of the training loss: ``forward()`` returns its value c = φ(λ).
 
     Args:
@@ -154,20 +154,6 @@ class Tunable(nn.Module):
         self._leaves.append(leaf)
         return leaf
 
-    def _new_leaf(self) -> torch.Tensor:
-        leaf = self.value().detach().clone().requires_grad_(True)
-        leaf.register_hook(self._accumulate)
-        return leaf
-
-    def _recording_leaf(self) -> torch.Tensor:
-        if self._compile_leaf is None:  # after a copy of the module: made here, outside the graph
-            self._make_leaf_eagerly()
-        return self._compile_leaf
-
-    @torch.compiler.disable
-    def _make_leaf_eagerly(self) -> None:
-        self._compile_leaf = self._new_leaf()
-
     # ---- the replayed-hyperparameter protocol (t1t2_fast.noise.hypergrad.Replayed) ----
     def _accumulate(self, grad: torch.Tensor) -> None:
         if self.recorded_grad is not None:
@@ -202,25 +188,6 @@ class Tunable(nn.Module):
     def set_keying_state(self, state: tuple) -> None:
         self.step, self._recording, self.recorded_grad, leaves, self._compile_leaf, self._compile_leaf_used = state
         self._leaves = list(leaves)
-
-    # ---- housekeeping ----
-    def _apply(self, fn, recurse=True):
-        # model.half() / .bfloat16() must not round the hyperparameter: keep λ in float32 or wider
-        raw = self.raw
-        super()._apply(fn, recurse)
-        if self.raw.dtype in (torch.float16, torch.bfloat16):
-            self.raw = raw.to(device=self.raw.device, dtype=torch.float32)
-        return self
-
-    def __getstate__(self):
-        # deepcopy / pickle: drop the autograd graph of the current step (c leaves, a recorded_grad
-        # built with create_graph)
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_leaves"] = []
-        state["_compile_leaf"] = None
-        if state.get("recorded_grad") is not None:
-            state["recorded_grad"] = state["recorded_grad"].detach().clone()
-        return state
 
     def extra_repr(self) -> str:
         c = self.value().detach()

@@ -149,9 +149,55 @@ _gaussian_noise_keyed.register_autograd(_keyed_backward, setup_context=_keyed_se
 
 
 # ---------------------------------------------------------------------------------------------
+# What every replayed hyperparameter module shares (GaussianNoise here, t1t2_fast.Tunable)
+# ---------------------------------------------------------------------------------------------
+class RecordingLeaves:
+    """The recording leaves and housekeeping of a module that holds a replayed hyperparameter λ in
+    the buffer ``raw``, with ``value()`` and ``_accumulate`` (t1t2_fast.noise.hypergrad.Replayed).
+    ``_leaves_attr`` / ``_grad_attr``: where the subclass keeps the eager leaves and the summed ∂L/∂c."""
+
+    _leaves_attr = "_leaves"
+    _grad_attr = "recorded_grad"
+
+    def _new_leaf(self) -> torch.Tensor:
+        leaf = self.value().detach().clone().requires_grad_(True)
+        leaf.register_hook(self._accumulate)
+        return leaf
+
+    def _recording_leaf(self) -> torch.Tensor:
+        """The leaf of this step's compiled forwards: made eagerly by ``reset_calls``/``record_grad``
+        (a graph input, no graph break); after a copy of the module, made here (outside the graph)."""
+        if self._compile_leaf is None:
+            self._make_leaf_eagerly()
+        return self._compile_leaf
+
+    @torch.compiler.disable
+    def _make_leaf_eagerly(self) -> None:
+        self._compile_leaf = self._new_leaf()
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .bfloat16() must not round the hyperparameter: keep λ in float32 or wider
+        raw = self.raw
+        super()._apply(fn, recurse)
+        if self.raw.dtype in (torch.float16, torch.bfloat16):
+            self.raw = raw.to(device=self.raw.device, dtype=torch.float32)
+        return self
+
+    def __getstate__(self):
+        # deepcopy / pickle: drop the autograd graph of the current step (the leaves, a summed
+        # gradient built with create_graph)
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        state[self._leaves_attr] = []
+        state["_compile_leaf"] = None
+        if state.get(self._grad_attr) is not None:
+            state[self._grad_attr] = state[self._grad_attr].detach().clone()
+        return state
+
+
+# ---------------------------------------------------------------------------------------------
 # The module
 # ---------------------------------------------------------------------------------------------
-class GaussianNoise(nn.Module):
+class GaussianNoise(RecordingLeaves, nn.Module):
     """Gaussian noise whose std σ = φ(λ) is a T1-T2 hyperparameter.
 
     Args:
@@ -180,6 +226,9 @@ class GaussianNoise(nn.Module):
     forwards since ``reset_calls()``. With ``backward(create_graph=True)``, ``sigma_grad`` stays
     differentiable (e.g. with respect to the model's parameters).
     """
+
+    _leaves_attr = "_sigma_leaves"  # RecordingLeaves: this module's names for the leaves and ∂L/∂σ
+    _grad_attr = "sigma_grad"
 
     def __init__(self, std, per: str = "layer", num_features: int | None = None, mode: str = "additive",
                  transform: str = "linear", bounds: tuple[float | None, float | None] = (0.0, None),
@@ -383,42 +432,6 @@ class GaussianNoise(nn.Module):
         y, _ = _gaussian_noise_keyed(x, sigma, self._counters, int(self.seed), channels, inner, self.mode, backend)
         self._counters[1] += 1
         return y
-
-    def _new_leaf(self) -> torch.Tensor:
-        leaf = self.value().detach().clone().requires_grad_(True)
-        leaf.register_hook(self._accumulate)
-        return leaf
-
-    def _recording_leaf(self) -> torch.Tensor:
-        """The σ leaf of this step's compiled forwards: made eagerly by ``reset_calls``/``record_grad``
-        (a graph input, no graph break); after a copy of the module, made here (outside the graph)."""
-        if self._compile_leaf is None:
-            self._make_leaf_eagerly()
-        return self._compile_leaf
-
-    @torch.compiler.disable
-    def _make_leaf_eagerly(self) -> None:
-        self._compile_leaf = self._new_leaf()
-
-    # ---- housekeeping ----
-    def _apply(self, fn, recurse=True):
-        # model.half() / .bfloat16() must not round the hyperparameter: keep λ in float32 or wider
-        raw = self.raw
-        super()._apply(fn, recurse)
-        if self.raw.dtype in (torch.float16, torch.bfloat16):
-            self.raw = raw.to(device=self.raw.device, dtype=torch.float32)
-        return self
-
-    def __getstate__(self):
-        # deepcopy / pickle: drop the autograd graph of the current step (σ leaves, a sigma_grad
-        # built with create_graph)
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
-        state["_sigma_leaves"] = []
-        state["_compile_leaf"] = None
-        if state.get("sigma_grad") is not None:
-            state["sigma_grad"] = state["sigma_grad"].detach().clone()
-        return state
 
     def __setstate__(self, state):
         state = dict(state)
