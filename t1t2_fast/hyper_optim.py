@@ -24,6 +24,7 @@ class HyperOptimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self._clipped = {n: 0 for n in names}
         self._clip_pending: torch.Tensor | None = None  # per hyperparameter, clipped steps not yet read
+        self._bounds_key = self._segment_key = None  # what the cached flat bounds / segment ids were made for
 
     @property
     def clipped(self) -> dict[str, int]:
@@ -98,9 +99,8 @@ class HyperOptimizer:
 
     def _raw_bounds(self, hypers: list[Hyperparameter], sizes: list[int], like: torch.Tensor):
         """The bounds in raw units (Hyperparameter.project's), one flat tensor each, kept until a bound changes."""
-        key = tuple((h.name, tuple(h.bounds), h.transform.name) for h in hypers)
-        if getattr(self, "_bounds_key", None) != key or self._bounds[0].device != like.device \
-                or self._bounds[0].dtype != like.dtype:
+        key = (tuple((h.name, tuple(h.bounds), h.transform.name) for h in hypers), like.device, like.dtype)
+        if self._bounds_key != key:
             lo, hi = [], []
             for h, n in zip(hypers, sizes):
                 a, b = h.raw_bounds()
@@ -112,9 +112,9 @@ class HyperOptimizer:
 
     def _segments(self, sizes: list[int], device: torch.device) -> torch.Tensor:
         """Which hyperparameter each entry of the flat vector belongs to (kept while the sizes hold)."""
-        if getattr(self, "_segment_sizes", None) != (sizes, device):
+        if self._segment_key != (sizes, device):
             self._segment = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(device)
-            self._segment_sizes = (sizes, device)
+            self._segment_key = (sizes, device)
         return self._segment
 
 
